@@ -1,0 +1,123 @@
+"""PlanningCase: CT, named structure masks, prescriptions and an optional dose on one grid."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from doseai.errors import GeometryMismatchError, InvalidDoseError, MissingStructureError
+from doseai.geometry import ImageGeometry
+from doseai.structures import is_target, match_structures, prescription_from_name
+
+
+def validate_dose(dose: np.ndarray, what: str = "dose") -> np.ndarray:
+    """Return ``dose`` as float32 Gy, refusing NaN/inf and negative values."""
+    dose = np.asarray(dose, dtype=np.float32)
+    if not np.isfinite(dose).all():
+        raise InvalidDoseError(f"{what} contains NaN or infinite values ({int((~np.isfinite(dose)).sum())} voxels)")
+    if dose.min(initial=0.0) < -1e-3:
+        raise InvalidDoseError(f"{what} has negative values (min {dose.min():.3g} Gy)")
+    return dose
+
+
+@dataclass
+class PlanningCase:
+    """One patient on one grid. Arrays are indexed [z, y, x]; masks are bool; CT in HU; dose in Gy.
+
+    ``structures`` is keyed by canonical name (see :mod:`doseai.structures`); ``prescriptions`` maps
+    target names to Gy. ``possible_dose_mask`` is where dose may be non-zero (OpenKBP scoring);
+    ``metadata`` keeps provenance such as DICOM StudyInstanceUID and FrameOfReferenceUID.
+    """
+
+    geometry: ImageGeometry
+    ct: np.ndarray | None = None
+    structures: dict[str, np.ndarray] = field(default_factory=dict)
+    prescriptions: dict[str, float] = field(default_factory=dict)
+    dose: np.ndarray | None = None
+    possible_dose_mask: np.ndarray | None = None
+    patient_id: str = "anonymous"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ct is not None:
+            self.ct = self._on_grid(self.ct, "CT").astype(np.float32, copy=False)
+        self.structures = {name: self._on_grid(mask, f"structure '{name}'").astype(bool, copy=False)
+                           for name, mask in self.structures.items()}
+        if self.dose is not None:
+            self.dose = validate_dose(self._on_grid(self.dose, "dose"))
+        if self.possible_dose_mask is not None:
+            self.possible_dose_mask = self._on_grid(self.possible_dose_mask, "possible-dose mask").astype(bool)
+        for name, gy in self.prescriptions.items():
+            if not np.isfinite(gy) or gy <= 0:
+                raise MissingStructureError(f"prescription of '{name}' must be a positive dose in Gy, got {gy}")
+
+    def _on_grid(self, array: np.ndarray, what: str) -> np.ndarray:
+        array = np.asarray(array)
+        if array.shape != self.geometry.shape:
+            raise GeometryMismatchError(
+                f"{what} has shape {array.shape} but the case grid is {self.geometry.shape}; resample it first"
+            )
+        return array
+
+    @classmethod
+    def from_named_masks(
+        cls,
+        geometry: ImageGeometry,
+        masks: Mapping[str, np.ndarray],
+        ct: np.ndarray | None = None,
+        dose: np.ndarray | None = None,
+        overrides: Mapping[str, str | None] | None = None,
+        prescriptions: Mapping[str, float] | None = None,
+        **kwargs,
+    ) -> "PlanningCase":
+        """Build a case from raw structure names: names are matched to canonical ones and target
+        prescriptions read from names (``PTV70``) unless given in ``prescriptions`` (canonical names)."""
+        mapping = match_structures(masks.keys(), overrides)
+        structures = {mapping[raw]: mask for raw, mask in masks.items() if raw in mapping}
+        found = {name: prescription_from_name(name) for name in structures if is_target(name)}
+        rx = {name: gy for name, gy in found.items() if gy is not None}
+        rx.update(prescriptions or {})
+        return cls(geometry=geometry, ct=ct, structures=structures, prescriptions=rx, dose=dose, **kwargs)
+
+    # --- queries -------------------------------------------------------------------------------
+    @property
+    def targets(self) -> list[str]:
+        """Target structures that have a prescription, highest dose first."""
+        return sorted(self.prescriptions, key=lambda name: -self.prescriptions[name])
+
+    @property
+    def oars(self) -> list[str]:
+        return [name for name in self.structures if not is_target(name) and name != "External"]
+
+    def mask(self, name: str) -> np.ndarray:
+        """The mask of ``name``; a missing structure is an empty mask (stated by :meth:`missing`)."""
+        if name in self.structures:
+            return self.structures[name]
+        return np.zeros(self.geometry.shape, dtype=bool)
+
+    def missing(self, names) -> list[str]:
+        return [n for n in names if n not in self.structures or not self.structures[n].any()]
+
+    def require_target(self) -> None:
+        if not self.prescriptions:
+            raise MissingStructureError(
+                "no target with a prescription: name a PTV with its dose (e.g. 'PTV_70') or give prescriptions"
+            )
+        for name in self.prescriptions:
+            if name not in self.structures or not self.structures[name].any():
+                raise MissingStructureError(f"target '{name}' has a prescription but its mask is missing or empty")
+
+    @property
+    def max_prescription(self) -> float:
+        self.require_target()
+        return max(self.prescriptions.values())
+
+    def with_dose(self, dose: np.ndarray) -> "PlanningCase":
+        """A copy sharing CT and masks, holding ``dose`` (validated and on this grid)."""
+        return PlanningCase(
+            geometry=self.geometry, ct=self.ct, structures=self.structures, prescriptions=self.prescriptions,
+            dose=dose, possible_dose_mask=self.possible_dose_mask, patient_id=self.patient_id,
+            metadata=dict(self.metadata),
+        )

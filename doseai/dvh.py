@@ -1,0 +1,133 @@
+"""Cumulative dose-volume histograms and dose metrics, vectorized with numpy.
+
+All structures are histogrammed in one ``np.bincount`` pass over the voxels that belong to any
+structure (voxels in several structures are counted once per structure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from doseai.errors import GeometryMismatchError, MissingStructureError
+
+
+@dataclass(frozen=True)
+class DVH:
+    """Cumulative DVH: ``volume_cc[i]`` is the volume receiving at least ``dose_gy[i]``."""
+
+    name: str
+    dose_gy: np.ndarray
+    volume_cc: np.ndarray
+    total_cc: float
+
+    @property
+    def volume_pct(self) -> np.ndarray:
+        return 100.0 * self.volume_cc / self.total_cc if self.total_cc > 0 else np.zeros_like(self.volume_cc)
+
+
+def compute_dvhs(
+    dose: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    voxel_volume_cc: float,
+    bin_width_gy: float = 0.1,
+    max_dose_gy: float | None = None,
+) -> dict[str, DVH]:
+    """Cumulative DVH of every non-empty structure in ``masks`` (empty ones are left out)."""
+    names = [name for name, mask in masks.items() if np.any(mask)]
+    if not names:
+        return {}
+    dose = np.asarray(dose, dtype=np.float32)
+    for name in names:
+        if masks[name].shape != dose.shape:
+            raise GeometryMismatchError(f"structure '{name}' has shape {masks[name].shape}, dose {dose.shape}")
+    top = float(dose.max()) if max_dose_gy is None else float(max_dose_gy)
+    n_bins = int(np.ceil(top / bin_width_gy)) + 2
+    flat = dose.ravel()
+    bins = np.minimum((flat / bin_width_gy).astype(np.int64), n_bins - 1)
+    counts = np.empty((len(names), n_bins), dtype=np.int64)
+    for row, name in enumerate(names):
+        counts[row] = np.bincount(bins[np.asarray(masks[name]).ravel()], minlength=n_bins)
+    # cumulative from the top: voxels with dose >= lower edge of each bin
+    cumulative = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1] * voxel_volume_cc
+    edges = np.arange(n_bins) * bin_width_gy
+    return {
+        name: DVH(name=name, dose_gy=edges, volume_cc=cumulative[row].astype(np.float64),
+                  total_cc=float(cumulative[row, 0]))
+        for row, name in enumerate(names)
+    }
+
+
+def _values(dose: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(dose)[np.asarray(mask, dtype=bool)]
+    if values.size == 0:
+        raise MissingStructureError(f"structure '{name}' is empty")
+    return values.astype(np.float64)
+
+
+def dose_at_volume_pct(values: np.ndarray, volume_pct: float) -> float:
+    """D_x%: the minimum dose received by the hottest x% of the structure (D98 = 2nd percentile)."""
+    return float(np.percentile(values, 100.0 - volume_pct))
+
+
+def dose_at_volume_cc(values: np.ndarray, volume_cc: float, voxel_volume_cc: float) -> float:
+    """D_xcc: the dose exceeded by the hottest n voxels, n = max(1, round(x / voxel volume)),
+    as the (100 - 100 n / N) percentile (the OpenKBP definition of D_0.1cc)."""
+    n_voxels = max(1, int(round(volume_cc / voxel_volume_cc)))
+    return float(np.percentile(values, max(0.0, 100.0 - 100.0 * n_voxels / values.size)))
+
+
+def volume_at_dose(values: np.ndarray, dose_gy: float, voxel_volume_cc: float | None = None) -> float:
+    """V_xGy in % of the structure (or in cc when ``voxel_volume_cc`` is given)."""
+    n = float(np.count_nonzero(values >= dose_gy))
+    return n * voxel_volume_cc if voxel_volume_cc is not None else 100.0 * n / values.size
+
+
+def homogeneity_index(values: np.ndarray) -> float:
+    """ICRU 83 homogeneity index (D2 - D98) / D50."""
+    d50 = dose_at_volume_pct(values, 50.0)
+    return (dose_at_volume_pct(values, 2.0) - dose_at_volume_pct(values, 98.0)) / d50 if d50 > 0 else float("nan")
+
+
+def paddick_conformity_index(dose: np.ndarray, target: np.ndarray, prescription_gy: float) -> float:
+    """Paddick CI = TV_PIV^2 / (TV x PIV): TV target volume, PIV volume inside the prescription isodose."""
+    target = np.asarray(target, dtype=bool)
+    piv = np.asarray(dose) >= prescription_gy
+    tv, piv_n = int(target.sum()), int(piv.sum())
+    if tv == 0 or piv_n == 0:
+        return 0.0
+    tv_piv = int(np.count_nonzero(piv & target))
+    return tv_piv**2 / (tv * piv_n)
+
+
+def structure_metrics(
+    dose: np.ndarray,
+    mask: np.ndarray,
+    voxel_volume_cc: float,
+    name: str = "structure",
+    prescription_gy: float | None = None,
+    v_levels_gy: tuple[float, ...] = (),
+) -> dict[str, float]:
+    """Standard metrics of one structure; target metrics (D95, D98, D2, HI, CI) when a prescription is given."""
+    values = _values(dose, mask, name)
+    metrics = {
+        "volume_cc": values.size * voxel_volume_cc,
+        "Dmean": float(values.mean()),
+        "Dmax": float(values.max()),
+        "Dmin": float(values.min()),
+        "D0.1cc": dose_at_volume_cc(values, 0.1, voxel_volume_cc),
+        "D2": dose_at_volume_pct(values, 2.0),
+        "D50": dose_at_volume_pct(values, 50.0),
+        "D95": dose_at_volume_pct(values, 95.0),
+        "D98": dose_at_volume_pct(values, 98.0),
+    }
+    for level in v_levels_gy:
+        metrics[f"V{level:g}Gy"] = volume_at_dose(values, level)
+    if prescription_gy is not None:
+        metrics["prescription"] = float(prescription_gy)
+        metrics["HI"] = homogeneity_index(values)
+        metrics["CI_Paddick"] = paddick_conformity_index(dose, mask, prescription_gy)
+        metrics["V100%"] = volume_at_dose(values, prescription_gy)
+    return metrics
