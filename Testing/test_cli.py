@@ -1,0 +1,97 @@
+"""The doseai command line: outputs, one-line errors with non-zero exit codes, no silent overwrite."""
+
+import numpy as np
+import pytest
+
+from doseai.cli import main
+from doseai.io import images, save_case
+
+
+@pytest.fixture()
+def nrrd_case(small_case, tmp_path):
+    return save_case(small_case, tmp_path / "case", "nrrd")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_dvh_report(nrrd_case, tmp_path, capsys, small_case):
+    out = tmp_path / "report"
+    assert main(["dvh", "--case", str(nrrd_case), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PTV_70" in printed and "Dmean" in printed
+    header = (out / "dvh.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "dose_gy" and "PTV_70_volume_pct" in header
+    rows = (out / "metrics.csv").read_text().splitlines()
+    ptv_row = next(r for r in rows if r.startswith("PTV_70,"))
+    columns = rows[0].split(",")
+    dmean = float(ptv_row.split(",")[columns.index("Dmean")])
+    assert dmean == pytest.approx(small_case.dose[small_case.structures["PTV_70"]].mean(), abs=1e-3)
+    assert (out / "dvh.png").stat().st_size > 10_000
+    # a second run must not overwrite silently
+    assert main(["dvh", "--case", str(nrrd_case), "--out", str(out)]) == 2
+    assert "--force" in _error_line(capsys)
+    assert main(["dvh", "--case", str(nrrd_case), "--out", str(out), "--force"]) == 0
+
+
+def test_dvh_with_separate_dose_and_reference(nrrd_case, tmp_path, small_case):
+    dose_path = images.write_image(small_case.dose * 0.9, small_case.geometry, tmp_path / "other.nii.gz")
+    out = tmp_path / "cmp"
+    assert main(["dvh", "--case", str(nrrd_case), "--dose", str(dose_path), "--reference",
+                 str(nrrd_case / "dose.nrrd"), "--out", str(out)]) == 0
+    assert (out / "dvh.png").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing_case", "missing_dose", "mismatched_grid", "nan_dose", "empty_structure",
+                                     "not_a_case"])
+def test_bad_input_gives_one_line_error(problem, nrrd_case, tmp_path, small_case, capsys):
+    from doseai.geometry import ImageGeometry
+
+    case, dose = str(nrrd_case), str(nrrd_case / "dose.nrrd")
+    expected = ""
+    if problem == "missing_case":
+        case, expected = str(tmp_path / "nowhere"), "no such file"
+    elif problem == "missing_dose":
+        dose, expected = str(tmp_path / "nowhere.nrrd"), "no such dose file"
+    elif problem == "mismatched_grid":
+        coarse = ImageGeometry((12, 24, 24), (8.0, 8.0, 6.0), small_case.geometry.origin)
+        dose = str(images.write_image(np.zeros(coarse.shape, np.float32), coarse, tmp_path / "coarse.nrrd"))
+        expected = "different grid"
+    elif problem == "nan_dose":
+        bad = small_case.dose.copy()
+        bad[3, 3, 3] = np.nan
+        dose = str(images.write_image(bad, small_case.geometry, tmp_path / "nan.nrrd"))
+        expected = "NaN"
+    elif problem == "empty_structure":
+        masks = dict(small_case.structures, Larynx=np.zeros(small_case.geometry.shape, bool))
+        images.write_seg_nrrd(masks, small_case.geometry, nrrd_case / "structures.seg.nrrd", force=True)
+        expected = "empty structure(s) Larynx"
+    elif problem == "not_a_case":
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "readme.txt").write_text("hello")
+        case, expected = str(tmp_path / "notes"), "not a planning case"
+    assert main(["dvh", "--case", case, "--dose", dose]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("doseai dvh: error:") and expected in line
+
+
+def test_convert_between_formats(nrrd_case, tmp_path):
+    assert main(["convert", "--case", str(nrrd_case), "--to", "nifti", "--out", str(tmp_path / "nii")]) == 0
+    assert (tmp_path / "nii" / "ct.nii.gz").exists() and (tmp_path / "nii" / "structures.nii.gz").exists()
+    assert main(["convert", "--case", str(tmp_path / "nii"), "--to", "nrrd", "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "structures.seg.nrrd").exists()
+    assert main(["convert", "--case", str(nrrd_case), "--to", "nrrd", "--out", str(tmp_path / "back")]) == 2
+
+
+def test_evaluate_reports_missing_predictions(tmp_path, capsys, small_case):
+    from doseai.io import openkbp
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (tmp_path / "predictions").mkdir()
+    openkbp.save_npz(small_case, reference / "pt_1.npz")
+    assert main(["evaluate", "--reference", str(reference), "--predictions", str(tmp_path / "predictions")]) == 2
+    assert "no prediction for 1 patient(s): pt_1" in _error_line(capsys)

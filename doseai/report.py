@@ -1,0 +1,119 @@
+"""DVH reports: per-structure metrics, a text table, CSV files and a DVH plot (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from doseai.case import PlanningCase, validate_dose
+from doseai.dvh import DVH, compute_dvhs, structure_metrics, volume_at_dose
+from doseai.errors import OutputExistsError
+
+OAR_V_LEVELS_GY = (20.0, 30.0, 50.0)
+TABLE_COLUMNS = ("volume_cc", "Dmean", "Dmax", "D0.1cc", "D2", "D95", "D98", "HI", "CI_Paddick", "V95%")
+
+
+def case_dvhs(case: PlanningCase, dose: np.ndarray, bin_width_gy: float = 0.1) -> dict[str, DVH]:
+    return compute_dvhs(dose, case.structures, case.geometry.voxel_volume_mm3 / 1000.0, bin_width_gy)
+
+
+def case_metrics(case: PlanningCase, dose: np.ndarray) -> dict[str, dict[str, float]]:
+    """Metrics of every non-empty structure; targets get prescription-relative ones (HI, CI, V95%)."""
+    dose = validate_dose(dose)
+    voxel_cc = case.geometry.voxel_volume_mm3 / 1000.0
+    table: dict[str, dict[str, float]] = {}
+    for name, mask in case.structures.items():
+        if not mask.any():
+            continue
+        rx = case.prescriptions.get(name)
+        metrics = structure_metrics(dose, mask, voxel_cc, name, prescription_gy=rx,
+                                    v_levels_gy=() if rx else OAR_V_LEVELS_GY)
+        if rx:
+            metrics["V95%"] = volume_at_dose(dose[mask], 0.95 * rx)
+        table[name] = metrics
+    return table
+
+
+def format_metrics_table(metrics: Mapping[str, Mapping[str, float]], columns=TABLE_COLUMNS) -> str:
+    """A fixed-width text table; empty cells where a metric does not apply."""
+    extra = sorted({key for row in metrics.values() for key in row if key.startswith("V") and key.endswith("Gy")})
+    columns = [c for c in columns if any(c in row for row in metrics.values())] + extra
+    name_width = max([len("structure")] + [len(n) for n in metrics])
+    header = "structure".ljust(name_width) + "".join(f"{c:>11}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for name, row in metrics.items():
+        cells = "".join(f"{row[c]:>11.2f}" if c in row else " " * 11 for c in columns)
+        lines.append(name.ljust(name_width) + cells)
+    return "\n".join(lines)
+
+
+def _check_writable(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_dvh_csv(dvhs: Mapping[str, DVH], path: str | os.PathLike, force: bool = False) -> Path:
+    """One row per dose bin: dose_gy, then volume [%] of each structure (cumulative)."""
+    path = Path(path)
+    _check_writable(path, force)
+    longest = max(dvhs.values(), key=lambda d: d.dose_gy.size)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dose_gy"] + [f"{name}_volume_pct" for name in dvhs])
+        columns = [np.pad(d.volume_pct, (0, longest.dose_gy.size - d.volume_pct.size)) for d in dvhs.values()]
+        for i, dose in enumerate(longest.dose_gy):
+            writer.writerow([f"{dose:.2f}"] + [f"{column[i]:.4f}" for column in columns])
+    return path
+
+
+def write_metrics_csv(metrics: Mapping[str, Mapping[str, float]], path: str | os.PathLike, force: bool = False) -> Path:
+    path = Path(path)
+    _check_writable(path, force)
+    keys = list(dict.fromkeys(key for row in metrics.values() for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["structure"] + keys)
+        for name, row in metrics.items():
+            writer.writerow([name] + [f"{row[k]:.4f}" if k in row else "" for k in keys])
+    return path
+
+
+def plot_dvhs(
+    dvhs: Mapping[str, DVH],
+    path: str | os.PathLike,
+    reference: Mapping[str, DVH] | None = None,
+    colors: Mapping[str, tuple[float, float, float]] | None = None,
+    title: str = "Dose-volume histograms",
+    force: bool = False,
+) -> Path:
+    """DVH curves (solid) with optional reference curves (dashed, same colour) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    _check_writable(path, force)
+    figure, axes = plt.subplots(figsize=(9, 5.5), dpi=110)
+    palette = plt.get_cmap("tab20")
+    for index, (name, dvh) in enumerate(dvhs.items()):
+        color = (colors or {}).get(name) or palette(index % 20)
+        axes.plot(dvh.dose_gy, dvh.volume_pct, color=color, lw=1.8, label=name)
+        if reference and name in reference:
+            axes.plot(reference[name].dose_gy, reference[name].volume_pct, color=color, lw=1.2, ls="--")
+    axes.set_xlabel("Dose [Gy]")
+    axes.set_ylabel("Volume [%]")
+    axes.set_ylim(0, 101)
+    axes.set_xlim(left=0)
+    axes.grid(alpha=0.3)
+    axes.set_title(title + (" (dashed: reference)" if reference else ""))
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
