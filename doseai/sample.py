@@ -128,5 +128,8 @@ def sample_dose(case: PlanningCase, falloff_mm: float = 12.0, low_dose_gy: float
         distance = ndimage.distance_transform_edt(~mask, sampling=spacing_zyx)
         dose = np.maximum(dose, (gy * np.exp(-distance / falloff_mm)).astype(np.float32))
     body = case.structures.get("External", np.ones(case.geometry.shape, bool))
-    dose = np.where(body, np.maximum(dose, low_dose_gy), 0.0)
-    return ndimage.gaussian_filter(dose, sigma=1.0).astype(np.float32) * body
+    dose = ndimage.gaussian_filter(np.where(body, np.maximum(dose, low_dose_gy), 0.0), sigma=1.0)
+    for name in sorted(case.prescriptions, key=case.prescriptions.get):  # targets covered, highest wins
+        inside = case.mask(name)
+        dose[inside] = np.maximum(dose[inside], case.prescriptions[name])
+    return (dose * body).astype(np.float32)
