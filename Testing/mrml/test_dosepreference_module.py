@@ -1,0 +1,271 @@
+"""The DosePreference module: its Qt-free logic end to end, and the module files' consistency.
+
+Importing ``DosePreference.py`` needs ``slicer.ScriptedLoadableModule`` and
+``slicer.parameterNodeWrapper``, which are part of the Slicer application (they import Qt) and are
+not in slicer-core. So the logic lives in ``DosePreference/DosePreferenceLib/logic.py`` (importable
+here; the module file mixes it into its ``ScriptedLoadableModuleLogic``), as in SlicerNNUnet.
+The last tests import the module files with those two Slicer modules replaced by minimal stand-ins,
+to check that the files load, that the module's Logic class is the tested one, and to run the
+module's self test on slicer-core.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer
+from DosePreferenceLib import DosePreferenceLogic, missing_packages
+
+from doseai.dvh import compute_dvhs, structure_metrics
+from doseai.errors import DoseAIError
+from doseai.mrml import create_or_update_dose_node, nodes_from_case
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODULES = {"DosePreference": REPO_ROOT / "DosePreference", "DoseOptimizer": REPO_ROOT / "DoseOptimizer"}
+
+pytestmark = pytest.mark.mrml
+
+
+# --- Qt-free logic -------------------------------------------------------------------------------
+def test_compute_dvh_end_to_end(scene, mrml_case):
+    ct_node, seg_node, dose_node = nodes_from_case(scene, mrml_case)
+    logic = DosePreferenceLogic()
+    result = logic.computeDVH(ct_node, seg_node, dose_node)
+
+    voxel_cc = mrml_case.geometry.voxel_volume_mm3 / 1000.0
+    expected = compute_dvhs(mrml_case.dose, mrml_case.structures, voxel_cc)
+    assert set(result.dvhs) == set(expected) == set(mrml_case.structures)
+    for name, dvh in expected.items():
+        np.testing.assert_allclose(result.dvhs[name].dose_gy, dvh.dose_gy)
+        np.testing.assert_allclose(result.dvhs[name].volume_cc, dvh.volume_cc)
+    ptv = structure_metrics(mrml_case.dose, mrml_case.structures["PTV_70"], voxel_cc, prescription_gy=70.0)
+    assert result.metrics["PTV_70"] == pytest.approx(ptv, nan_ok=True)
+    assert "HI" not in result.metrics["SpinalCord"]
+    assert result.emptyStructures == []
+
+    chart, table = result.chartNode, result.metricsTableNode
+    assert chart.GetNumberOfPlotSeriesNodes() == len(mrml_case.structures)
+    assert table.GetNumberOfRows() == len(mrml_case.structures)
+    for index in range(chart.GetNumberOfPlotSeriesNodes()):  # segment colours are used
+        series = chart.GetNthPlotSeriesNode(index)
+        segmentation = seg_node.GetSegmentation()
+        segment_id = segmentation.GetSegmentIdBySegmentName(series.GetAttribute("DoseAI.Structure"))
+        segment = segmentation.GetSegment(segment_id)
+        np.testing.assert_allclose(series.GetColor(), segment.GetColor())
+    assert "11 structures" in result.summary()
+
+    # again: the same chart and table are updated, nothing is duplicated
+    classes = ("vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode", "vtkMRMLTableNode")
+    counts = [scene.GetNumberOfNodesByClass(c) for c in classes]
+    again = logic.computeDVH(ct_node, seg_node, dose_node)
+    assert again.chartNode is chart and again.metricsTableNode is table
+    assert [scene.GetNumberOfNodesByClass(c) for c in classes] == counts
+
+    # a second dose gets its own chart and table
+    other = create_or_update_dose_node(scene, mrml_case.dose * 0.9, mrml_case.geometry, "plan B", ctNode=ct_node)
+    second = logic.computeDVH(ct_node, seg_node, other)
+    assert second.chartNode is not chart and second.metricsTableNode is not table
+    assert second.metrics["PTV_70"]["Dmax"] == pytest.approx(0.9 * result.metrics["PTV_70"]["Dmax"], rel=1e-5)
+
+
+def test_empty_segment_is_reported_not_fatal(scene, mrml_case):
+    ct_node, seg_node, dose_node = nodes_from_case(scene, mrml_case)
+    seg_node.GetSegmentation().AddEmptySegment("", "Brain")
+    result = DosePreferenceLogic().computeDVH(ct_node, seg_node, dose_node)
+    assert result.emptyStructures == ["Brain"]
+    assert "Brain" in result.summary()
+    assert result.chartNode.GetNumberOfPlotSeriesNodes() == len(mrml_case.structures)
+
+
+def test_inputs_and_defaults(scene, mrml_case):
+    logic = DosePreferenceLogic()
+    assert logic.defaultInputs(scene) == (None, None, None)
+    ct_node, seg_node, dose_node = nodes_from_case(scene, mrml_case)
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")  # never picked as CT
+    assert logic.defaultInputs(scene) == (ct_node, seg_node, dose_node)
+    assert logic.missingInputs(ct_node, seg_node, dose_node) == ""
+    assert "CT" in logic.missingInputs(None, seg_node, dose_node)
+    assert "segmentation" in logic.missingInputs(ct_node, None, dose_node)
+    assert "dose" in logic.missingInputs(ct_node, seg_node, None)
+    assert logic.missingInputs(ct_node, seg_node, ct_node)
+    with pytest.raises(DoseAIError, match="dose"):
+        logic.computeDVH(ct_node, seg_node, None)
+
+
+def test_missing_packages():
+    assert missing_packages() == []  # numpy and SimpleITK are here (and bundled with Slicer)
+    assert missing_packages({"numpy": "numpy", "doseai_no_such_module": "no-such-package>=1"}) == ["no-such-package>=1"]
+
+
+# --- module files --------------------------------------------------------------------------------
+def _ui_widgets(ui_file: Path) -> dict[str, ET.Element]:
+    root = ET.parse(ui_file).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def _parameter_names(widget: ET.Element) -> list[str]:
+    return [p.findtext("string") for p in widget.findall("property") if p.get("name") == "SlicerParameterName"]
+
+
+def test_dosepreference_ui_matches_module_file():
+    module_file = MODULES["DosePreference"] / "DosePreference.py"
+    tree = ast.parse(module_file.read_text())
+    widgets = _ui_widgets(MODULES["DosePreference"] / "Resources/UI/DosePreference.ui")
+
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"}
+    assert used and used <= set(widgets), f"widgets missing from the .ui: {used - set(widgets)}"
+
+    parameter_class = next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DosePreferenceParameterNode"
+    )
+    assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in parameter_class.decorator_list)
+    fields = {n.target.id: ast.unparse(n.annotation) for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
+    assert fields["ctVolume"] == "vtkMRMLScalarVolumeNode"
+    assert fields["segmentation"] == "vtkMRMLSegmentationNode"
+    assert fields["doseVolume"] == "vtkMRMLScalarVolumeNode"
+    bound = {name for w in widgets.values() for name in _parameter_names(w)}
+    assert bound == {"ctVolume", "segmentation", "doseVolume"} and bound <= set(fields)
+
+    button = widgets["computeDVHButton"]
+    enabled = [p.findtext("bool") for p in button.findall("property") if p.get("name") == "enabled"]
+    assert enabled == ["false"]  # enabled by the Widget only when all inputs are set
+    # nothing that is not implemented yet: no predict button, no preference sliders
+    classes = {w.get("class") for w in widgets.values()}
+    assert not classes & {"QSlider", "ctkSliderWidget", "qMRMLSliderWidget", "ctkRangeWidget"}
+    ui_tree = ET.parse(MODULES["DosePreference"] / "Resources/UI/DosePreference.ui")
+    texts = " ".join(s.text or "" for s in ui_tree.iter("string"))
+    assert "Predict" not in texts and "Export" not in texts
+    buttons = ("QPushButton", "QToolButton", "ctkPushButton")
+    push_buttons = [name for name, w in widgets.items() if w.get("class") in buttons]
+    assert push_buttons == ["computeDVHButton"]
+
+
+def test_dosepreference_keeps_gui_imports_out_of_the_logic():
+    source = (MODULES["DosePreference"] / "DosePreferenceLib" / "logic.py").read_text()
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert not imported & {"qt", "ctk", "slicer", "PythonQt"}, imported
+
+
+def test_dose_optimizer_offers_nothing_that_pretends_to_work():
+    widgets = _ui_widgets(MODULES["DoseOptimizer"] / "Resources/UI/DoseOptimizer.ui")
+    interactive = {"QPushButton", "QToolButton", "ctkPushButton", "QCheckBox", "QRadioButton", "QSlider",
+                   "ctkSliderWidget", "qMRMLNodeComboBox", "QComboBox", "QSpinBox", "QDoubleSpinBox"}
+    assert not {w.get("class") for w in widgets.values()} & interactive
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_folder_layout(module):
+    folder = MODULES[module]
+    for relative in (f"{module}.py", "CMakeLists.txt", f"Resources/UI/{module}.ui", f"Resources/Icons/{module}.png",
+                     "Testing/CMakeLists.txt", "Testing/Python/CMakeLists.txt"):
+        assert (folder / relative).is_file(), relative
+    assert (folder / f"Resources/Icons/{module}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cmake = (folder / "CMakeLists.txt").read_text()
+    assert f"set(MODULE_NAME {module})" in cmake and "slicerMacroBuildScriptedModule(" in cmake
+    assert "slicer_add_python_unittest(" in (folder / "Testing/Python/CMakeLists.txt").read_text()
+    top = (REPO_ROOT / "CMakeLists.txt").read_text()
+    assert f"add_subdirectory({module})" in top and 'EXTENSION_CATEGORY "Radiotherapy"' in top
+
+
+def test_dosepreference_cmake_installs_every_lib_file_and_doseai():
+    cmake = (MODULES["DosePreference"] / "CMakeLists.txt").read_text()
+    for path in sorted((MODULES["DosePreference"] / "DosePreferenceLib").glob("*.py")):
+        assert f"${{MODULE_NAME}}Lib/{path.name}" in cmake, path.name
+    assert "../doseai" in cmake and "GLOB_RECURSE" in cmake and "DOSEAI_PYTHON_SCRIPTS" in cmake
+
+
+# --- module files imported with stand-ins for the Qt-dependent Slicer base modules ----------------
+def _stand_in_modules():
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            super().__init__()
+            self.moduleName = self.__class__.__name__.removesuffix("Logic")
+
+        def getParameterNode(self):
+            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", self.moduleName)
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):  # a plain attribute holder instead of the MRML-backed wrapper
+        def wrap(parameterNode):
+            holder = types.SimpleNamespace(**{name: None for name in cls.__annotations__})
+            holder.parameterNode = parameterNode
+            return holder
+        return wrap
+
+    pnw.parameterNodeWrapper = parameterNodeWrapper
+    return {"slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw}
+
+
+def _import_module_file(monkeypatch, module: str):
+    for name, stand_in in _stand_in_modules().items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    monkeypatch.syspath_prepend(str(MODULES[module]))
+    spec = importlib.util.spec_from_file_location(module, MODULES[module] / f"{module}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, module, loaded)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene, mrml_case):
+    module = _import_module_file(monkeypatch, "DosePreference")
+    parent = types.SimpleNamespace()
+    module.DosePreference(parent)
+    assert parent.categories == ["Radiotherapy"] and parent.title == "Dose Preference"
+    assert "Compute DVH" in parent.helpText and "Not available yet" in parent.helpText
+
+    assert issubclass(module.DosePreferenceLogic, DosePreferenceLogic)
+    logic = module.DosePreferenceLogic()
+    assert logic.moduleName == "DosePreference" and logic.dvhBinWidthGy == 0.1
+    ct_node, seg_node, dose_node = nodes_from_case(scene, mrml_case)
+    result = logic.computeDVH(ct_node, seg_node, dose_node)
+    assert result.chartNode.GetNumberOfPlotSeriesNodes() == len(mrml_case.structures)
+
+
+def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene):
+    module = _import_module_file(monkeypatch, "DosePreference")
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    outcome = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
+        unittest.defaultTestLoader.loadTestsFromTestCase(module.DosePreferenceTest)
+    )
+    assert outcome.testsRun == 1 and outcome.wasSuccessful(), outcome.errors + outcome.failures
+
+
+def test_dose_optimizer_module_file_loads(monkeypatch):
+    module = _import_module_file(monkeypatch, "DoseOptimizer")
+    parent = types.SimpleNamespace()
+    module.DoseOptimizer(parent)
+    assert parent.categories == ["Radiotherapy"] and "Not available yet" in parent.helpText
+    logic_methods = [name for name in vars(module.DoseOptimizerLogic) if not name.startswith("_")]
+    assert logic_methods == []

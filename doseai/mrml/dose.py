@@ -1,0 +1,93 @@
+"""Dose volume nodes that behave like an RTDOSE imported by SlicerRT's DICOM-RT plugin."""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+
+from doseai.case import validate_dose
+from doseai.geometry import ImageGeometry
+from doseai.mrml.colors import DOSE_COLOR_TABLE_NAME, dose_rainbow
+from doseai.mrml.nodes import set_volume_from_array, subject_hierarchy_item
+
+# attribute names used by SlicerRT (vtkSlicerRtCommon) for dose volumes
+DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"
+DOSE_UNIT_NAME_ATTRIBUTE = "DicomRtImport.DoseUnitName"
+DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
+
+# voxels below this fraction of the maximum dose are transparent in slice views (dose wash)
+LOW_DOSE_DISPLAY_FRACTION = 0.05
+
+
+def is_dose_volume(node) -> bool:
+    """True for a volume that carries the RT dose attribute (ours or SlicerRT's)."""
+    return node is not None and bool(node.GetAttribute(DOSE_VOLUME_ATTRIBUTE))
+
+
+def get_or_create_dose_color_table(scene):
+    """The scene's ``DoseAI_DoseColor`` table (256 rainbow entries, blue = low dose, red = high);
+    created the first time, shared by every dose volume afterwards."""
+    existing = scene.GetNodesByClassByName("vtkMRMLColorTableNode", DOSE_COLOR_TABLE_NAME)
+    if existing.GetNumberOfItems() > 0:
+        return existing.GetItemAsObject(0)
+    color_node = slicer.vtkMRMLColorTableNode()
+    color_node.SetName(DOSE_COLOR_TABLE_NAME)
+    color_node.SetTypeToUser()
+    colors = dose_rainbow(256)
+    color_node.SetNumberOfColors(len(colors))
+    color_node.GetLookupTable().SetRange(0, len(colors) - 1)
+    for index, (r, g, b) in enumerate(colors):
+        color_node.SetColor(index, f"{index}", r, g, b, 1.0)
+    color_node.SetAttribute("Category", "DoseAI")
+    color_node.SetDescription("Dose wash in Gy: each dose volume's window/level maps 0 Gy to blue, its maximum to red")
+    scene.AddNode(color_node)
+    return color_node
+
+
+def _set_dose_display(dose_node, color_node, max_dose_gy: float) -> None:
+    if dose_node.GetDisplayNode() is None:
+        dose_node.CreateDefaultDisplayNodes()
+    display = dose_node.GetDisplayNode()
+    was_modifying = display.StartModify()
+    display.SetAndObserveColorNodeID(color_node.GetID())
+    display.AutoWindowLevelOff()
+    top = max(float(max_dose_gy), 1e-3)
+    display.SetWindowLevelMinMax(0.0, top)
+    display.AutoThresholdOff()
+    display.SetLowerThreshold(LOW_DOSE_DISPLAY_FRACTION * top)
+    display.SetUpperThreshold(max(top * 10.0, top + 1.0))
+    display.ApplyThresholdOn()
+    display.EndModify(was_modifying)
+
+
+def create_or_update_dose_node(
+    scene,
+    dose: np.ndarray,
+    geometry: ImageGeometry,
+    name: str,
+    ctNode=None,
+    node=None,
+):
+    """A scalar volume node holding ``dose`` (Gy) on ``geometry``, marked as an RT dose.
+
+    ``node`` given: its voxels, geometry and display are updated in place; otherwise a new node is
+    added. The node gets the ``DicomRtImport.DoseVolume`` attribute, the shared dose colour table
+    with a window/level of 0 Gy .. max dose, and, when ``ctNode`` sits under a study (or any other
+    parent item) in the subject hierarchy, the same parent.
+    """
+    dose = validate_dose(dose)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    set_volume_from_array(node, dose, geometry)
+    node.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
+    node.SetAttribute(DOSE_UNIT_NAME_ATTRIBUTE, "GY")
+    node.SetAttribute(DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    _set_dose_display(node, get_or_create_dose_color_table(scene), float(dose.max(initial=0.0)))
+
+    if ctNode is not None:
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        ct_item = sh.GetItemByDataNode(ctNode)
+        parent = sh.GetItemParent(ct_item) if ct_item else 0
+        if parent and parent != sh.GetSceneItemID():
+            sh.SetItemParent(subject_hierarchy_item(sh, node), parent)
+    return node

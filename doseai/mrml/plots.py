@@ -1,0 +1,167 @@
+"""DVH curves and metrics as table, plot series and chart nodes (one table + series per structure
+in one chart, as SlicerRT's DVH module does)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from doseai.mrml.colors import structure_color
+
+DOSE_COLUMN = "Dose [Gy]"
+VOLUME_PCT_COLUMN = "Volume [%]"
+VOLUME_CC_COLUMN = "Volume [cc]"
+STRUCTURE_ATTRIBUTE = "DoseAI.Structure"  # on DVH series and tables: the structure they show
+CHART_ATTRIBUTE = "DoseAI.DVHChart"  # on DVH charts: the name_prefix they were made with
+METRICS_ATTRIBUTE = "DoseAI.MetricsTable"
+
+
+def _double_column(name: str, values) -> vtk.vtkDoubleArray:
+    column = numpy_support.numpy_to_vtk(np.ascontiguousarray(values, dtype=np.float64), deep=True)
+    column.SetName(name)
+    return column
+
+
+def _fill_dvh_table(table_node, dvh) -> None:
+    table = vtk.vtkTable()
+    table.AddColumn(_double_column(DOSE_COLUMN, dvh.dose_gy))
+    table.AddColumn(_double_column(VOLUME_PCT_COLUMN, dvh.volume_pct))
+    table.AddColumn(_double_column(VOLUME_CC_COLUMN, dvh.volume_cc))
+    was_modifying = table_node.StartModify()
+    table_node.SetAndObserveTable(table)
+    table_node.SetColumnUnitLabel(DOSE_COLUMN, "Gy")
+    table_node.SetColumnUnitLabel(VOLUME_PCT_COLUMN, "%")
+    table_node.SetColumnUnitLabel(VOLUME_CC_COLUMN, "cc")
+    table_node.SetColumnDescription(VOLUME_PCT_COLUMN, "fraction of the structure receiving at least the dose")
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.EndModify(was_modifying)
+
+
+def _find_chart(scene, name_prefix: str):
+    charts = scene.GetNodesByClass("vtkMRMLPlotChartNode")
+    for index in range(charts.GetNumberOfItems()):
+        chart = charts.GetItemAsObject(index)
+        if chart.GetAttribute(CHART_ATTRIBUTE) == name_prefix:
+            return chart
+    return None
+
+
+def _chart_series(chart_node) -> dict[str, object]:
+    """The DVH series of a chart, keyed by structure name."""
+    series = {}
+    for index in range(chart_node.GetNumberOfPlotSeriesNodes()):
+        node = chart_node.GetNthPlotSeriesNode(index)
+        if node is not None and node.GetAttribute(STRUCTURE_ATTRIBUTE):
+            series[node.GetAttribute(STRUCTURE_ATTRIBUTE)] = node
+    return series
+
+
+def show_dvh(
+    scene,
+    dvhs: Mapping[str, object],
+    colors: Mapping[str, tuple] | None = None,
+    chartNode=None,
+    name_prefix: str = "DVH",
+):
+    """Show cumulative DVHs (``{name: doseai.dvh.DVH}``) in one plot chart; returns the chart node.
+
+    Each structure gets a table node (columns ``Dose [Gy]``, ``Volume [%]``, ``Volume [cc]``) and a
+    line series (``colors[name]`` as RGB in [0, 1], else a fixed colour per structure name). Called
+    again with the same chart (or, without ``chartNode``, the same ``name_prefix``) it updates the
+    existing tables and series, adds missing ones and removes those of structures no longer given.
+    """
+    colors = colors or {}
+    if chartNode is None:
+        chartNode = _find_chart(scene, name_prefix)
+    if chartNode is None:
+        chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name_prefix} chart"))
+    was_modifying = chartNode.StartModify()
+    chartNode.SetAttribute(CHART_ATTRIBUTE, name_prefix)
+    chartNode.SetTitle("Dose-volume histogram")
+    chartNode.SetXAxisTitle("Dose [Gy]")
+    chartNode.SetYAxisTitle("Volume [%]")
+    chartNode.SetLegendVisibility(True)
+
+    existing = _chart_series(chartNode)
+    for name, series in existing.items():
+        if name not in dvhs:
+            chartNode.RemovePlotSeriesNodeID(series.GetID())
+            table = series.GetTableNode()
+            scene.RemoveNode(series)
+            if table is not None and table.GetAttribute(STRUCTURE_ATTRIBUTE):
+                scene.RemoveNode(table)
+
+    for name, dvh in dvhs.items():
+        series = existing.get(name)
+        table = series.GetTableNode() if series is not None else None
+        if table is None:
+            table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name_prefix} {name} table")
+            table.SetAttribute(STRUCTURE_ATTRIBUTE, name)
+        _fill_dvh_table(table, dvh)
+        if series is None:
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name_prefix} {name}")
+            series.SetAttribute(STRUCTURE_ATTRIBUTE, name)
+            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName(DOSE_COLUMN)
+        series.SetYColumnName(VOLUME_PCT_COLUMN)
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        series.SetLineWidth(2)
+        series.SetColor(*[float(c) for c in tuple(colors.get(name, structure_color(name)))[:3]])
+    chartNode.EndModify(was_modifying)
+    return chartNode
+
+
+def _unit(metric: str) -> str:
+    if metric.startswith("D") or metric == "prescription":
+        return "Gy"
+    if metric.startswith("V") and (metric.endswith("%") or metric.endswith("Gy")):
+        return "%"
+    if metric.endswith("_cc"):
+        return "cc"
+    return ""
+
+
+def metrics_table(scene, metrics: Mapping[str, Mapping[str, float]], tableNode=None, name: str = "DVH metrics"):
+    """A table node with one row per structure and one column per metric (union over structures,
+    in order of first appearance; a metric a structure lacks is NaN).
+
+    Updates ``tableNode`` when given, else the table made before under the same ``name``, else adds one.
+    """
+    columns: list[str] = []
+    for values in metrics.values():
+        for key in values:
+            if key not in columns:
+                columns.append(key)
+    table = vtk.vtkTable()
+    names = vtk.vtkStringArray()
+    names.SetName("Structure")
+    for structure in metrics:
+        names.InsertNextValue(structure)
+    table.AddColumn(names)
+    for key in columns:
+        values = [float(metrics[structure].get(key, math.nan)) for structure in metrics]
+        table.AddColumn(_double_column(key, values))
+    if tableNode is None:
+        tables = scene.GetNodesByClass("vtkMRMLTableNode")
+        for index in range(tables.GetNumberOfItems()):
+            if tables.GetItemAsObject(index).GetAttribute(METRICS_ATTRIBUTE) == name:
+                tableNode = tables.GetItemAsObject(index)
+                break
+    if tableNode is None:
+        tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    was_modifying = tableNode.StartModify()
+    tableNode.SetAttribute(METRICS_ATTRIBUTE, name)
+    tableNode.SetAndObserveTable(table)
+    for key in columns:
+        unit = _unit(key)
+        if unit:
+            tableNode.SetColumnUnitLabel(key, unit)
+    tableNode.EndModify(was_modifying)
+    return tableNode
