@@ -20,10 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doseai", description="SlicerDoseAI: dose prediction and DVH tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job on the built-in sample case: write it as DICOM and NRRD "
-                                       "and report its DVH")
+    demo = sub.add_parser("demo", help="the main job on the built-in sample case: predict its dose, write CT, "
+                                       "structures and dose as DICOM and NRRD, and report the DVH")
     demo.add_argument("--out", default="doseai-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1]")
+    demo.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_force(demo)
 
     sample = sub.add_parser("sample", help="write the synthetic head-and-neck sample case")
@@ -49,6 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the scores and tables as JSON")
     _add_force(evaluate)
 
+    predict = sub.add_parser("predict", help="predict a dose for a case with the shipped preference model")
+    predict.add_argument("--case", required=True)
+    predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
+    predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
+    predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
+    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1.pt)")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
+    _add_force(predict)
+
+    train = sub.add_parser("train", help="train the models (resumable; checkpoints in the cache folder)")
+    train_sub = train.add_subparsers(dest="stage", required=True)
+    prior = train_sub.add_parser("prior", help="Stage I: VQ-VAE dose prior on every training dose")
+    preference = train_sub.add_parser("preference", help="Stage II: anatomy encoder + FiLM sliders, frozen prior")
+    for stage in (prior, preference):
+        stage.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
+        stage.add_argument("--epochs", type=int, default=30)
+        stage.add_argument("--lr", type=float, default=1e-3)
+        stage.add_argument("--device", default="auto")
+        stage.add_argument("--threads", type=int)
+    preference.add_argument("--prior", help="Stage I checkpoint (omit with --no-freeze for the ablation)")
+    preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
+    preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
+    export = train_sub.add_parser("export", help="write shipped weights + model card")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--prior", required=True)
+    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1.pt"))
+    _add_force(export)
+
     convert = sub.add_parser("convert", help="convert a case between formats")
     convert.add_argument("--case", required=True)
     convert.add_argument("--to", required=True, choices=["nrrd", "nifti", "mha", "dicom", "openkbp-npz", "openkbp-csv"])
@@ -60,19 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_demo(args) -> int:
     from doseai.io import save_case
+    from doseai.predict import DosePredictor
     from doseai.sample import make_sample_case
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise OutputExistsError(f"{out} is not empty; pass --force to overwrite")
-    case = make_sample_case(seed=args.seed)
+    case = make_sample_case(seed=args.seed, with_dose=False)
     print(f"sample case {case.patient_id}: grid {case.geometry.shape[::-1]} (x, y, z) voxels of "
-          f"{' x '.join(f'{s:g}' for s in case.geometry.spacing)} mm, {len(case.structures)} structures")
+          f"{' x '.join(f'{s:g}' for s in case.geometry.spacing)} mm, {len(case.structures)} structures, "
+          f"prescriptions {', '.join(f'{n} {gy:g} Gy' for n, gy in case.prescriptions.items())}")
+    predictor = DosePredictor(device=args.device)
+    predictor.set_case(case)
+    case.dose = predictor.predict(args.oar_sparing, args.homogeneity)
+    timings = predictor.timings
+    print(f"predicted the dose with {predictor.card['name']} on {predictor.device}: case preparation "
+          f"{timings['features_s'] + timings['encoder_s']:.2f} s, slider-dependent part "
+          f"{timings['slider_network_s'] + timings['resample_back_s']:.2f} s "
+          f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
     save_case(case, out / "dicom", "dicom", force=args.force)
     save_case(case, out / "nrrd", "nrrd", force=args.force)
-    print(f"wrote DICOM CT + RTSTRUCT + RTDOSE to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
+    print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
     _report(case, case.dose, out / "report", force=args.force)
-    print("note: the dose of the sample case is synthetic (a smooth fall-off from each target), not a plan")
     return 0
 
 
@@ -184,7 +225,65 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "sample": _cmd_sample, "dvh": _cmd_dvh, "evaluate": _cmd_evaluate,
+def _write_dose(dose, case, out: Path, force: bool) -> None:
+    from doseai.io import images
+
+    if out.suffix.lower() == ".dcm":
+        from doseai.io.dicom import write_rtdose
+
+        write_rtdose(dose, case.geometry, out, reference_meta=case.metadata or None, force=force)
+    else:
+        images.write_image(dose, case.geometry, out, force=force)
+
+
+def _cmd_predict(args) -> int:
+    import time
+
+    from doseai.io import load_case
+    from doseai.predict import DosePredictor
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+    case = load_case(args.case)
+    predictor = DosePredictor(args.weights, device=args.device)
+    start = time.perf_counter()
+    dose = predictor.predict_case(case, args.oar_sparing, args.homogeneity)
+    print(f"predicted {case.patient_id} on {predictor.device} in {time.perf_counter() - start:.2f} s "
+          f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
+    missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
+    if missing:
+        print(f"note: structures not in the case (empty model channels): {', '.join(missing)}", file=sys.stderr)
+    _write_dose(dose, case, out, args.force)
+    print(f"wrote {out}")
+    if args.report:
+        _report(case, dose, Path(args.report), reference=case.dose, force=args.force)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from doseai.models.features import DEFAULT_GRID as spec
+    if args.stage == "prior":
+        from doseai.train.train_prior import train_dose_prior
+
+        path = train_dose_prior(spec, args.run, args.epochs, args.lr, device=args.device, threads=args.threads)
+    elif args.stage == "preference":
+        from doseai.train.train_preference import train_preference
+
+        if not args.prior and not args.no_freeze:
+            raise UnreadableInputError("--prior CHECKPOINT is required unless --no-freeze (the ablation)")
+        path = train_preference(spec, Path(args.prior) if args.prior else None, args.run, args.epochs, args.lr,
+                                freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
+                                init_weights=Path(args.init) if args.init else None)
+    else:
+        from doseai.train.export import export_model
+
+        path = export_model(Path(args.checkpoint), Path(args.prior), Path(args.out), force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"predict": _cmd_predict, "train": _cmd_train, "demo": _cmd_demo, "sample": _cmd_sample, "dvh": _cmd_dvh, "evaluate": _cmd_evaluate,
             "convert": _cmd_convert}
 
 

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+
+from doseai.geometry import ImageGeometry  # noqa: E402
+from doseai.models.features import GridSpec, beam_plate, case_features, channel_names, model_geometry  # noqa: E402
+from doseai.train.preference_loss import DEFAULT_SEMANTICS, plan_metrics, preference_gap  # noqa: E402
+
+SMALL_GRID = GridSpec(shape=(16, 24, 32), spacing=(6.0, 6.0, 5.0))
+
+
+def test_beam_plate_covers_target_and_fans_out():
+    geometry = ImageGeometry(shape=(4, 41, 41), spacing=(2.0, 2.0, 2.0))
+    target = np.zeros(geometry.shape, bool)
+    target[1:3, 18:23, 18:23] = True
+    plate = beam_plate(target, geometry, margin_mm=0.0)
+    assert plate.min() >= 0 and plate.max() <= 1
+    assert np.all(plate[target] == 1.0)  # every beam sees the target
+    assert np.all(plate[0] == 0) and np.all(plate[3] == 0)  # coplanar beams stay in the target's slices
+    # 9 beams at 40-degree steps: a voxel anterior of the target lies in the 0-degree beam only, a voxel
+    # lateral of it in none (no beam near 90 or 270 degrees passes through both)
+    assert plate[1, 2, 20] == pytest.approx(1 / 9)
+    assert plate[1, 20, 2] == 0
+
+
+def test_model_grid_is_centred_on_targets_and_body(small_case):
+    grid = model_geometry(small_case, SMALL_GRID)
+    assert grid.shape == SMALL_GRID.shape and grid.spacing == SMALL_GRID.spacing
+    centre = np.array(grid.origin) + (np.array(SMALL_GRID.shape[::-1]) - 1) / 2 * np.array(SMALL_GRID.spacing)
+    ptv = np.zeros(small_case.geometry.shape, bool)
+    for name in small_case.prescriptions:
+        ptv |= small_case.mask(name)
+    idx = np.argwhere(ptv)
+    ptv_z_centre = small_case.geometry.index_to_physical(((idx.min(0) + idx.max(0)) / 2)[None])[0][2]
+    assert centre[2] == pytest.approx(ptv_z_centre)
+
+
+def test_case_features_channels(small_case):
+    features, grid = case_features(small_case, SMALL_GRID, norm_gy=70.0)
+    names = channel_names()
+    assert features.shape == (len(names),) + SMALL_GRID.shape and features.dtype == np.float32
+    target = features[names.index("target_dose")]
+    assert target.max() == pytest.approx(1.0)
+    assert np.allclose(sorted(np.unique(target)), [0.0, 56 / 70, 63 / 70, 1.0])
+    assert features[names.index("body")].max() == pytest.approx(1.0, abs=1e-3)
+    assert np.all(features[names.index("ct")] >= -1.0) and np.all(features[names.index("ct")] <= 1.5)
+    assert features[names.index("beam_plate")][target > 0].min() == pytest.approx(1.0)
+
+
+def test_plan_metrics_and_preference_gap():
+    dose = torch.zeros(1, 1, 4, 4, 4)
+    dose[0, 0, :2] = 1.0
+    dose[0, 0, 2:] = 0.5
+    oars = torch.zeros(1, 7, 4, 4, 4, dtype=torch.bool)
+    oars[0, 0, 2:] = True
+    ptv = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    ptv[0, 0, :2] = True
+    metrics = plan_metrics(dose, oars, ptv)
+    assert metrics.oar_means[0, 0] == pytest.approx(0.5) and torch.isnan(metrics.oar_means[0, 1:]).all()
+    assert metrics.ptv_d95[0] == pytest.approx(1.0) and metrics.ptv_hi[0] == pytest.approx(0.0)
+    neutral = torch.zeros(1, 2)
+    assert preference_gap(metrics, metrics, neutral) == pytest.approx(0.0)
+    # +1 OAR sparing asks for the OAR mean to move by oar_mean_change_at_plus1: the reference itself misses by that
+    sparing = torch.tensor([[1.0, 0.0]])
+    expected = abs(DEFAULT_SEMANTICS["oar_mean_change_at_plus1"]) * 0.5
+    assert preference_gap(metrics, metrics, sparing) == pytest.approx(expected)
+    lowered = plan_metrics(dose * torch.where(oars[:, :1], 0.8, 1.0), oars, ptv)
+    assert preference_gap(lowered, metrics, sparing) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,76 @@
+"""Train -> export -> predict on a tiny grid: the training entry points resume, the exported weights and
+card load into DosePredictor, and predictions land on the case grid. (Model quality is measured by
+Testing/benchmarks/bench_preference.py, not here.)"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+
+from doseai.errors import DoseAIError  # noqa: E402
+from doseai.models.features import GridSpec, case_features  # noqa: E402
+from doseai.resample import resample_to  # noqa: E402
+from doseai.train.dataset import ModelGridData  # noqa: E402
+
+TINY = GridSpec(shape=(32, 32, 32), spacing=(6.0, 6.0, 3.0))
+
+
+@pytest.fixture()
+def tiny_data(small_case, monkeypatch, tmp_path):
+    monkeypatch.setenv("DOSEAI_CACHE", str(tmp_path / "cache"))
+    features, grid = case_features(small_case, TINY)
+    dose = resample_to(small_case.dose, small_case.geometry, grid) / 70.0
+    data = ModelGridData(["pt_1", "pt_2"], np.stack([features, features[..., ::-1]]).astype(np.float16),
+                         np.stack([dose[None], dose[None, ..., ::-1]]).astype(np.float16), np.array([True, True]))
+
+    def load_split(split, spec, norm_gy=70.0, need_dose=True, need_ct=False):
+        assert spec == TINY
+        return data
+
+    monkeypatch.setattr("doseai.train.train_prior.load_split", load_split)
+    monkeypatch.setattr("doseai.train.train_preference.load_split", load_split)
+    return tmp_path / "cache"
+
+
+def _log_epochs(path):
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+
+
+def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
+    from doseai.predict import DosePredictor
+    from doseai.train.export import export_model
+    from doseai.train.train_preference import train_preference
+    from doseai.train.train_prior import train_dose_prior
+
+    prior = train_dose_prior(TINY, "tiny_prior", epochs=1, threads=1)
+    assert _log_epochs(prior.parent / "log.jsonl") == [0]
+    train_dose_prior(TINY, "tiny_prior", epochs=2, threads=1)  # continues from the checkpoint
+    assert "resuming tiny_prior at epoch 1" in capsys.readouterr().out
+    assert _log_epochs(prior.parent / "log.jsonl") == [0, 1]
+
+    checkpoint = train_preference(TINY, prior, "tiny_preference", epochs=1, threads=1)
+    state = torch.load(checkpoint, weights_only=False)
+    prior_state = torch.load(prior, weights_only=False)
+    frozen = {k[len("prior."):]: v for k, v in state["model"].items() if k.startswith("prior.")}
+    for key, value in prior_state["model"].items():  # Stage II left the prior untouched
+        assert torch.equal(frozen[key], value), key
+
+    weights = export_model(checkpoint, prior, tmp_path / "models" / "tiny.pt")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["grid"]["shape_zyx"] == list(TINY.shape) and card["preference"]["sliders"] == ["oar_sparing", "homogeneity"]
+    with pytest.raises(DoseAIError, match="exists"):
+        export_model(checkpoint, prior, weights)
+
+    predictor = DosePredictor(weights, device="cpu", threads=1)
+    with pytest.raises(DoseAIError, match="set_case"):
+        predictor.predict()
+    dose = predictor.predict_case(small_case)
+    assert dose.shape == small_case.geometry.shape and dose.dtype == np.float32
+    assert np.isfinite(dose).all() and dose.min() >= 0
+    assert np.all(dose[~small_case.structures["External"]] == 0)
+    again = predictor.predict(0.0, 0.0)
+    assert np.array_equal(dose, again)  # same sliders, same dose (anatomy features cached)
+    with pytest.raises(DoseAIError, match="within"):
+        predictor.predict(oar_sparing=1.5)

@@ -1,0 +1,49 @@
+"""Stage I: a vector-quantized autoencoder of dose distributions (MONAI ``VQVAE``).
+
+Its decoder, frozen, turns latent codes into plausible doses; the preference model's encoder maps
+anatomy into this latent space. MONAI's VQVAE is used as is (strided convolutions, so it is cheap
+on a CPU); the configuration lives in the model card under ``dose_prior``.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import VQVAE
+
+DEFAULT_PRIOR_CONFIG = {
+    "channels": [16, 32],
+    "num_res_layers": 1,
+    "num_embeddings": 256,
+    "embedding_dim": 32,
+    "commitment_cost": 0.25,
+}
+
+
+def build_dose_prior(config: dict | None = None) -> VQVAE:
+    config = {**DEFAULT_PRIOR_CONFIG, **(config or {})}
+    levels = len(config["channels"])
+    return VQVAE(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=tuple(config["channels"]),
+        num_res_channels=tuple(config["channels"]),
+        num_res_layers=config["num_res_layers"],
+        downsample_parameters=((2, 4, 1, 1),) * levels,
+        upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+        num_embeddings=config["num_embeddings"],
+        embedding_dim=config["embedding_dim"],
+        commitment_cost=config["commitment_cost"],
+    )
+
+
+def latent_downsampling(config: dict | None = None) -> int:
+    return 2 ** len({**DEFAULT_PRIOR_CONFIG, **(config or {})}["channels"])
+
+
+def decode_latent(prior: VQVAE, latent: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+    """Dose from a continuous latent; with ``quantize`` it is snapped to the codebook first
+    (straight-through, so gradients still reach the latent)."""
+    if quantize:
+        latent, _ = prior.quantize(latent)
+    return prior.decode(latent)

@@ -1,0 +1,134 @@
+"""Stage II: anatomy encoder into the frozen dose prior's latent space, steered by preference sliders.
+
+Down path (anatomy only) -> bottleneck -> up path to the prior's latent resolution -> latent head ->
+frozen VQ-VAE decoder -> dose. The two slider values enter every up-path block through FiLM
+(feature-wise affine modulation after instance normalisation, i.e. AdaIN with learned style). The
+down path does not see the sliders, so ``DosePredictor`` caches it and a slider change re-runs only
+the up path and the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from doseai.models.dose_prior import build_dose_prior, latent_downsampling
+
+DEFAULT_PREFERENCE_CONFIG = {"down_channels": [24, 48, 96, 128], "n_sliders": 2, "film_hidden": 32,
+                             "refine_channels": 16}
+
+
+class FiLM(nn.Module):
+    """x -> InstanceNorm(x) * (1 + gamma(s)) + beta(s); gamma = beta = 0 at initialisation."""
+
+    def __init__(self, channels: int, n_conditions: int, hidden: int):
+        super().__init__()
+        self.norm = nn.InstanceNorm3d(channels, affine=False)
+        self.mlp = nn.Sequential(nn.Linear(n_conditions, hidden), nn.SiLU(), nn.Linear(hidden, 2 * channels))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.mlp(condition).chunk(2, dim=1)
+        shape = (x.shape[0], x.shape[1], 1, 1, 1)
+        return self.norm(x) * (1 + gamma.view(shape)) + beta.view(shape)
+
+
+def _conv(in_channels: int, out_channels: int, strides: int = 1, norm=("instance", {"affine": True})) -> Convolution:
+    return Convolution(3, in_channels, out_channels, strides=strides, kernel_size=3, norm=norm, act="PRELU")
+
+
+class UpBlock(nn.Module):
+    """Upsample x2, concatenate the skip, convolve, FiLM-modulate."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, n_conditions: int, hidden: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = Convolution(3, out_channels + skip_channels, out_channels, kernel_size=3, norm=None, act=None)
+        self.film = FiLM(out_channels, n_conditions, hidden)
+        self.act = nn.PReLU()
+
+    def forward(self, x, skip, condition):
+        x = self.conv(torch.cat([self.up(x), skip], dim=1))
+        return self.act(self.film(x, condition))
+
+
+class PreferenceDoseNet(nn.Module):
+    """Anatomy channels + sliders -> dose (normalised by the card's norm_gy), through the prior's decoder."""
+
+    def __init__(self, in_channels: int, prior_config: dict | None = None, config: dict | None = None):
+        super().__init__()
+        config = {**DEFAULT_PREFERENCE_CONFIG, **(config or {})}
+        self.prior = build_dose_prior(prior_config)
+        latent_levels = int(math.log2(latent_downsampling(prior_config)))
+        channels = config["down_channels"]
+        if len(channels) <= latent_levels:
+            raise ValueError("the encoder must go deeper than the prior's latent resolution")
+        self.latent_level = latent_levels  # index into down features at the latent resolution
+        self.down = nn.ModuleList()
+        previous = in_channels
+        for channel in channels:
+            self.down.append(nn.Sequential(_conv(previous, channel, strides=2), _conv(channel, channel)))
+            previous = channel
+        self.up = nn.ModuleList()
+        for level in range(len(channels) - 1, latent_levels - 1, -1):  # from the deepest to the latent level
+            self.up.append(UpBlock(channels[level], channels[level - 1], channels[level - 1],
+                                   config["n_sliders"], config["film_hidden"]))
+        embedding_dim = self.prior.embedding_dim
+        self.latent_head = nn.Conv3d(channels[latent_levels - 1], embedding_dim, kernel_size=1)
+        # Refinement (our addition to the two-stage method): the frozen decoder draws from a coarse latent,
+        # so sharp edges at target borders are smoothed; a small full-resolution residual head that sees the
+        # anatomy restores them. It sees the sliders only through the decoded dose. 0 channels = off.
+        refine = config["refine_channels"]
+        self.refine = nn.Sequential(
+            nn.Conv3d(in_channels + 1, refine, kernel_size=3, padding=1), nn.PReLU(),
+            nn.Conv3d(refine, refine, kernel_size=3, padding=1), nn.PReLU(),
+            nn.Conv3d(refine, 1, kernel_size=1),
+        ) if refine else None
+        if self.refine is not None:
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
+
+    def encode_anatomy(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Down-path features (independent of the sliders: cacheable)."""
+        features = []
+        for block in self.down:
+            x = block(x)
+            features.append(x)
+        return features
+
+    def latent(self, features: list[torch.Tensor], sliders: torch.Tensor) -> torch.Tensor:
+        x = features[-1]
+        for block, skip in zip(self.up, reversed(features[self.latent_level - 1:-1])):
+            x = block(x, skip, sliders)
+        return self.latent_head(x)
+
+    def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the frozen decoder's dose, the final dose after the refinement head's correction)."""
+        coarse = self.prior.decode(latent)
+        dose = coarse
+        if self.refine is not None and anatomy is not None:
+            dose = coarse + self.refine(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1))
+        return coarse, torch.relu(dose)
+
+    def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
+        """Dose from a latent; with the input ``anatomy`` the refinement head adds its correction."""
+        return self.decode_parts(latent, anatomy)[1]
+
+    def forward(self, x: torch.Tensor, sliders: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.latent(self.encode_anatomy(x), sliders), x)
+
+    def freeze_prior(self) -> None:
+        self.prior.eval()
+        for parameter in self.prior.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.prior.parameters()):
+            self.prior.eval()  # a frozen prior stays in eval mode (its EMA codebook must not move)
+        return self

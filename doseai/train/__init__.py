@@ -1,0 +1,1 @@
+"""Training: datasets on the model grid, preference sampling, resumable training entry points."""

@@ -1,0 +1,82 @@
+"""Ship a trained preference model: fp16 weights + a model card (JSON) in Resources/Models."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from doseai.errors import OutputExistsError
+from doseai.models.features import OPENKBP_GANTRY_DEG
+from doseai.paths import REPO_ROOT
+
+SLIDER_TEXT = (
+    "oar_sparing = w in [-1, 1] asks every OAR's mean dose to change by {oar:+.0%} x w relative to the typical "
+    "(neutral) plan, with the highest-dose PTV's D95 and mean held; homogeneity = h in [-1, 1] asks that PTV's "
+    "homogeneity index (D2 - D98)/D50 to change by {hi:+.0%} x h, with its mean and D95 held. 0 = the typical plan "
+    "of the training data. These are the training targets; what the model achieves is measured by "
+    "Testing/benchmarks/bench_preference.py and recorded under validation."
+)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export_model(checkpoint: Path, prior_checkpoint: Path, out: Path, force: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}, out)
+    semantics = state["semantics"]
+    card = {
+        "name": out.stem,
+        "created": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "task": "head-and-neck IMRT dose prediction steerable by preference sliders (OAR sparing, PTV homogeneity)",
+        "inputs": {
+            "channels": state["channels"],
+            "ct": "HU clipped to [-1000, 1500] / 1000 (a water-equivalent body is used when the case has no CT)",
+            "target_dose": "prescription of the covering target / the highest prescription of the case",
+            "oars": "occupancy (0..1) of each OpenKBP OAR; a missing OAR is an empty channel",
+            "body": "possible-dose mask (OpenKBP) or External",
+            "beam_plate": f"fraction of {len(OPENKBP_GANTRY_DEG)} coplanar beams (gantry {list(OPENKBP_GANTRY_DEG)} deg) "
+                          "whose target projection (+5 mm) covers the voxel",
+        },
+        "grid": {**state["grid"], "direction": "identity (LPS)",
+                 "placement": "centred in-plane on the body bounding box and along z on the targets' bounding box"},
+        "normalization": {"dose": "network dose x highest prescription of the case = Gy",
+                          "training_norm_gy": state["norm_gy"]},
+        "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1.0, 1.0], "semantics": semantics,
+                       "text": SLIDER_TEXT.format(oar=semantics["oar_mean_change_at_plus1"],
+                                                  hi=semantics["hi_change_at_plus1"])},
+        "dose_prior": {"kind": "MONAI VQVAE", "config": prior_state["config"], "frozen": state["freeze_prior"],
+                       "epochs": prior_state["epoch"] + 1, "validation_reconstruction_mae_gy": prior_state.get("val_mae_gy"),
+                       "training_doses": len(prior_state["train_ids"])},
+        "network": {"kind": "PreferenceDoseNet (doseai/models/preference.py)", "config": state["config"],
+                    "epochs": state["epoch"] + 1},
+        "training": {"data": "OpenKBP train split (pt_1-200); Stage I: every training dose, Stage II: training "
+                             "patients with CT and dose; validation never used for training",
+                     "stage_ii_patients": len(state["train_ids"])},
+        "validation": {},
+    }
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
+
+
+def record_validation(weights: Path, results: dict) -> None:
+    """Put benchmark results into the model card (the card is the single place a user reads them)."""
+    card_path = Path(weights).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["validation"].update(results)
+    card_path.write_text(json.dumps(card, indent=2))

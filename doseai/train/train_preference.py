@@ -1,0 +1,198 @@
+"""Stage II training: the anatomy encoder with FiLM sliders into the frozen dose prior's latent space.
+
+Each step draws one training patient (with CT) and slider values: neutral (0, 0) in 40 % of steps,
+one slider in [-1, 1] in 50 %, both in 10 %. At neutral the loss is the voxel L1 to the reference dose
+(in the body) plus a latent match to the prior's encoding of that dose; otherwise it is the preference gap
+(``preference_loss``) plus an L1 anchor to the reference where the slider should not act (inside the
+PTVs for OAR sparing, outside them for homogeneity). The frozen decoder's own output is also held to the
+reference at neutral, so the prior carries the dose and the refinement head only sharpens it. Resumable from ``<cache>/runs/<name>/last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from doseai.models.features import GridSpec, channel_names
+from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
+from doseai.paths import cache_root
+from doseai.train.dataset import load_split
+from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
+from doseai.train.preference_loss import DEFAULT_SEMANTICS, plan_metrics, preference_gap
+
+CHANNELS = channel_names()
+OAR_SLICE = slice(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1)
+TARGET = CHANNELS.index("target_dose")
+BODY = CHANNELS.index("body")
+SWAP_ON_FLIP = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
+
+
+def augment(features: np.ndarray, dose: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike."""
+    if rng.random() < 0.5:
+        features, dose = features[..., ::-1].copy(), dose[..., ::-1]
+        a, b = SWAP_ON_FLIP
+        features[:, [a, b]] = features[:, [b, a]]
+    shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
+    return np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1))
+
+
+def sample_sliders(rng: np.random.Generator) -> np.ndarray:
+    kind = rng.random()
+    if kind < 0.4:
+        return np.zeros(2, np.float32)
+    if kind < 0.65:
+        return np.array([rng.uniform(-1, 1), 0.0], np.float32)
+    if kind < 0.9:
+        return np.array([0.0, rng.uniform(-1, 1)], np.float32)
+    return rng.uniform(-1, 1, size=2).astype(np.float32)
+
+
+def structure_masks(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(OAR masks, mask of the highest-prescription PTV, mask of all PTVs) from the input channels."""
+    oars = features[:, OAR_SLICE] > 0.5
+    target = features[:, TARGET:TARGET + 1]
+    top = target.amax(dim=(2, 3, 4), keepdim=True)
+    return oars, (target >= top - 1e-3) & (target > 0), target > 0
+
+
+def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders: torch.Tensor,
+              semantics: dict, use_bf16: bool, device, latent_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """``latent_weight`` 0 for the ablation without Stage I (no pretrained latent space to match)."""
+    oars, top_ptv, ptvs = structure_masks(x)
+    with autocast(device, use_bf16):
+        features = net.encode_anatomy(x)
+        latent = net.latent(features, sliders)
+        coarse, prediction = net.decode_parts(latent, x)
+        coarse, prediction = coarse.float(), prediction.float()
+    reference_metrics = plan_metrics(y, oars, top_ptv)
+    predicted_metrics = plan_metrics(prediction, oars, top_ptv)
+    gap = preference_gap(predicted_metrics, reference_metrics, sliders, semantics)
+    body = x[:, BODY:BODY + 1] > 0.5
+    error = (prediction - y).abs()
+    if not torch.any(sliders != 0):
+        # the body holds 3-20 % of the grid: averaging over it (as the dose score does), not over the
+        # whole grid, keeps the loss from being dominated by empty air
+        voxel = error[body].mean() + 0.1 * error.mean()
+        # The decoder's own output must already be the dose (the refinement head only sharpens it), and
+        # the latent must sit where the prior put this dose: otherwise the refinement head learns the whole
+        # task and the sliders, which act through the latent, lose their grip. The latent error is
+        # relative to the target latent's power, so its weight does not depend on the codebook's scale.
+        coarse_voxel = (coarse - y).abs()[body].mean()
+        latent_error = torch.zeros((), device=y.device)
+        if latent_weight:
+            with torch.no_grad(), autocast(device, use_bf16):
+                target_latent = net.prior.encode_stage_2_inputs(y).float()
+            latent_error = (latent.float() - target_latent).pow(2).mean() / target_latent.pow(2).mean().clamp(min=1e-8)
+        loss = voxel + 0.5 * coarse_voxel + latent_weight * latent_error + 0.1 * gap
+        return loss, {"voxel": voxel.item(), "coarse": coarse_voxel.item(), "latent": latent_error.item(),
+                      "gap0": gap.item()}
+    anchor_region = ptvs if sliders[0, 1] == 0 else (~ptvs if sliders[0, 0] == 0 else torch.zeros_like(ptvs))
+    anchor_region = anchor_region & body
+    anchor = (error * anchor_region).sum() / anchor_region.sum().clamp(min=1)
+    loss = gap + 0.3 * anchor + 0.05 * error[body].mean()
+    return loss, {"gap": gap.item()}
+
+
+@torch.no_grad()
+def validation_mae_gy(net, data, device, use_bf16, norm_gy, limit: int = 12) -> float:
+    """Monitoring only (never used for training): dose MAE in the body on the model grid, neutral sliders."""
+    net.eval()
+    errors = []
+    for features, dose in zip(data.features[:limit], data.doses[:limit]):
+        x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(device)
+        with autocast(device, use_bf16):
+            prediction = net(x, torch.zeros(1, 2, device=device)).float().cpu().numpy()[0, 0]
+        body = features[BODY] > 0.5
+        errors.append(np.abs(prediction - dose[0].astype(np.float32))[body].mean() * norm_gy)
+    net.train()
+    return float(np.mean(errors))
+
+
+def train_preference(
+    spec: GridSpec,
+    prior_checkpoint: Path,
+    run_name: str = "preference",
+    epochs: int = 40,
+    learning_rate: float = 1e-3,
+    norm_gy: float = 70.0,
+    config: dict | None = None,
+    semantics: dict | None = None,
+    freeze_prior: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+    threads: int | None = None,
+    init_weights: Path | None = None,
+) -> Path:
+    """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
+    (shipped weights) starts a new run from an earlier model, so training can go on across sessions."""
+    if threads:
+        torch.set_num_threads(threads)
+    rng = seed_everything(seed)
+    torch_device = pick_device(device)
+    semantics = {**DEFAULT_SEMANTICS, **(semantics or {})}
+    config = {**DEFAULT_PREFERENCE_CONFIG, **(config or {})}
+    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
+    prior_config = prior_state["config"] if prior_state else None
+    net = PreferenceDoseNet(len(CHANNELS), prior_config, config)
+    if prior_state:
+        net.prior.load_state_dict(prior_state["model"])
+    if init_weights:
+        shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() for k, v in shipped.items()})
+    if freeze_prior:
+        net.freeze_prior()
+    net = net.to(torch_device)
+    train = load_split("train", spec, norm_gy, need_dose=True, need_ct=True)
+    validation = load_split("validation", spec, norm_gy, need_dose=True, need_ct=True)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
+    folder = cache_root() / "runs" / run_name
+    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    state = checkpoints.load()
+    start_epoch = 0
+    if state:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        print(f"resuming {run_name} at epoch {start_epoch}")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * len(train.ids),
+                                                    pct_start=0.1, last_epoch=start_epoch * len(train.ids) - 1)
+    example = torch.from_numpy(train.features[:1].astype(np.float32)).to(torch_device)
+    use_bf16 = bf16_is_faster(lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example, torch_device)
+    print(f"{len(train.ids)} training patients (with CT), {trainable and sum(p.numel() for p in trainable)} "
+          f"trainable parameters, device {torch_device}, bf16 {'on' if use_bf16 else 'off'}")
+    for epoch in range(start_epoch, epochs):
+        start = time.perf_counter()
+        totals: dict[str, list[float]] = {}
+        for index in tqdm(rng.permutation(len(train.ids)), desc=f"preference epoch {epoch + 1}/{epochs}",
+                          unit="patient", leave=False):
+            features, dose = augment(train.features[index:index + 1], train.doses[index:index + 1], rng)
+            x = torch.from_numpy(features.astype(np.float32)).to(torch_device)
+            y = torch.from_numpy(dose.astype(np.float32)).to(torch_device)
+            sliders = torch.from_numpy(sample_sliders(rng)[np.newaxis]).to(torch_device)
+            loss, parts = step_loss(net, x, y, sliders, semantics, use_bf16, torch_device,
+                                    latent_weight=0.1 if freeze_prior else 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            for key, value in parts.items():
+                totals.setdefault(key, []).append(value)
+        record = {"epoch": epoch, "seconds": time.perf_counter() - start,
+                  **{key: float(np.mean(values)) for key, values in totals.items()},
+                  "val_body_mae_gy": validation_mae_gy(net, validation, torch_device, use_bf16, norm_gy)}
+        log.write(**record)
+        print(json.dumps(record))
+        checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "config": config, "prior_config": prior_config, "semantics": semantics,
+                          "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
+                          "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
+                          "freeze_prior": freeze_prior})
+    return checkpoints.path

@@ -1,0 +1,103 @@
+"""Stage I training: the VQ-VAE dose prior on every OpenKBP training dose (patients without CT too).
+
+Resumable: state is checkpointed to ``<cache>/runs/<name>/last.pt`` every epoch; re-running continues.
+Validation doses are used only to report reconstruction MAE, never for training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG, build_dose_prior
+from doseai.models.features import GridSpec
+from doseai.paths import cache_root
+from doseai.train.dataset import load_split
+from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
+
+
+def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Left-right flip and small shifts (doses are not symmetric, but a mirrored plan is still a plan)."""
+    if rng.random() < 0.5:
+        batch = batch[..., ::-1]
+    shift = rng.integers(-4, 5, size=3)
+    return np.roll(batch, tuple(int(s) for s in shift), axis=(-3, -2, -1))
+
+
+@torch.no_grad()
+def reconstruction_mae_gy(model, doses: np.ndarray, device, use_bf16: bool, norm_gy: float) -> float:
+    """Mean absolute reconstruction error in Gy over voxels that hold dose in the reference."""
+    model.eval()
+    errors = []
+    for dose in doses:
+        x = torch.from_numpy(dose[np.newaxis].astype(np.float32)).to(device)
+        with autocast(device, use_bf16):
+            reconstruction, _ = model(x)
+        mask = x > 0
+        errors.append(float((reconstruction.float() - x).abs()[mask].mean()) * norm_gy)
+    model.train()
+    return float(np.mean(errors))
+
+
+def train_dose_prior(
+    spec: GridSpec,
+    run_name: str = "dose_prior",
+    epochs: int = 30,
+    learning_rate: float = 1e-3,
+    norm_gy: float = 70.0,
+    config: dict | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    threads: int | None = None,
+) -> Path:
+    if threads:
+        torch.set_num_threads(threads)
+    rng = seed_everything(seed)
+    torch_device = pick_device(device)
+    config = {**DEFAULT_PRIOR_CONFIG, **(config or {})}
+    train = load_split("train", spec, norm_gy, need_dose=True)
+    validation = load_split("validation", spec, norm_gy, need_dose=True)
+    model = build_dose_prior(config).to(torch_device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    folder = cache_root() / "runs" / run_name
+    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    state = checkpoints.load()
+    start_epoch = 0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        print(f"resuming {run_name} at epoch {start_epoch}")
+    example = torch.from_numpy(train.doses[:1].astype(np.float32)).to(torch_device)
+    use_bf16 = bf16_is_faster(model, example, torch_device)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=start_epoch - 1)
+    print(f"{len(train.ids)} training doses, {len(validation.ids)} validation doses, device {torch_device}, "
+          f"bf16 {'on' if use_bf16 else 'off'}")
+    for epoch in range(start_epoch, epochs):
+        order = rng.permutation(len(train.ids))
+        losses = []
+        start = time.perf_counter()
+        for index in tqdm(order, desc=f"prior epoch {epoch + 1}/{epochs}", unit="dose", leave=False):
+            x = torch.from_numpy(_augment(train.doses[index:index + 1], rng).astype(np.float32)).to(torch_device)
+            with autocast(torch_device, use_bf16):
+                reconstruction, quantization_loss = model(x)
+            loss = (reconstruction.float() - x).abs().mean() + quantization_loss.float().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        scheduler.step()
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+        if epoch % 5 == 4 or epoch == epochs - 1:
+            record["val_mae_gy"] = reconstruction_mae_gy(model, validation.doses, torch_device, use_bf16, norm_gy)
+        log.write(**record)
+        print(json.dumps(record))
+        checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "config": config, "grid": {"shape_zyx": spec.shape, "spacing_xyz_mm": spec.spacing},
+                          "norm_gy": norm_gy, "train_ids": train.ids, "val_mae_gy": record.get("val_mae_gy")})
+    return checkpoints.path
