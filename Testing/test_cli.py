@@ -95,3 +95,32 @@ def test_evaluate_reports_missing_predictions(tmp_path, capsys, small_case):
     openkbp.save_npz(small_case, reference / "pt_1.npz")
     assert main(["evaluate", "--reference", str(reference), "--predictions", str(tmp_path / "predictions")]) == 2
     assert "no prediction for 1 patient(s): pt_1" in _error_line(capsys)
+
+
+def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
+    """The README main command: sample case -> predicted dose -> DICOM + NRRD + DVH report; then
+    `doseai predict` on the written DICOM case, to RTDOSE, with a slider moved."""
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.io import load_case
+    from doseai.io.dicom import read_rtdose
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted the dose with dose_preference_v1" in printed and "PTV_70" in printed
+    for name in ("dicom/RD.dcm", "dicom/RS.dcm", "nrrd/dose.nrrd", "report/dvh.png", "report/metrics.csv"):
+        assert (out / name).is_file(), name
+    case = load_case(out / "dicom")
+    assert case.dose is not None and case.dose.max() > 0.8 * 70
+
+    rtdose = tmp_path / "spared.dcm"
+    assert main(["predict", "--case", str(out / "dicom"), "--oar-sparing", "1", "--out", str(rtdose)]) == 0
+    dose, geometry, meta = read_rtdose(rtdose)
+    assert geometry.matches(case.geometry)
+    assert meta["StudyInstanceUID"] == case.metadata["StudyInstanceUID"]
+    assert meta["FrameOfReferenceUID"] == case.metadata["FrameOfReferenceUID"]
+    oar = np.concatenate([case.structures[n].ravel() for n in case.oars])
+    assert np.concatenate([dose.ravel()] * len(case.oars))[oar].mean() < np.concatenate(
+        [case.dose.ravel()] * len(case.oars))[oar].mean()  # OAR sparing lowered the OAR doses
+    assert main(["predict", "--case", str(out / "dicom"), "--out", str(rtdose)]) == 2  # no silent overwrite
+    assert main(["predict", "--case", str(out / "dicom"), "--homogeneity", "3", "--out", str(tmp_path / "x.nrrd")]) == 2
