@@ -1,4 +1,5 @@
-"""DosePreference: dose-volume histograms and dose metrics of a dose over a CT and its structures.
+"""DosePreference: AI dose prediction for a CT and its structures, steered by preference sliders,
+with isodose lines, DVHs, metrics and RTDOSE export.
 
 The Slicer module file stays thin: module metadata, the parameter node, the Widget (Qt) and the
 self test. The Qt-free logic lives in ``DosePreferenceLib`` (importable and tested on slicer-core)
@@ -8,7 +9,10 @@ and the computations in the ``doseai`` core package.
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
+import tempfile
+from typing import Annotated
 
 
 def _ensureDoseAIImportable():
@@ -32,7 +36,7 @@ from slicer import (  # noqa: E402
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
 )
-from slicer.parameterNodeWrapper import parameterNodeWrapper  # noqa: E402
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -42,6 +46,8 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 import DosePreferenceLib  # noqa: E402
+
+SLIDER_UPDATE_DELAY_MS = 150  # a slider update waits until the slider rested this long (debounce)
 
 #
 # DosePreference
@@ -56,15 +62,40 @@ class DosePreference(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerDoseAI contributors"]
         self.parent.helpText = """
-<p>Computes dose-volume histograms (DVH) and dose metrics of a dose volume that is already in the scene.</p>
-<p><b>Compute DVH</b>: select the CT volume, the segmentation with the structures and the dose volume (Gy),
-then click <i>Compute DVH</i>. The segments are rasterized on the CT grid (a dose on another grid is
-resampled onto it) and their names matched to standard structure names (e.g. <i>Lt Parotid</i> &rarr;
-<i>Parotid_L</i>, <i>PTV7000</i> &rarr; <i>PTV_70</i> with a 70 Gy prescription). One cumulative DVH curve per
-structure appears in a plot chart and the metrics (Dmean, Dmax, D0.1cc, D2, D50, D95, D98; for targets with a
-prescription also HI, Paddick CI and V100%) in a table.</p>
-<p>Not available yet: AI dose prediction, the preference sliders (OAR sparing, PTV homogeneity) and
-RTDOSE export. They will appear in this module once the dose prediction model is part of the extension.</p>
+<p>Predicts a 3D dose for a planning CT and its structures with the AI model shipped with the
+extension (head-and-neck IMRT, trained on OpenKBP), and lets you steer it with two preference sliders.</p>
+<ol>
+<li><b>Inputs</b>: select the CT and the segmentation. The table lists each segment with the structure
+name the model uses (matched automatically, e.g. <i>Lt Parotid</i> &rarr; <i>Parotid_L</i>,
+<i>PTV7000</i> &rarr; <i>PTV_70</i>), its role (target, OAR, body, ignored) and, for targets, the
+prescription in Gy; double-click a name or a prescription to correct it, pick the role from its list.
+A red warning names what is missing: at least one target (PTV) with a prescription is required. OARs the model knows but the segmentation lacks are
+listed; they are treated as absent.</li>
+<li><b>Predict dose</b>: the first click installs missing Python packages after asking (PyTorch through
+the PyTorch extension when it is installed, and MONAI), loads the model and predicts; CPU is enough.
+The dose appears over the CT with the dose colour table (0 to 110&nbsp;% of the highest prescription),
+under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's modules accept it).</li>
+<li><b>Preferences</b>: <i>OAR sparing</i> and <i>PTV homogeneity</i> (&minus;1 to 1, 0 = the typical
+plan of the training data) re-predict the dose, isodose lines and DVH once a dose was predicted, each
+time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again).
+Their tooltips quote the model card. <i>Reset</i> sets both to 0.</li>
+<li><b>Display and DVH</b>: isodose lines at the given percentages of the highest prescription
+(default 30, 50, 70, 80, 90, 95, 100, 105&nbsp;%), drawn as outlines of an isodose segmentation.
+The DVH chart (one curve per structure, in segment colours) and the metrics table (volume, Dmean,
+Dmax, Dmin, D0.1cc, D2, D50, D95, D98; for targets HI, Paddick CI, V100&nbsp;% and V95&nbsp;%; for
+organs V20, V30, V50&nbsp;Gy) appear in the plot and table views. A <i>reference dose</i> (e.g. the clinical RTDOSE) adds its
+DVH as dashed curves; without a prediction, selecting it shows its own DVH.</li>
+<li><b>Export</b>: writes the output dose as RTDOSE (in the CT's DICOM study and frame of reference
+when the CT was loaded from DICOM, new UIDs otherwise) and its DVH and metrics as CSV into the chosen
+folder. Existing files are overwritten only after you confirm.</li>
+</ol>
+<p>Python console: <code>logic = slicer.util.getModuleLogic("DosePreference")</code> (or
+<code>DosePreference.DosePreferenceLogic()</code>), then
+<code>result = logic.predict(ctNode, segNode, oarSparing=0.5)</code>; <code>result.doseNode</code>,
+<code>result.dvh.metrics</code>; <code>logic.computeDVH(ctNode, segNode, doseNode)</code> gives the DVH of
+any dose. Batch over a folder of DICOM studies:
+<code>DosePreference/Scripts/batch_predict.py</code> (see the README).</p>
+<p>The predicted dose is a model estimate for research, not a deliverable plan.</p>
 """
         self.parent.acknowledgementText = """
 Developed in the SlicerDoseAI project. The module layout follows the scripted module template of 3D Slicer;
@@ -81,18 +112,31 @@ Histogram modules work on them too.
 @parameterNodeWrapper
 class DosePreferenceParameterNode:
     """
-    ctVolume: the planning CT; its grid is the grid of the computation.
+    ctVolume: the planning CT; its grid is the grid of the prediction.
     segmentation: the structures (targets and organs at risk).
-    doseVolume: the dose in Gy.
-    dvhChart: the plot chart of the last Compute DVH (one per dose volume, updated when computed again).
-    metricsTable: the dose metrics table of the last Compute DVH (one per dose volume, likewise).
+    structureMapping: the structure-mapping table as JSON (DosePreferenceLib.rows_to_json).
+    outputDose: the predicted dose volume (created by the first Predict when empty).
+    oarSparing, homogeneity: the preference sliders.
+    showIsodose, isodoseLevels: isodose lines and their levels (percent of the highest prescription).
+    isodoseSegmentation: the segmentation that draws the isodose lines.
+    referenceDose: a dose whose DVH is shown dashed for comparison.
+    dvhChart, metricsTable: the DVH chart and metrics table of the output dose.
+    exportFolder: where Export writes.
     """
 
     ctVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
-    doseVolume: vtkMRMLScalarVolumeNode
+    structureMapping: str = ""
+    outputDose: vtkMRMLScalarVolumeNode
+    oarSparing: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
+    homogeneity: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
+    showIsodose: bool = True
+    isodoseLevels: str = "30, 50, 70, 80, 90, 95, 100, 105"
+    isodoseSegmentation: vtkMRMLSegmentationNode
+    referenceDose: vtkMRMLScalarVolumeNode
     dvhChart: vtkMRMLPlotChartNode
     metricsTable: vtkMRMLTableNode
+    exportFolder: pathlib.Path
 
 
 #
@@ -101,14 +145,23 @@ class DosePreferenceParameterNode:
 
 
 class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    MAPPING_COLUMNS = ("Segment", "Structure", "Role", "Rx [Gy]")
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._result = None  # the last PredictionResult, for live slider updates
+        self._shown = {}  # what the GUI last showed: segmentation, sliders, reference, isodose settings
+        self._updating = False  # True while the Widget itself writes the parameter node
+        self._card = None  # the model card (slider semantics, model OARs), read once
+        self._segmentationObserved = []  # the segmentation whose segment events refresh the table
 
     def setup(self) -> None:
+        import qt
+
         ScriptedLoadableModuleWidget.setup(self)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DosePreference.ui"))
@@ -122,11 +175,28 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.computeDVHButton.connect("clicked(bool)", self.onComputeDVHButton)
+        table = self.ui.mappingTable
+        table.setColumnCount(len(self.MAPPING_COLUMNS))
+        table.setHorizontalHeaderLabels(list(self.MAPPING_COLUMNS))
+        table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        table.verticalHeader().visible = False
+        table.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
+
+        # one prediction per slider pause: the timer restarts on every slider step
+        self._sliderTimer = qt.QTimer()
+        self._sliderTimer.setSingleShot(True)
+        self._sliderTimer.setInterval(SLIDER_UPDATE_DELAY_MS)
+        self._sliderTimer.connect("timeout()", self.onSliderTimeout)
+
+        self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
+        self.ui.resetButton.connect("clicked(bool)", self.onResetButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self._readModelCard()
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._sliderTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -134,13 +204,16 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         # the GUI is brought up to date again when the user comes back to the module
+        self._sliderTimer.stop()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanCompute)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._result = None
+        self._shown = {}
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -148,71 +221,384 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        # save the user a few clicks: pick a CT, a segmentation and a dose if there are obvious ones
+        parameters = self._parameterNode
+        # save the user a few clicks: pick a CT, a segmentation and a reference dose if there are obvious ones
         ct, segmentation, dose = self.logic.defaultInputs(slicer.mrmlScene)
-        if not self._parameterNode.ctVolume and ct:
-            self._parameterNode.ctVolume = ct
-        if not self._parameterNode.segmentation and segmentation:
-            self._parameterNode.segmentation = segmentation
-        if not self._parameterNode.doseVolume and dose:
-            self._parameterNode.doseVolume = dose
+        defaults = {}
+        if not parameters.ctVolume and ct:
+            defaults["ctVolume"] = ct
+        if not parameters.segmentation and segmentation:
+            defaults["segmentation"] = segmentation
+        if not parameters.referenceDose and dose and dose is not parameters.outputDose:
+            defaults["referenceDose"] = dose
+        if str(parameters.exportFolder) in ("", "."):
+            defaults["exportFolder"] = pathlib.Path(slicer.app.defaultScenePath) / "DoseAI"
+        self._setParameters(**defaults)
+        # a default reference is not a user's choice: its DVH waits for Predict or a selection
+        self._shown["reference"] = parameters.referenceDose
+        self.onParameterNodeModified()
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanCompute)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # widgets with a SlicerParameterName property in the .ui follow the parameter node and back
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanCompute)
-            self._checkCanCompute()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            parameters = self._parameterNode
+            # what the node holds now is shown as is (a restored scene recomputes nothing until asked)
+            self._shown.update(reference=parameters.referenceDose,
+                               isodose=(parameters.showIsodose, parameters.isodoseLevels))
+            self._shown.pop("segmentation", None)  # but the mapping table is always refilled
+            self.onParameterNodeModified()
 
-    def _checkCanCompute(self, caller=None, event=None) -> None:
+    # --- reacting to the parameter node ------------------------------------------------------------
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        if self._updating or not self._parameterNode:
+            return
         parameters = self._parameterNode
-        reason = self.logic.missingInputs(parameters.ctVolume, parameters.segmentation, parameters.doseVolume)
-        self.ui.computeDVHButton.enabled = not reason
-        self.ui.computeDVHButton.toolTip = reason or "Compute the DVH and dose metrics of each segment"
+        if self._changed("segmentation", parameters.segmentation):
+            self._observeSegmentation(parameters.segmentation)
+            self.refreshMappingTable()
+        if self._changed("reference", parameters.referenceDose):
+            self.onReferenceDoseChanged()
+        if self._changed("isodose", (parameters.showIsodose, parameters.isodoseLevels)):
+            self.updateIsodose()
+        if self._result is not None and self._changed("sliders", (parameters.oarSparing, parameters.homogeneity)):
+            self._sliderTimer.start()  # (re)starts: the prediction runs once the slider rests
+        self._updateButtons()
 
-    def onComputeDVHButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Failed to compute the DVH.", waitCursor=True):
-            if not self._installMissingPackages():
+    def _changed(self, what: str, value) -> bool:
+        """True (and remembered) when ``value`` differs from what the GUI last showed for ``what``."""
+        if what in self._shown and self._shown[what] == value:
+            return False
+        self._shown[what] = value
+        return True
+
+    def _observeSegmentation(self, segmentationNode) -> None:
+        """Segments added, removed or renamed refresh the mapping table."""
+        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
+        for node in self._segmentationObserved:
+            for event in events:
+                self.removeObserver(node, event, self.onSegmentsModified)
+        self._segmentationObserved = [segmentationNode] if segmentationNode else []
+        for event in events if segmentationNode else ():
+            self.addObserver(segmentationNode, event, self.onSegmentsModified)
+
+    def onSegmentsModified(self, caller=None, event=None) -> None:
+        self.refreshMappingTable()
+
+    def _setParameters(self, **values) -> None:
+        """Write the parameter node without reacting to the write."""
+        self._updating = True
+        try:
+            for name, value in values.items():
+                setattr(self._parameterNode, name, value)
+        finally:
+            self._updating = False
+
+    # --- structure mapping -------------------------------------------------------------------------
+    def _rows(self):
+        return DosePreferenceLib.rows_from_json(self._parameterNode.structureMapping) if self._parameterNode else []
+
+    def refreshMappingTable(self) -> None:
+        """Rows from the segment names (edits of segments still present are kept), shown in the table."""
+        if not self._parameterNode:
+            return
+        rows = self.logic.structureRows(self._parameterNode.segmentation, previous=self._rows())
+        self._setParameters(structureMapping=DosePreferenceLib.rows_to_json(rows))
+        self._fillMappingTable(rows)
+        self._updateButtons()
+
+    def _fillMappingTable(self, rows) -> None:
+        import qt
+
+        table = self.ui.mappingTable
+        wasBlocked = table.blockSignals(True)
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            segmentItem = qt.QTableWidgetItem(row.segment)
+            segmentItem.setFlags(segmentItem.flags() & ~qt.Qt.ItemIsEditable)
+            table.setItem(index, 0, segmentItem)
+            table.setItem(index, 1, qt.QTableWidgetItem(row.canonical))
+            roleBox = qt.QComboBox()
+            roleBox.addItems(list(DosePreferenceLib.ROLES))
+            roleBox.setCurrentIndex(DosePreferenceLib.ROLES.index(row.role) if row.role in DosePreferenceLib.ROLES else 0)
+            roleBox.connect("currentIndexChanged(int)", lambda _index: self.onMappingEdited())
+            table.setCellWidget(index, 2, roleBox)
+            rxItem = qt.QTableWidgetItem(f"{row.prescriptionGy:g}" if row.prescriptionGy else "")
+            if row.role != DosePreferenceLib.mapping.TARGET:
+                rxItem.setFlags(rxItem.flags() & ~qt.Qt.ItemIsEditable & ~qt.Qt.ItemIsEnabled)
+            table.setItem(index, 3, rxItem)
+        table.blockSignals(wasBlocked)
+
+    def _rowsFromTable(self):
+        table = self.ui.mappingTable
+        rows = []
+        for index in range(table.rowCount):
+            text = table.item(index, 3).text().strip().replace(",", ".") if table.item(index, 3) else ""
+            try:
+                prescription = float(text) if text else None
+            except ValueError:
+                prescription = None  # the mapping check then asks for a prescription
+            rows.append(DosePreferenceLib.StructureRow(
+                table.item(index, 0).text(), table.item(index, 1).text(),
+                table.cellWidget(index, 2).currentText, prescription))
+        return rows
+
+    def onMappingEdited(self, item=None) -> None:
+        import qt
+
+        rows = self._rowsFromTable()
+        for row in rows:  # a segment just made a target gets the prescription its name states
+            if row.role == DosePreferenceLib.mapping.TARGET and row.prescriptionGy is None:
+                row.prescriptionGy = DosePreferenceLib.default_row(row.canonical).prescriptionGy
+        self._setParameters(structureMapping=DosePreferenceLib.rows_to_json(rows))
+        # refilled later: the combo box that sent the signal must not be replaced while it emits
+        qt.QTimer.singleShot(0, lambda: self._fillMappingTable(self._rows()))
+        self._updateButtons()
+
+    def _mappingArguments(self):
+        return DosePreferenceLib.mapping_arguments(self._rows())
+
+    # --- buttons -------------------------------------------------------------------------------------
+    def _updateButtons(self) -> None:
+        parameters = self._parameterNode
+        if not parameters:
+            return
+        check = DosePreferenceLib.check_mapping(self._rows(), DosePreferenceLib.model_oars(self._card))
+        if parameters.segmentation is None:
+            check = DosePreferenceLib.MappingCheck()
+        self.ui.mappingStatusLabel.text = self._mappingHtml(check)
+        reason = ("Select the CT volume" if parameters.ctVolume is None
+                  else "Select the segmentation" if parameters.segmentation is None
+                  else "Fix the structure table first (see the warning below it)" if not check.ok
+                  else self.logic.outputProblem(parameters.outputDose))
+        self.ui.predictButton.enabled = not reason
+        self.ui.predictButton.toolTip = reason or "Predict the dose for the CT and structures"
+        canExport = not self.logic.missingInputs(parameters.ctVolume, parameters.segmentation, parameters.outputDose)
+        self.ui.exportButton.enabled = canExport
+        self.ui.exportButton.toolTip = ("Write the output dose as RTDOSE and its DVH and metrics as CSV" if canExport
+                                        else "Predict a dose first (or select an output dose)")
+        self.ui.resetButton.enabled = parameters.oarSparing != 0.0 or parameters.homogeneity != 0.0
+
+    @staticmethod
+    def _mappingHtml(check) -> str:
+        errors = "".join(f'<p style="color:#c00000"><b>&#9888; {text}</b></p>' for text in check.errors)
+        notes = "".join(f'<p style="color:#606060">{text}</p>' for text in check.notes)
+        return errors + notes
+
+    def _readModelCard(self) -> None:
+        """The card gives the slider tooltips and the OARs the model reads (no torch needed)."""
+        self._card = self.logic.modelCard()
+        tips = DosePreferenceLib.slider_tooltips(self._card)
+        self.ui.oarSparingSlider.toolTip = tips.get("oar_sparing", "")
+        self.ui.homogeneitySlider.toolTip = tips.get("homogeneity", "")
+
+    def onPredictButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to predict the dose.", waitCursor=True):
+            if not self._installPackages("predict"):
+                return
+            dialog = slicer.util.createProgressDialog(labelText="Predicting the dose", maximum=100)
+            try:
+                result = self._predict(progress=lambda text, percent: self._showProgress(dialog, text, percent))
+            finally:
+                dialog.close()
+            self._readModelCard()  # the card of the model just loaded
+            self._showResult(result)
+
+    @staticmethod
+    def _showProgress(dialog, text: str, percent: int) -> None:
+        dialog.labelText = text
+        dialog.value = percent
+        slicer.app.processEvents()
+
+    def _predict(self, progress=None):
+        """Predict with the current settings and remember the result (shared by Predict and the sliders)."""
+        parameters = self._parameterNode
+        overrides, prescriptions = self._mappingArguments()
+        result = self.logic.predict(
+            parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
+            doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+            chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
+            referenceDoseNode=parameters.referenceDose, progress=progress)
+        self._result = result
+        self._shown["sliders"] = (parameters.oarSparing, parameters.homogeneity)
+        self._setParameters(outputDose=result.doseNode, dvhChart=result.dvh.chartNode,
+                            metricsTable=result.dvh.metricsTableNode)
+        self.updateIsodose()
+        self.ui.statusLabel.text = result.summary()
+        self._updateButtons()
+        return result
+
+    def onSliderTimeout(self) -> None:
+        """Live update after a slider rested: no dialogs, errors go to the status line."""
+        parameters = self._parameterNode
+        if self._result is None or not parameters or parameters.outputDose is not self._result.doseNode:
+            return
+        import qt
+
+        try:
+            slicer.app.setOverrideCursor(qt.Qt.BusyCursor)
+            self._predict()
+        except Exception as error:  # shown, not raised: a dialog per slider step would be unusable
+            logging.exception("DosePreference: slider update failed")
+            self.ui.statusLabel.text = f"Update failed: {error}"
+        finally:
+            slicer.app.restoreOverrideCursor()
+
+    def onResetButton(self) -> None:
+        self._parameterNode.oarSparing = 0.0
+        self._parameterNode.homogeneity = 0.0
+
+    def updateIsodose(self) -> None:
+        """Isodose lines of the output dose at the chosen levels, or hidden."""
+        parameters = self._parameterNode
+        isodose = parameters.isodoseSegmentation if parameters else None
+        if not parameters or self._result is None or self._result.doseNode is not parameters.outputDose:
+            return
+        if not parameters.showIsodose:
+            if isodose and isodose.GetDisplayNode():
+                isodose.GetDisplayNode().SetVisibility(False)
+            return
+        from doseai.errors import DoseAIError
+        from doseai.mrml import parse_isodose_levels
+
+        try:
+            levels = parse_isodose_levels(parameters.isodoseLevels)
+        except DoseAIError as error:
+            self.ui.statusLabel.text = str(error)
+            return
+        prescription = self._result.dvh.case.max_prescription
+        isodose = self.logic.isodoseSegmentation(parameters.outputDose, prescription, levels, isodose)
+        isodose.GetDisplayNode().SetVisibility(True)
+        self._setParameters(isodoseSegmentation=isodose)
+
+    def onReferenceDoseChanged(self) -> None:
+        """Dashed reference curves in the output dose's chart; without a prediction, the reference's own DVH."""
+        parameters = self._parameterNode
+        reference = parameters.referenceDose
+        if parameters.ctVolume is None or parameters.segmentation is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Failed to compute the reference DVH.", waitCursor=True):
+            overrides, prescriptions = self._mappingArguments()
+            if self._result is not None and self._result.doseNode is parameters.outputDose:
+                result = self.logic.computeDVH(
+                    parameters.ctVolume, parameters.segmentation, parameters.outputDose, overrides, prescriptions,
+                    parameters.dvhChart, parameters.metricsTable, referenceDoseNode=reference)
+            elif reference is not None and reference is not parameters.ctVolume:
+                result = self.logic.computeDVH(parameters.ctVolume, parameters.segmentation, reference, overrides,
+                                               prescriptions)
+            else:
+                return
+            self.ui.statusLabel.text = result.summary()
+            self._showViews(result.chartNode, result.metricsTableNode)
+
+    def onExportButton(self) -> None:
+        from doseai.errors import OutputExistsError
+
+        with slicer.util.tryWithErrorDisplay("Failed to export.", waitCursor=True):
+            if not self._installPackages("export"):
                 return
             parameters = self._parameterNode
-            # each dose volume has its own chart and table, updated when its DVH is computed again
-            result = self.logic.computeDVH(parameters.ctVolume, parameters.segmentation, parameters.doseVolume)
-            parameters.dvhChart = result.chartNode
-            parameters.metricsTable = result.metricsTableNode
-            self.ui.statusLabel.text = result.summary()
-            self._showResults(result)
+            overrides, prescriptions = self._mappingArguments()
+            arguments = (parameters.ctVolume, parameters.segmentation, parameters.outputDose,
+                         parameters.exportFolder, overrides, prescriptions)
+            try:
+                paths = self.logic.exportResults(*arguments)
+            except OutputExistsError as error:
+                if not slicer.util.confirmYesNoDisplay(f"{error}.\n\nOverwrite them?", windowTitle="Export"):
+                    return
+                paths = self.logic.exportResults(*arguments, force=True)
+            self.ui.statusLabel.text = "Exported " + ", ".join(path.name for path in paths.values()) + \
+                f" to {parameters.exportFolder}"
 
-    def _installMissingPackages(self) -> bool:
-        """Python packages are installed when first needed, after the user agrees; never at import."""
-        missing = DosePreferenceLib.missing_packages()
-        if not missing:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-            f"Dose Preference needs these Python packages: {', '.join(missing)}. Install them now?"
-        ):
-            return False
-        slicer.util.pip_install(" ".join(missing))
-        return not DosePreferenceLib.missing_packages()
+    # --- showing results -----------------------------------------------------------------------------
+    def _showResult(self, result) -> None:
+        """Dose over the CT in the slice views, DVH chart and metrics table in the plot and table views."""
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.ctVolume, foreground=result.doseNode,
+                                         foregroundOpacity=0.4)
+        self._showViews(result.dvh.chartNode, result.dvh.metricsTableNode)
 
-    def _showResults(self, result) -> None:
-        """DVH chart and metrics table in a four-up layout, the dose over the CT in the slice views."""
-        parameters = self._parameterNode
+    @staticmethod
+    def _showViews(chartNode, tableNode) -> None:
         layoutManager = slicer.app.layoutManager()
         if layoutManager:
             layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
         appLogic = slicer.app.applicationLogic()
         selectionNode = appLogic.GetSelectionNode()
-        selectionNode.SetActivePlotChartID(result.chartNode.GetID())
-        selectionNode.SetActiveTableID(result.metricsTableNode.GetID())
+        selectionNode.SetActivePlotChartID(chartNode.GetID())
+        selectionNode.SetActiveTableID(tableNode.GetID())
         appLogic.PropagatePlotChartSelection()
         appLogic.PropagateTableSelection()
-        slicer.util.setSliceViewerLayers(
-            background=parameters.ctVolume, foreground=parameters.doseVolume, foregroundOpacity=0.4
-        )
+
+    # --- dependencies --------------------------------------------------------------------------------
+    def _installPackages(self, task: str) -> bool:
+        """Python packages are installed when first needed, after the user agrees; never at import.
+        torch first (see DosePreferenceLib.install_plan), then the rest with pip. False: the user declined."""
+        missing = DosePreferenceLib.missing_packages_for(task)
+        if not missing:
+            return True
+        needsTorch, others = DosePreferenceLib.install_plan(missing)
+        if needsTorch and not self._installTorch():
+            return False
+        if others and not self._pipInstall(others):
+            return False
+        importlib.invalidate_caches()
+        still = DosePreferenceLib.missing_packages_for(task)
+        if still:
+            raise RuntimeError(f"These Python packages are still missing: {', '.join(still)}. Install them from "
+                               "the Python console (slicer.util.pip_install) and restart Slicer.")
+        return True
+
+    @staticmethod
+    def _pipInstall(requirements) -> bool:
+        """slicer.packaging.pip_ensure where this Slicer has it (it asks, and shows progress), otherwise
+        ask here and call slicer.util.pip_install."""
+        try:
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            try:
+                packaging.pip_ensure(list(requirements), requester="Dose Preference")
+            except RuntimeError:  # the user declined
+                return False
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            f"Dose Preference needs these Python packages: {', '.join(requirements)}. Install them now?",
+            windowTitle="Dose Preference",
+        ):
+            return False
+        slicer.util.pip_install(" ".join(requirements))
+        return True
+
+    @staticmethod
+    def _installTorch() -> bool:
+        """PyTorch through the PyTorch extension (it picks the CUDA or CPU build) when it is installed,
+        otherwise pip's default build (which runs on CPU too)."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.torchInstalled():
+                return True
+            requirement = DosePreferenceLib.TORCH_REQUIREMENT[len("torch"):]
+            return torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=requirement) is not None
+        if not slicer.util.confirmOkCancelDisplay(
+            "Dose prediction needs PyTorch. Install the default PyTorch build with pip now? (Several minutes; "
+            "the PyTorch extension from the Extensions Manager would choose a build for your GPU instead.)",
+            windowTitle="Dose Preference",
+        ):
+            return False
+        slicer.util.pip_install(DosePreferenceLib.TORCH_REQUIREMENT)
+        return True
 
 
 #
@@ -222,10 +608,10 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePreferenceLogic):
     """Qt-free computations, see :class:`DosePreferenceLib.DosePreferenceLogic`; this class adds the
-    parameter node. From the Python console::
+    parameter node and Slicer's DICOM database. From the Python console::
 
-        logic = slicer.util.getModuleLogic("DosePreference")
-        result = logic.computeDVH(ctNode, segNode, doseNode)
+        logic = DosePreference.DosePreferenceLogic()
+        result = logic.predict(ctNode, segNode, oarSparing=0.5)
     """
 
     def __init__(self) -> None:
@@ -235,54 +621,125 @@ class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePre
     def getParameterNode(self):
         return DosePreferenceParameterNode(super().getParameterNode())
 
+    def dicomLookup(self):
+        """Tags of the instances in Slicer's DICOM database (what an exported RTDOSE refers to)."""
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None or not database.isOpen:
+            return None
+
+        def lookup(instanceUID: str, tag: str) -> str:
+            value = database.instanceValue(instanceUID, tag)
+            if not value:  # a tag the database did not cache: read it from the file's header
+                path = database.fileForInstance(instanceUID)
+                value = database.fileValue(path, tag) if path else ""
+            return value
+
+        return lookup
+
 
 #
 # DosePreferenceTest
 #
 
 
+def _inSlicerApplication() -> bool:
+    """True in the Slicer application; False on slicer-core (MRML without Qt), which has no ``slicer.app``."""
+    try:
+        return slicer.app is not None
+    except (AttributeError, ImportError):
+        return False
+
+
 class DosePreferenceTest(ScriptedLoadableModuleTest):
-    """Runs Compute DVH on the synthetic sample case of ``doseai``."""
+    """The whole workflow on the synthetic sample case of ``doseai``: mapping, predict, slider change,
+    isodose lines, reference DVH, export (and, in the Slicer application, the same through the GUI)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_ComputeDVH()
+        self.test_PredictSlidersExport()
+        if _inSlicerApplication():
+            self.setUp()
+            self.test_Widget()
 
-    def test_ComputeDVH(self):
-        if importlib.util.find_spec("scipy") is None:  # the sample phantom is built with scipy.ndimage
-            slicer.util.pip_install("scipy")
-        import numpy as np
+    def _sampleNodes(self):
+        import unittest
 
-        from doseai.dvh import compute_dvhs
+        missing = DosePreferenceLib.missing_packages_for("predict") + DosePreferenceLib.missing_packages_for("export")
+        if missing:
+            raise unittest.SkipTest(f"the test needs these packages: {', '.join(missing)}")
         from doseai.mrml import nodes_from_case
         from doseai.sample import make_sample_case
 
         self.delayDisplay("Building the sample case")
-        case = make_sample_case(shape=(24, 48, 48))
-        ctNode, segNode, doseNode = nodes_from_case(slicer.mrmlScene, case)
+        case = make_sample_case(seed=4, shape=(32, 64, 64))
+        return case, nodes_from_case(slicer.mrmlScene, case)
 
+    def test_PredictSlidersExport(self):
+        import numpy as np
+
+        from doseai.errors import OutputExistsError
+        from doseai.mrml import volume_array
+
+        case, (ctNode, segNode, referenceNode) = self._sampleNodes()
         logic = DosePreferenceLogic()
-        self.assertTrue(logic.missingInputs(ctNode, segNode, None))
-        self.assertEqual(logic.missingInputs(ctNode, segNode, doseNode), "")
-        self.assertEqual(logic.defaultInputs(slicer.mrmlScene), (ctNode, segNode, doseNode))
-        parameters = logic.getParameterNode()
-        parameters.ctVolume, parameters.segmentation, parameters.doseVolume = ctNode, segNode, doseNode
-        self.assertIs(parameters.doseVolume, doseNode)
+        rows = logic.structureRows(segNode)
+        self.assertEqual([row.segment for row in rows], list(case.structures))
+        self.assertTrue(DosePreferenceLib.check_mapping(rows).ok)
+        overrides, prescriptions = DosePreferenceLib.mapping_arguments(rows)
+        self.assertEqual(prescriptions, case.prescriptions)
 
-        self.delayDisplay("Computing the DVH")
-        result = logic.computeDVH(ctNode, segNode, doseNode)
-        self.assertEqual(result.chartNode.GetNumberOfPlotSeriesNodes(), len(case.structures))
-        self.assertEqual(result.metricsTableNode.GetNumberOfRows(), len(case.structures))
-        expected = compute_dvhs(case.dose, case.structures, case.geometry.voxel_volume_mm3 / 1000.0)
-        for name, dvh in expected.items():
-            np.testing.assert_allclose(result.dvhs[name].volume_cc, dvh.volume_cc)
-        self.assertAlmostEqual(result.metrics["PTV_70"]["prescription"], 70.0)
+        self.delayDisplay("Predicting")
+        steps = []
+        result = logic.predict(ctNode, segNode, overrides=overrides, prescriptions=prescriptions,
+                               referenceDoseNode=referenceNode, progress=lambda text, percent: steps.append(percent))
+        self.assertEqual(steps[-1], 100)
+        doseNode = result.doseNode
+        self.assertEqual(doseNode.GetAttribute("DicomRtImport.DoseVolume"), "1")
+        self.assertEqual(result.dvh.chartNode.GetNumberOfPlotSeriesNodes(), 2 * len(case.structures))  # + dashed
+        dose = volume_array(doseNode)
 
-        again = logic.computeDVH(ctNode, segNode, doseNode)
-        self.assertIs(again.chartNode, result.chartNode)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode"), len(case.structures))
-        logging.info("DosePreference self test passed")
+        self.delayDisplay("Moving the OAR sparing slider")
+        spared = logic.predict(ctNode, segNode, oarSparing=0.5, doseNode=doseNode, overrides=overrides,
+                               prescriptions=prescriptions, chartNode=result.dvh.chartNode,
+                               metricsTableNode=result.dvh.metricsTableNode, referenceDoseNode=referenceNode)
+        self.assertIs(spared.doseNode, doseNode)
+        self.assertEqual(doseNode.GetAttribute("DoseAI.OarSparing"), "0.5")
+        self.assertFalse(np.array_equal(volume_array(doseNode), dose))
+
+        isodose = logic.isodoseSegmentation(doseNode, case.max_prescription)
+        self.assertEqual(isodose.GetSegmentation().GetNumberOfSegments(), 8)
+
+        self.delayDisplay("Exporting")
+        folder = tempfile.mkdtemp(prefix="DosePreferenceTest-")
+        paths = logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions)
+        self.assertTrue(all(path.is_file() for path in paths.values()))
+        with self.assertRaises(OutputExistsError):
+            logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions)
+        logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions, force=True)
         self.delayDisplay("Test passed")
+
+    def test_Widget(self):
+        """Predict, a slider move (debounced live update) and export through the module GUI."""
+        if not _inSlicerApplication():
+            self.skipTest("the module GUI needs the Slicer application")
+        case, (ctNode, segNode, referenceNode) = self._sampleNodes()
+        slicer.util.selectModule("DosePreference")
+        widget = slicer.modules.dosepreference.widgetRepresentation().self()
+        parameters = widget._parameterNode
+        parameters.ctVolume, parameters.segmentation = ctNode, segNode
+        parameters.outputDose = None
+        self.assertEqual(widget.ui.mappingTable.rowCount, len(case.structures))
+        self.assertTrue(widget.ui.predictButton.enabled)
+        widget.ui.predictButton.click()
+        doseNode = parameters.outputDose
+        self.assertIsNotNone(doseNode)
+        widget.ui.oarSparingSlider.value = 0.5
+        self.delayDisplay("Waiting for the live update", 3 * SLIDER_UPDATE_DELAY_MS)
+        self.assertEqual(doseNode.GetAttribute("DoseAI.OarSparing"), "0.5")
+        parameters.exportFolder = pathlib.Path(tempfile.mkdtemp(prefix="DosePreferenceTest-"))
+        widget.ui.exportButton.click()
+        self.assertEqual(len(list(parameters.exportFolder.iterdir())), 3)
+        self.delayDisplay("GUI test passed")

@@ -4,6 +4,55 @@
 ``ScriptedLoadableModuleLogic`` for the parameter node.
 """
 
-from .logic import REQUIRED_PACKAGES, DosePreferenceLogic, DVHResult, missing_packages
+from .export import dicom_reference, export_paths, instance_uids, safe_file_stem
+from .logic import (
+    REQUIRED_PACKAGES,
+    TASK_PACKAGES,
+    TORCH_REQUIREMENT,
+    DosePreferenceLogic,
+    DVHResult,
+    PredictionResult,
+    install_plan,
+    missing_packages,
+    missing_packages_for,
+    model_oars,
+    slider_tooltips,
+)
+from .mapping import (
+    ROLES,
+    MappingCheck,
+    StructureRow,
+    check_mapping,
+    default_row,
+    mapping_arguments,
+    rows_from_json,
+    rows_to_json,
+    structure_rows,
+)
 
-__all__ = ["REQUIRED_PACKAGES", "DosePreferenceLogic", "DVHResult", "missing_packages"]
+__all__ = [
+    "REQUIRED_PACKAGES",
+    "ROLES",
+    "TASK_PACKAGES",
+    "TORCH_REQUIREMENT",
+    "DVHResult",
+    "DosePreferenceLogic",
+    "MappingCheck",
+    "PredictionResult",
+    "StructureRow",
+    "check_mapping",
+    "default_row",
+    "dicom_reference",
+    "export_paths",
+    "install_plan",
+    "instance_uids",
+    "mapping_arguments",
+    "missing_packages",
+    "missing_packages_for",
+    "model_oars",
+    "rows_from_json",
+    "rows_to_json",
+    "safe_file_stem",
+    "slider_tooltips",
+    "structure_rows",
+]

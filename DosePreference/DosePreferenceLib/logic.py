@@ -8,18 +8,71 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .export import Lookup, dicom_reference, existing_outputs, export_paths, safe_file_stem
+from .mapping import StructureRow, structure_rows
 
 # import name -> pip requirement; what "Compute DVH" needs beyond the doseai package itself
 REQUIRED_PACKAGES: dict[str, str] = {"numpy": "numpy", "SimpleITK": "SimpleITK"}
+TORCH_REQUIREMENT = "torch>=2.2"
+# what each action needs (Slicer bundles numpy and SimpleITK; the rest is installed on first use)
+TASK_PACKAGES: dict[str, dict[str, str]] = {
+    "dvh": REQUIRED_PACKAGES,
+    "predict": {**REQUIRED_PACKAGES, "torch": TORCH_REQUIREMENT, "monai": "monai>=1.4"},
+    "export": {**REQUIRED_PACKAGES, "pydicom": "pydicom>=3.0", "contourpy": "contourpy>=1.0",
+               "matplotlib": "matplotlib>=3.7"},
+}
+
+Progress = Callable[[str, int], None]  # (what is being done, percent done)
 
 
 def missing_packages(required: Mapping[str, str] | None = None) -> list[str]:
     """pip requirements of the packages in ``required`` (import name -> requirement) that are not installed."""
     required = REQUIRED_PACKAGES if required is None else required
     return [requirement for module, requirement in required.items() if importlib.util.find_spec(module) is None]
+
+
+def missing_packages_for(task: str) -> list[str]:
+    """pip requirements missing for ``task`` ("dvh", "predict" or "export")."""
+    return missing_packages(TASK_PACKAGES[task])
+
+
+def install_plan(missing: Sequence[str]) -> tuple[bool, list[str]]:
+    """``(torch needed, other requirements)``: torch goes first and on its own (through the PyTorch
+    extension where present, which picks the CUDA or CPU build), so that pip installing MONAI does
+    not pull a default torch build."""
+    others = [requirement for requirement in missing if not re.match(r"^torch(\W|$)", requirement)]
+    return len(others) < len(missing), others
+
+
+def model_oars(card: Mapping | None) -> list[str]:
+    """The organ channels of a model card (what the model reads besides CT, targets, body, beams)."""
+    if not card:
+        return []
+    return [name for name in card["inputs"]["channels"] if name not in ("ct", "target_dose", "body", "beam_plate")]
+
+
+def slider_tooltips(card: Mapping | None) -> dict[str, str]:
+    """Tooltip per slider ("oar_sparing", "homogeneity") from the card's slider semantics text: the
+    clauses about that slider, then the clauses about both."""
+    if not card:
+        text = "Model card not found: the slider semantics are unknown."
+        return {"oar_sparing": text, "homogeneity": text}
+    preference = card["preference"]
+    sliders = list(preference.get("sliders", ["oar_sparing", "homogeneity"]))
+    clauses = [c.strip() for c in re.split(r"(?<=[.;])\s+", preference.get("text", "")) if c.strip()]
+    general = [c for c in clauses if not any(c.startswith(s) for s in sliders)]
+    low, high = preference.get("range", (-1.0, 1.0))
+    tips = {}
+    for slider in sliders:
+        own = [c.rstrip(";") + "." if c.endswith(";") else c for c in clauses if c.startswith(slider)]
+        tips[slider] = " ".join(own + general + [f"Range [{low:g}, {high:g}]."]).replace("..", ".")
+    return tips
 
 
 @dataclass
@@ -33,26 +86,51 @@ class DVHResult:
     chartNode: object
     metricsTableNode: object
     emptyStructures: list[str] = field(default_factory=list)
+    referenceDVHs: dict | None = None
 
     def summary(self) -> str:
         text = f"DVH of {len(self.dvhs)} structures"
+        if self.referenceDVHs:
+            text += " (dashed: reference dose)"
         if self.emptyStructures:
             text += f"; empty on the CT grid, left out: {', '.join(self.emptyStructures)}"
         return text
 
 
+@dataclass
+class PredictionResult:
+    """What :meth:`DosePreferenceLogic.predict` made: the dose node, its DVH (chart, table, metrics),
+    how long the prediction and the whole update took, and the model structures the case lacks."""
+
+    doseNode: object
+    dvh: DVHResult
+    predictSeconds: float
+    totalSeconds: float
+    missingStructures: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"Predicted in {self.predictSeconds:.2f} s (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
+        if self.missingStructures:
+            text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
+        return text
+
+
 class DosePreferenceLogic:
-    """Computes DVHs and dose metrics of a dose volume for the segments of a segmentation.
+    """Dose prediction steered by preference sliders, DVHs, isodose lines and export.
 
     Usable without the module GUI, in the Slicer Python console or in a batch script::
 
         logic = DosePreferenceLogic()
+        result = logic.predict(ctNode, segNode, oarSparing=0.5)
         result = logic.computeDVH(ctNode, segNode, doseNode)
     """
 
     def __init__(self) -> None:
         self.dvhBinWidthGy = 0.1
+        self._referenceKey = None
+        self._referenceDVHs = None
 
+    # --- inputs ----------------------------------------------------------------------------------
     @staticmethod
     def missingInputs(ctNode, segNode, doseNode) -> str:
         """Why Compute DVH cannot run with these inputs (a sentence for the button's tooltip), or ""."""
@@ -69,9 +147,11 @@ class DosePreferenceLogic:
     @staticmethod
     def defaultInputs(scene):
         """Obvious choices in ``scene`` as ``(ctNode, segNode, doseNode)``, None where there is none:
-        the first plain scalar volume that is not a dose, the first segmentation, the first volume
-        marked as an RT dose (``DicomRtImport.DoseVolume``)."""
+        the first plain scalar volume that is not a dose, the first segmentation that is not an
+        isodose display, the first volume marked as an RT dose (``DicomRtImport.DoseVolume``) that
+        is not a prediction (a predicted dose is an output, e.g. never the obvious reference)."""
         from doseai.mrml import is_dose_volume
+        from doseai.mrml.isodose import ISODOSE_ATTRIBUTE
 
         ct = dose = None
         volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
@@ -80,11 +160,40 @@ class DosePreferenceLogic:
             if volume.GetClassName() != "vtkMRMLScalarVolumeNode":  # labelmaps and other subclasses
                 continue
             if is_dose_volume(volume):
-                dose = dose or volume
+                if not volume.GetAttribute("DoseAI.Model"):
+                    dose = dose or volume
             else:
                 ct = ct or volume
-        return ct, scene.GetFirstNodeByClass("vtkMRMLSegmentationNode"), dose
+        segmentation = None
+        segmentations = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for index in range(segmentations.GetNumberOfItems()):
+            node = segmentations.GetItemAsObject(index)
+            if not node.GetAttribute(ISODOSE_ATTRIBUTE):
+                segmentation = node
+                break
+        return ct, segmentation, dose
 
+    @staticmethod
+    def outputProblem(doseNode) -> str:
+        """Why ``doseNode`` must not receive a prediction (a sentence), or "": only an empty volume or a
+        dose predicted before may be overwritten, never the CT, a clinical dose or any other data."""
+        if doseNode is None or doseNode.GetAttribute("DoseAI.Model") or doseNode.GetImageData() is None:
+            return ""
+        return (f"The output dose '{doseNode.GetName()}' holds other data (not a predicted dose); "
+                "choose 'Create new dose volume' or a predicted dose")
+
+    @staticmethod
+    def segmentNames(segNode) -> list[str]:
+        if segNode is None:
+            return []
+        segmentation = segNode.GetSegmentation()
+        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+    def structureRows(self, segNode, previous: Sequence[StructureRow] = ()) -> list[StructureRow]:
+        """The structure-mapping table of ``segNode`` (see :mod:`DosePreferenceLib.mapping`)."""
+        return structure_rows(self.segmentNames(segNode), previous)
+
+    # --- DVH -------------------------------------------------------------------------------------
     def computeDVH(
         self,
         ctNode,
@@ -94,6 +203,7 @@ class DosePreferenceLogic:
         prescriptions: Mapping[str, float] | None = None,
         chartNode=None,
         metricsTableNode=None,
+        referenceDoseNode=None,
     ) -> DVHResult:
         """DVHs and metrics of ``doseNode`` for every segment of ``segNode`` on the grid of ``ctNode``.
 
@@ -102,33 +212,220 @@ class DosePreferenceLogic:
         Paddick CI, V100%) when their prescription is known from the name or ``prescriptions``.
         Shows the curves in a plot chart (one table + series per structure, segment colours) and
         the metrics in a table; ``chartNode`` / ``metricsTableNode`` given are updated in place.
+        ``referenceDoseNode`` adds its DVHs as dashed curves.
         """
-        from doseai.dvh import compute_dvhs, structure_metrics
         from doseai.errors import DoseAIError
 
         reason = self.missingInputs(ctNode, segNode, doseNode)
         if reason:
             raise DoseAIError(reason)
-        from doseai.mrml import case_from_nodes, metrics_table, segment_colors, show_dvh
+        from doseai.mrml import case_from_nodes
 
         start = time.time()
         case = case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
-        voxel_cc = case.geometry.voxel_volume_mm3 / 1000.0
-        dvhs = compute_dvhs(case.dose, case.structures, voxel_cc, bin_width_gy=self.dvhBinWidthGy)
-        metrics = {
-            name: structure_metrics(
-                case.dose, case.structures[name], voxel_cc, name=name, prescription_gy=case.prescriptions.get(name)
-            )
-            for name in dvhs
-        }
-        scene = ctNode.GetScene()
-        chartNode = show_dvh(
-            scene, dvhs, colors=segment_colors(segNode, overrides), chartNode=chartNode,
-            name_prefix=f"{doseNode.GetName()} DVH",
-        )
-        metricsTableNode = metrics_table(
-            scene, metrics, tableNode=metricsTableNode, name=f"{doseNode.GetName()} DVH metrics"
-        )
-        empty = [name for name in case.structures if name not in dvhs]
-        logging.info(f"DosePreference: DVH of {len(dvhs)} structures in {time.time() - start:.2f} s")
-        return DVHResult(case, dvhs, metrics, chartNode, metricsTableNode, empty)
+        result = self._showDVH(case, case.dose, segNode, doseNode.GetName(), overrides, chartNode, metricsTableNode,
+                               referenceDoseNode)
+        logging.info(f"DosePreference: DVH of {len(result.dvhs)} structures in {time.time() - start:.2f} s")
+        return result
+
+    def _showDVH(self, case, dose, segNode, name, overrides=None, chartNode=None, metricsTableNode=None,
+                 referenceDoseNode=None) -> DVHResult:
+        """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``."""
+        from doseai.mrml import metrics_table, segment_colors, show_dvh
+        from doseai.report import case_dvhs, case_metrics
+
+        scene = segNode.GetScene()
+        dvhs = case_dvhs(case, dose, bin_width_gy=self.dvhBinWidthGy)
+        metrics = case_metrics(case, dose)
+        reference = self.referenceDVHs(case, referenceDoseNode)
+        chartNode = show_dvh(scene, dvhs, colors=segment_colors(segNode, overrides), chartNode=chartNode,
+                             name_prefix=f"{name} DVH", reference=reference)
+        metricsTableNode = metrics_table(scene, metrics, tableNode=metricsTableNode, name=f"{name} DVH metrics")
+        empty = [structure for structure in case.structures if structure not in dvhs]
+        return DVHResult(case, dvhs, metrics, chartNode, metricsTableNode, empty, reference)
+
+    def referenceDVHs(self, case, referenceDoseNode) -> dict | None:
+        """DVHs of a reference dose (e.g. the clinical plan's RTDOSE) for the structures of ``case``,
+        resampled onto the case grid when on another grid; cached while neither changes, so moving a
+        slider does not recompute them."""
+        if referenceDoseNode is None:
+            return None
+        image = referenceDoseNode.GetImageData()
+        key = (id(case), referenceDoseNode.GetID(), referenceDoseNode.GetMTime(), image.GetMTime() if image else 0)
+        if key != self._referenceKey:
+            from doseai.case import validate_dose
+            from doseai.mrml import geometry_from_volume_node, volume_array
+            from doseai.report import case_dvhs
+            from doseai.resample import resample_to
+
+            geometry = geometry_from_volume_node(referenceDoseNode)
+            dose = volume_array(referenceDoseNode).astype("float32")
+            if not geometry.matches(case.geometry):
+                dose = resample_to(dose, geometry, case.geometry).clip(0.0, None)
+            dose = validate_dose(dose, f"reference dose '{referenceDoseNode.GetName()}'")
+            self._referenceKey = key
+            self._referenceDVHs = case_dvhs(case, dose, bin_width_gy=self.dvhBinWidthGy)
+        return self._referenceDVHs
+
+    # --- prediction ------------------------------------------------------------------------------
+    _predictor = None  # shared by every logic instance: the model is loaded once per Slicer session
+
+    @classmethod
+    def predictor(cls, weights=None, device: str = "auto"):
+        """The cached :class:`doseai.predict.DosePredictor` (loaded on first use)."""
+        from doseai.predict import DosePredictor
+
+        shared = DosePreferenceLogic  # not cls: the module's subclass must share the one loaded model
+        if shared._predictor is None or (weights and str(shared._predictor.weights) != str(weights)):
+            shared._predictor = DosePredictor(weights, device=device)
+        return shared._predictor
+
+    @classmethod
+    def modelCard(cls, weights=None) -> dict | None:
+        """The model card of the loaded model, else of ``weights`` (default: the shipped model), read
+        without loading torch; None when there is no card."""
+        if DosePreferenceLogic._predictor is not None and not weights:
+            return DosePreferenceLogic._predictor.card
+        from doseai.errors import UnreadableInputError
+        from doseai.predict import DEFAULT_MODEL, load_card
+
+        try:
+            return load_card(Path(weights) if weights else DEFAULT_MODEL)
+        except UnreadableInputError:
+            return None
+
+    def predict(
+        self,
+        ctNode,
+        segNode,
+        oarSparing: float = 0.0,
+        homogeneity: float = 0.0,
+        doseNode=None,
+        overrides: Mapping[str, str | None] | None = None,
+        prescriptions: Mapping[str, float] | None = None,
+        chartNode=None,
+        metricsTableNode=None,
+        referenceDoseNode=None,
+        progress: Progress | None = None,
+    ) -> PredictionResult:
+        """Predict the dose for the CT and segmentation, steered by the two sliders (each in [-1, 1],
+        0 = the typical plan); create (or update ``doseNode``) the RT dose volume and show its DVH
+        (with the DVH of ``referenceDoseNode`` dashed, when given).
+
+        The case is rebuilt from the nodes only when they changed since the last call: moving a slider
+        re-runs only the slider-dependent half of the network. ``progress(text, percent)`` is told
+        what is being done.
+        """
+        from doseai.errors import DoseAIError
+        from doseai.mrml import case_from_nodes, create_or_update_dose_node
+
+        report = progress or (lambda text, percent: None)
+        if ctNode is None or segNode is None:
+            raise DoseAIError("Select the CT volume and the segmentation")
+        if self.outputProblem(doseNode):
+            raise DoseAIError(self.outputProblem(doseNode))
+        start = time.time()
+        if DosePreferenceLogic._predictor is None:
+            report("Loading the dose prediction model", 5)
+        predictor = self.predictor()
+        key = (ctNode.GetID(), ctNode.GetMTime(), ctNode.GetImageData().GetMTime() if ctNode.GetImageData() else 0,
+               segNode.GetID(), segNode.GetSegmentation().GetMTime(), repr(overrides), repr(prescriptions))
+        cache = DosePreferenceLogic  # the case cache describes the shared predictor, so it is shared too
+        if key != cache._caseKey or predictor is not cache._casePredictor:
+            report("Preparing the case (structures on the CT grid, model inputs)", 20)
+            case = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
+            predictor.set_case(case)
+            cache._caseKey, cache._case, cache._casePredictor = key, case, predictor
+        report("Predicting the dose", 60)
+        dose = predictor.predict(oarSparing, homogeneity)
+        predicted_at = time.time()
+        report("Updating the dose volume and the DVH", 85)
+        case = cache._case
+        name = doseNode.GetName() if doseNode is not None else f"{ctNode.GetName()} predicted dose"
+        doseNode = create_or_update_dose_node(ctNode.GetScene(), dose, case.geometry, name, ctNode=ctNode,
+                                              node=doseNode, display_max_gy=1.1 * case.max_prescription)
+        doseNode.SetAttribute("DoseAI.OarSparing", f"{oarSparing:g}")
+        doseNode.SetAttribute("DoseAI.Homogeneity", f"{homogeneity:g}")
+        doseNode.SetAttribute("DoseAI.Model", predictor.card["name"])
+        dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode)
+        missing = case.missing(model_oars(predictor.card))
+        report("Done", 100)
+        logging.info(f"DosePreference: predicted in {predicted_at - start:.2f} s, shown in {time.time() - predicted_at:.2f} s")
+        return PredictionResult(doseNode, dvh, predicted_at - start, time.time() - start, missing)
+
+    # the case the cached predictor holds, and the inputs it was made from
+    _caseKey = None
+    _case = None
+    _casePredictor = None
+
+    # --- display ---------------------------------------------------------------------------------
+    @staticmethod
+    def isodoseSegmentation(doseNode, prescriptionGy: float, levels: Sequence[float] | None = None,
+                            segmentationNode=None):
+        """Isodose lines of ``doseNode``: a segmentation with one segment per level (percent of
+        ``prescriptionGy``, default 30/50/70/80/90/95/100/105), shown as outlines; updated in place
+        when ``segmentationNode`` is given. (SlicerRT's Isodose module works on the dose too.)"""
+        from doseai.mrml import DEFAULT_ISODOSE_LEVELS_PCT, isodose_segmentation
+
+        return isodose_segmentation(doseNode, prescriptionGy, levels or DEFAULT_ISODOSE_LEVELS_PCT,
+                                    node=segmentationNode)
+
+    # --- export ----------------------------------------------------------------------------------
+    def dicomLookup(self) -> Lookup | None:
+        """How to read a tag of a DICOM instance; the Slicer module asks its DICOM database. None
+        here: without a database the exported RTDOSE gets fresh study and frame-of-reference UIDs."""
+        return None
+
+    def exportResults(
+        self,
+        ctNode,
+        segNode,
+        doseNode,
+        folder,
+        overrides: Mapping[str, str | None] | None = None,
+        prescriptions: Mapping[str, float] | None = None,
+        force: bool = False,
+        lookup: Lookup | None = None,
+    ) -> dict[str, Path]:
+        """Write ``doseNode`` as RTDOSE and its DVH and metrics as CSV into ``folder`` (file names
+        from the dose's name); returns the paths. The RTDOSE refers to the CT's DICOM study and frame
+        of reference when the CT came from DICOM (``lookup``, default :meth:`dicomLookup`).
+
+        Nothing is written when any of the files exists, unless ``force``: raises OutputExistsError.
+        The DVH is recomputed from the dose node, so the files always describe the dose written.
+        """
+        from doseai.errors import DoseAIError, OutputExistsError
+
+        if not folder or not str(folder).strip():
+            raise DoseAIError("Choose an export folder")
+        reason = self.missingInputs(ctNode, segNode, doseNode)
+        if reason:
+            raise DoseAIError(reason)
+        paths = export_paths(folder, safe_file_stem(doseNode.GetName()))
+        existing = existing_outputs(paths.values())
+        if existing and not force:
+            raise OutputExistsError(f"{len(existing)} file(s) exist in {Path(folder)}: "
+                                    f"{', '.join(p.name for p in existing)}")
+        from doseai.io.dicom import write_rtdose
+        from doseai.mrml import case_from_nodes, geometry_from_volume_node, volume_array
+        from doseai.report import case_dvhs, case_metrics, write_dvh_csv, write_metrics_csv
+
+        case = case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
+        reference = dicom_reference(ctNode, lookup or self.dicomLookup(), segNode)
+        reference["DoseDescription"] = self._doseDescription(doseNode)
+        write_rtdose(volume_array(doseNode), geometry_from_volume_node(doseNode), paths["rtdose"], reference,
+                     force=force)
+        write_dvh_csv(case_dvhs(case, case.dose, bin_width_gy=self.dvhBinWidthGy), paths["dvh"], force=force)
+        write_metrics_csv(case_metrics(case, case.dose), paths["metrics"], force=force)
+        logging.info(f"DosePreference: exported {', '.join(str(p) for p in paths.values())}")
+        return paths
+
+    @staticmethod
+    def _doseDescription(doseNode) -> str:
+        """Series description of the RTDOSE (DICOM LO: at most 64 characters)."""
+        model = doseNode.GetAttribute("DoseAI.Model")
+        if not model:
+            return doseNode.GetName()[:64]
+        oar = float(doseNode.GetAttribute("DoseAI.OarSparing") or 0)
+        hi = float(doseNode.GetAttribute("DoseAI.Homogeneity") or 0)
+        return f"DoseAI {model} OAR {oar:+.2f} HI {hi:+.2f}"[:64]

@@ -67,13 +67,15 @@ def create_or_update_dose_node(
     name: str,
     ctNode=None,
     node=None,
+    display_max_gy: float | None = None,
 ):
     """A scalar volume node holding ``dose`` (Gy) on ``geometry``, marked as an RT dose.
 
     ``node`` given: its voxels, geometry and display are updated in place; otherwise a new node is
     added. The node gets the ``DicomRtImport.DoseVolume`` attribute, the shared dose colour table
-    with a window/level of 0 Gy .. max dose, and, when ``ctNode`` sits under a study (or any other
-    parent item) in the subject hierarchy, the same parent.
+    with a window/level of 0 Gy .. max dose (or .. ``display_max_gy``: a fixed top keeps the colours
+    meaning the same dose while the dose changes), and, when ``ctNode`` sits under a study (or any
+    other parent item) in the subject hierarchy, the same parent.
     """
     dose = validate_dose(dose)
     if node is None:
@@ -82,7 +84,8 @@ def create_or_update_dose_node(
     node.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
     node.SetAttribute(DOSE_UNIT_NAME_ATTRIBUTE, "GY")
     node.SetAttribute(DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
-    _set_dose_display(node, get_or_create_dose_color_table(scene), float(dose.max(initial=0.0)))
+    top = display_max_gy if display_max_gy else float(dose.max(initial=0.0))
+    _set_dose_display(node, get_or_create_dose_color_table(scene), top)
 
     if ctNode is not None:
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)

@@ -17,6 +17,7 @@ DOSE_COLUMN = "Dose [Gy]"
 VOLUME_PCT_COLUMN = "Volume [%]"
 VOLUME_CC_COLUMN = "Volume [cc]"
 STRUCTURE_ATTRIBUTE = "DoseAI.Structure"  # on DVH series and tables: the structure they show
+REFERENCE_ATTRIBUTE = "DoseAI.ReferenceStructure"  # the same, on the dashed curves of a reference dose
 CHART_ATTRIBUTE = "DoseAI.DVHChart"  # on DVH charts: the name_prefix they were made with
 METRICS_ATTRIBUTE = "DoseAI.MetricsTable"
 
@@ -51,13 +52,13 @@ def _find_chart(scene, name_prefix: str):
     return None
 
 
-def _chart_series(chart_node) -> dict[str, object]:
-    """The DVH series of a chart, keyed by structure name."""
+def _chart_series(chart_node, attribute: str = STRUCTURE_ATTRIBUTE) -> dict[str, object]:
+    """The DVH series of a chart that carry ``attribute`` (plan or reference curves), keyed by structure."""
     series = {}
     for index in range(chart_node.GetNumberOfPlotSeriesNodes()):
         node = chart_node.GetNthPlotSeriesNode(index)
-        if node is not None and node.GetAttribute(STRUCTURE_ATTRIBUTE):
-            series[node.GetAttribute(STRUCTURE_ATTRIBUTE)] = node
+        if node is not None and node.GetAttribute(attribute):
+            series[node.GetAttribute(attribute)] = node
     return series
 
 
@@ -67,6 +68,7 @@ def show_dvh(
     colors: Mapping[str, tuple] | None = None,
     chartNode=None,
     name_prefix: str = "DVH",
+    reference: Mapping[str, object] | None = None,
 ):
     """Show cumulative DVHs (``{name: doseai.dvh.DVH}``) in one plot chart; returns the chart node.
 
@@ -74,6 +76,9 @@ def show_dvh(
     line series (``colors[name]`` as RGB in [0, 1], else a fixed colour per structure name). Called
     again with the same chart (or, without ``chartNode``, the same ``name_prefix``) it updates the
     existing tables and series, adds missing ones and removes those of structures no longer given.
+
+    ``reference`` (DVHs of a reference dose, e.g. the clinical plan) adds dashed curves in the same
+    colours for comparison; without it, dashed curves shown before are removed.
     """
     colors = colors or {}
     if chartNode is None:
@@ -82,40 +87,48 @@ def show_dvh(
         chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name_prefix} chart"))
     was_modifying = chartNode.StartModify()
     chartNode.SetAttribute(CHART_ATTRIBUTE, name_prefix)
-    chartNode.SetTitle("Dose-volume histogram")
+    chartNode.SetTitle("Dose-volume histogram" + (" (dashed: reference)" if reference else ""))
     chartNode.SetXAxisTitle("Dose [Gy]")
     chartNode.SetYAxisTitle("Volume [%]")
     chartNode.SetLegendVisibility(True)
+    _sync_series(scene, chartNode, dvhs, colors, name_prefix, STRUCTURE_ATTRIBUTE, "",
+                 slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
+    _sync_series(scene, chartNode, reference or {}, colors, name_prefix, REFERENCE_ATTRIBUTE, " (reference)",
+                 slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+    chartNode.EndModify(was_modifying)
+    return chartNode
 
-    existing = _chart_series(chartNode)
+
+def _sync_series(scene, chartNode, dvhs, colors, name_prefix, attribute, suffix, line_style) -> None:
+    """Make the chart's series tagged ``attribute`` show exactly ``dvhs`` (add, update, remove)."""
+    existing = _chart_series(chartNode, attribute)
     for name, series in existing.items():
         if name not in dvhs:
             chartNode.RemovePlotSeriesNodeID(series.GetID())
             table = series.GetTableNode()
             scene.RemoveNode(series)
-            if table is not None and table.GetAttribute(STRUCTURE_ATTRIBUTE):
+            if table is not None and table.GetAttribute(attribute):
                 scene.RemoveNode(table)
 
     for name, dvh in dvhs.items():
         series = existing.get(name)
         table = series.GetTableNode() if series is not None else None
         if table is None:
-            table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name_prefix} {name} table")
-            table.SetAttribute(STRUCTURE_ATTRIBUTE, name)
+            table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name_prefix} {name}{suffix} table")
+            table.SetAttribute(attribute, name)
         _fill_dvh_table(table, dvh)
         if series is None:
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name_prefix} {name}")
-            series.SetAttribute(STRUCTURE_ATTRIBUTE, name)
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name_prefix} {name}{suffix}")
+            series.SetAttribute(attribute, name)
             chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName(DOSE_COLUMN)
         series.SetYColumnName(VOLUME_PCT_COLUMN)
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
         series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        series.SetLineStyle(line_style)
         series.SetLineWidth(2)
         series.SetColor(*[float(c) for c in tuple(colors.get(name, structure_color(name)))[:3]])
-    chartNode.EndModify(was_modifying)
-    return chartNode
 
 
 def _unit(metric: str) -> str:

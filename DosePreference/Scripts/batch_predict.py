@@ -1,0 +1,216 @@
+"""Batch dose prediction over a folder of DICOM studies (one subfolder per patient).
+
+In Slicer::
+
+    Slicer --no-main-window --python-script batch_predict.py --input DICOM_ROOT --output OUT \\
+        [--oar-sparing W --homogeneity H] [--weights MODEL.pt] [--device auto|cpu|cuda] [--force]
+
+or with plain Python where ``doseai`` and torch are installed (``python batch_predict.py ...``).
+
+Each patient folder must hold a CT series and an RTSTRUCT with at least one target named with its
+prescription (e.g. PTV_70). For each patient ``OUT/<folder name>/`` gets ``RD.dcm`` (RTDOSE in the CT's
+study and frame of reference), ``dvh.csv``, ``metrics.csv`` and ``dvh.png``. A patient that fails is
+reported and skipped, the others are still done. ``OUT/summary.csv`` lists every patient (patient,
+status, error, ptv, ptv_d95_gy, mean_oar_dose_gy, seconds), and the table is printed.
+
+Exit code: 0 all patients done, 1 some failed, 2 nothing could run (bad arguments, no model, an
+existing summary without --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+SUMMARY_COLUMNS = ("patient", "status", "error", "ptv", "ptv_d95_gy", "mean_oar_dose_gy", "seconds")
+PATIENT_FILES = ("RD.dcm", "dvh.csv", "metrics.csv", "dvh.png")
+
+
+def _make_doseai_importable() -> None:
+    """``doseai`` sits next to the module files in an installed extension (one folder up from this
+    script) and at the repository root in a checkout (two folders up)."""
+    here = Path(__file__).resolve().parent
+    for root in (here.parent, here.parent.parent):
+        if (root / "doseai" / "__init__.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            return
+
+
+@dataclass
+class PatientResult:
+    patient: str
+    status: str  # "done" or "failed"
+    error: str = ""
+    ptv: str = ""
+    ptv_d95_gy: float | None = None
+    mean_oar_dose_gy: float | None = None
+    seconds: float = 0.0
+
+    def row(self) -> list[str]:
+        number = lambda value: "" if value is None else f"{value:.2f}"  # noqa: E731
+        return [self.patient, self.status, self.error, self.ptv, number(self.ptv_d95_gy),
+                number(self.mean_oar_dose_gy), f"{self.seconds:.1f}"]
+
+
+def patient_folders(root: Path) -> list[Path]:
+    """The patient subfolders of ``root`` (hidden ones skipped), sorted by name."""
+    return sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+def summary_values(case, metrics: dict) -> tuple[str, float | None, float | None]:
+    """(the highest-prescription PTV, its D95, the mean of the OARs' mean doses) of a predicted case."""
+    ptv = case.targets[0]
+    oar_means = [metrics[name]["Dmean"] for name in case.oars if name in metrics]
+    mean_oar = sum(oar_means) / len(oar_means) if oar_means else None
+    return ptv, metrics[ptv]["D95"], mean_oar
+
+
+def predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
+                    force: bool = False) -> PatientResult:
+    """Read the DICOM study in ``folder``, predict, and write the RTDOSE and DVH report into ``out``.
+    Any error (unreadable DICOM, no target, existing output, ...) becomes a failed result, not an
+    exception, so that one bad study does not stop the batch. A clinical RTDOSE in the study is drawn
+    dashed in ``dvh.png`` for comparison."""
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "no RTSTRUCT": the cause of a failure
+        warnings.simplefilter("always")
+        result = _predict_patient(folder, out, predictor, oar_sparing, homogeneity, force)
+    if result.status != "done" and caught:
+        result.error += " (" + "; ".join(" ".join(str(w.message).split()) for w in caught) + ")"
+    return result
+
+
+def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
+                     force: bool) -> PatientResult:
+    from doseai.errors import DoseAIError, OutputExistsError
+    from doseai.io.dicom import read_dicom_case, write_rtdose
+    from doseai.report import case_dvhs, case_metrics, plot_dvhs, write_dvh_csv, write_metrics_csv
+
+    start = time.perf_counter()
+    try:
+        existing = [name for name in PATIENT_FILES if (out / name).exists()]
+        if existing and not force:
+            raise OutputExistsError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
+        case = read_dicom_case(folder)
+        predictor.set_case(case)  # refuses a case without a target with a prescription
+        dose = predictor.predict(oar_sparing, homogeneity)
+        metrics = case_metrics(case, dose)
+        dvhs = case_dvhs(case, dose)
+        description = f"DoseAI {predictor.card['name']} OAR {oar_sparing:+.2f} HI {homogeneity:+.2f}"[:64]
+        write_rtdose(dose, case.geometry, out / "RD.dcm", {**case.metadata, "DoseDescription": description},
+                     force=force)
+        write_dvh_csv(dvhs, out / "dvh.csv", force=force)
+        write_metrics_csv(metrics, out / "metrics.csv", force=force)
+        reference = case_dvhs(case, case.dose) if case.dose is not None else None
+        plot_dvhs(dvhs, out / "dvh.png", reference=reference, title=f"{folder.name}: predicted dose", force=force)
+        ptv, d95, mean_oar = summary_values(case, metrics)
+        return PatientResult(folder.name, "done", "", ptv, d95, mean_oar, time.perf_counter() - start)
+    except Exception as error:  # noqa: BLE001 - reported per patient; the batch goes on
+        message = " ".join(str(error).split())
+        if not isinstance(error, DoseAIError):  # not a known user error: say what kind of failure
+            message = f"{type(error).__name__}: {message}"
+        return PatientResult(folder.name, "failed", message, seconds=time.perf_counter() - start)
+
+
+def format_summary(results: list[PatientResult]) -> str:
+    """The summary as a text table; the error column goes last so that long messages do not push the numbers."""
+    order = [i for i, name in enumerate(SUMMARY_COLUMNS) if name != "error"] + [SUMMARY_COLUMNS.index("error")]
+    rows = [[row[i] for i in order] for row in [list(SUMMARY_COLUMNS)] + [result.row() for result in results]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(order))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def write_summary(results: list[PatientResult], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SUMMARY_COLUMNS)
+        writer.writerows(result.row() for result in results)
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)  # flushed: Slicer's console and CI logs show progress as it happens
+
+
+def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, homogeneity: float = 0.0,
+              weights: str | None = None, device: str = "auto", force: bool = False, log=_log) -> list[PatientResult]:
+    """Predict every patient folder of ``input_root`` into ``output_root``; returns one result per
+    patient and writes ``output_root/summary.csv``. Raises DoseAIError when nothing can run."""
+    from doseai.errors import DoseAIError, OutputExistsError, UnreadableInputError
+    from doseai.predict import DosePredictor
+
+    input_root, output_root = Path(input_root), Path(output_root)
+    if not input_root.is_dir():
+        raise UnreadableInputError(f"{input_root}: not a folder")
+    folders = patient_folders(input_root)
+    if not folders:
+        raise UnreadableInputError(f"{input_root}: no patient subfolders (one folder per DICOM study is expected)")
+    summary_path = output_root / "summary.csv"
+    if summary_path.exists() and not force:
+        raise OutputExistsError(f"{summary_path} exists; pass --force to overwrite")
+    predictor = DosePredictor(weights, device=device)  # loaded once for every patient
+    low, high = predictor.slider_range
+    for name, value in (("--oar-sparing", oar_sparing), ("--homogeneity", homogeneity)):
+        if not low <= value <= high:
+            raise DoseAIError(f"{name} must be within [{low:g}, {high:g}], got {value:g}")
+    log(f"{len(folders)} patient folder(s), model {predictor.card['name']} on {predictor.device}, "
+        f"oar_sparing {oar_sparing:+.2f}, homogeneity {homogeneity:+.2f}")
+    results = []
+    for folder in folders:
+        result = predict_patient(folder, output_root / folder.name, predictor, oar_sparing, homogeneity, force)
+        log(f"{folder.name}: {result.status}" + (f" ({result.error})" if result.error else f" in {result.seconds:.1f} s"))
+        results.append(result)
+    output_root.mkdir(parents=True, exist_ok=True)
+    write_summary(results, summary_path)
+    log(format_summary(results))
+    log(f"wrote {summary_path}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch_predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="folder with one DICOM study (CT + RTSTRUCT) per subfolder")
+    parser.add_argument("--output", required=True, help="output folder (one subfolder per patient + summary.csv)")
+    parser.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
+    parser.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
+    parser.add_argument("--weights", help="model weights (default: the shipped Resources/Models/dose_preference_v1.pt)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _make_doseai_importable()
+    from doseai.errors import DoseAIError
+
+    try:
+        results = run_batch(Path(args.input), Path(args.output), args.oar_sparing, args.homogeneity, args.weights,
+                            args.device, args.force)
+    except DoseAIError as error:
+        print(f"batch_predict: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # torch/MONAI not installed (in Slicer: click Predict in DosePreference once)
+        print(f"batch_predict: error: {error}; dose prediction needs torch and monai", file=sys.stderr)
+        return 2
+    failed = [result.patient for result in results if result.status != "done"]
+    if failed:
+        print(f"batch_predict: {len(failed)} of {len(results)} patient(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _exit(code: int) -> None:
+    """Slicer's Python keeps the application running after a script; it is ended with its exit code."""
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    # Slicer passes the arguments after the script name in sys.argv, like python does
+    _exit(main(sys.argv[1:]))
