@@ -54,6 +54,16 @@ class Checkpointer:
     def load(self) -> dict | None:
         return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.is_file() else None
 
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load the last state into ``model`` and ``optimizer``; returns the epoch to start from (0 if none)."""
+        state = self.load()
+        if not state:
+            return 0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"resuming {self.folder.name} at epoch {state['epoch'] + 1}")
+        return state["epoch"] + 1
+
 
 class JsonLog:
     def __init__(self, path: Path):

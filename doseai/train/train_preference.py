@@ -154,13 +154,7 @@ def train_preference(
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
     folder = cache_root() / "runs" / run_name
     checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
-    state = checkpoints.load()
-    start_epoch = 0
-    if state:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        print(f"resuming {run_name} at epoch {start_epoch}")
+    start_epoch = checkpoints.resume(net, optimizer)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * len(train.ids),
                                                     pct_start=0.1, last_epoch=start_epoch * len(train.ids) - 1)
     example = torch.from_numpy(train.features[:1].astype(np.float32)).to(torch_device)

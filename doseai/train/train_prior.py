@@ -66,13 +66,7 @@ def train_dose_prior(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     folder = cache_root() / "runs" / run_name
     checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
-    state = checkpoints.load()
-    start_epoch = 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        print(f"resuming {run_name} at epoch {start_epoch}")
+    start_epoch = checkpoints.resume(model, optimizer)
     example = torch.from_numpy(train.doses[:1].astype(np.float32)).to(torch_device)
     use_bf16 = bf16_is_faster(model, example, torch_device)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=start_epoch - 1)
