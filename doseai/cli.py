@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
-    export.add_argument("--prior", required=True)
+    export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
     export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1.pt"))
     _add_force(export)
 
@@ -278,7 +278,8 @@ def _cmd_train(args) -> int:
     else:
         from doseai.train.export import export_model
 
-        path = export_model(Path(args.checkpoint), Path(args.prior), Path(args.out), force=args.force)
+        path = export_model(Path(args.checkpoint), Path(args.prior) if args.prior else None, Path(args.out),
+                            force=args.force)
     print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from doseai.errors import OutputExistsError
+from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
 
@@ -30,12 +31,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def export_model(checkpoint: Path, prior_checkpoint: Path, out: Path, force: bool = False) -> Path:
+def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
+    """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False)
+    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}, out)
     semantics = state["semantics"]
@@ -60,9 +62,11 @@ def export_model(checkpoint: Path, prior_checkpoint: Path, out: Path, force: boo
         "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1.0, 1.0], "semantics": semantics,
                        "text": SLIDER_TEXT.format(oar=semantics["oar_mean_change_at_plus1"],
                                                   hi=semantics["hi_change_at_plus1"])},
-        "dose_prior": {"kind": "MONAI VQVAE", "config": prior_state["config"], "frozen": state["freeze_prior"],
-                       "epochs": prior_state["epoch"] + 1, "validation_reconstruction_mae_gy": prior_state.get("val_mae_gy"),
-                       "training_doses": len(prior_state["train_ids"])},
+        "dose_prior": {"kind": "MONAI VQVAE", "config": state["prior_config"] or DEFAULT_PRIOR_CONFIG,
+                       "frozen": state["freeze_prior"], "pretrained": prior_state is not None,
+                       **({"epochs": prior_state["epoch"] + 1,
+                           "validation_reconstruction_mae_gy": prior_state.get("val_mae_gy"),
+                           "training_doses": len(prior_state["train_ids"])} if prior_state else {})},
         "network": {"kind": "PreferenceDoseNet (doseai/models/preference.py)", "config": state["config"],
                     "epochs": state["epoch"] + 1},
         "training": {"data": "OpenKBP train split (pt_1-200); Stage I: every training dose, Stage II: training "
