@@ -74,3 +74,24 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     assert np.array_equal(dose, again)  # same sliders, same dose (anatomy features cached)
     with pytest.raises(DoseAIError, match="within"):
         predictor.predict(oar_sparing=1.5)
+
+
+def test_refine_film_starts_neutral_and_needs_sliders():
+    from doseai.models.preference import PreferenceDoseNet
+
+    torch.manual_seed(0)
+    plain = PreferenceDoseNet(11).eval()
+    with_film = PreferenceDoseNet(11, config={"refine_film": True}).eval()
+    missing, unexpected = with_film.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("refine_film.") for key in missing)
+    torch.nn.init.normal_(plain.refine[-1].weight, std=0.1)  # make the refinement head matter
+    with_film.refine[-1].weight.data.copy_(plain.refine[-1].weight.data)
+    x = torch.rand(1, 11, 32, 32, 32)
+    sliders = torch.tensor([[0.5, -0.5]])
+    with torch.no_grad():
+        assert torch.allclose(plain(x, sliders), with_film(x, sliders), atol=1e-6)  # zero-initialised modulation
+        latent = with_film.latent(with_film.encode_anatomy(x), sliders)
+        with pytest.raises(ValueError, match="slider values"):
+            with_film.decode(latent, x)
+        torch.nn.init.normal_(with_film.refine_film[0].mlp[-1].weight, std=0.5)
+        assert not torch.allclose(with_film.decode(latent, x, sliders), with_film.decode(latent, x, -sliders))

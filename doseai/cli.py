@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--prior", help="Stage I checkpoint (omit with --no-freeze for the ablation)")
     preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
     preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
+    preference.add_argument("--refine-film", action="store_true", help="let the sliders modulate the refinement head")
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
@@ -274,7 +275,8 @@ def _cmd_train(args) -> int:
             raise UnreadableInputError("--prior CHECKPOINT is required unless --no-freeze (the ablation)")
         path = train_preference(spec, Path(args.prior) if args.prior else None, args.run, args.epochs, args.lr,
                                 freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
-                                init_weights=Path(args.init) if args.init else None)
+                                init_weights=Path(args.init) if args.init else None,
+                                config={"refine_film": True} if args.refine_film else None)
     else:
         from doseai.train.export import export_model
 

@@ -98,7 +98,7 @@ class DosePredictor:
         p = self._prepared
         sliders = self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32, device=self.device)
         with self._torch.no_grad():
-            dose_model_grid = self.net.decode(self.net.latent(p.features, sliders), p.anatomy)[0, 0].float().cpu().numpy()
+            dose_model_grid = self.net.decode(self.net.latent(p.features, sliders), p.anatomy, sliders)[0, 0].float().cpu().numpy()
         network_at = time.perf_counter()
         dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
         dose = np.clip(dose, 0.0, None) * p.body

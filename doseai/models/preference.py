@@ -18,7 +18,7 @@ from torch import nn
 from doseai.models.dose_prior import build_dose_prior, latent_downsampling
 
 DEFAULT_PREFERENCE_CONFIG = {"down_channels": [24, 48, 96, 128], "n_sliders": 2, "film_hidden": 32,
-                             "refine_channels": 16}
+                             "refine_channels": 16, "refine_film": False}
 
 
 class FiLM(nn.Module):
@@ -35,6 +35,22 @@ class FiLM(nn.Module):
         gamma, beta = self.mlp(condition).chunk(2, dim=1)
         shape = (x.shape[0], x.shape[1], 1, 1, 1)
         return self.norm(x) * (1 + gamma.view(shape)) + beta.view(shape)
+
+
+class SliderModulation(nn.Module):
+    """x -> x * (1 + gamma(s)) + beta(s), without normalisation: zero at initialisation, so it can be
+    added to a trained head without changing what it does until training moves it."""
+
+    def __init__(self, channels: int, n_conditions: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(n_conditions, hidden), nn.SiLU(), nn.Linear(hidden, 2 * channels))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.mlp(condition).chunk(2, dim=1)
+        shape = (x.shape[0], x.shape[1], 1, 1, 1)
+        return x * (1 + gamma.view(shape).to(x.dtype)) + beta.view(shape).to(x.dtype)
 
 
 def _conv(in_channels: int, out_channels: int, strides: int = 1, norm=("instance", {"affine": True})) -> Convolution:
@@ -91,6 +107,11 @@ class PreferenceDoseNet(nn.Module):
         if self.refine is not None:
             nn.init.zeros_(self.refine[-1].weight)
             nn.init.zeros_(self.refine[-1].bias)
+        # v1 lets the sliders act only through the latent; with refine_film they also modulate the refinement
+        # head, which can then reshape the dose inside the PTVs (what the homogeneity slider asks for)
+        self.refine_film = nn.ModuleList(
+            SliderModulation(refine, config["n_sliders"], config["film_hidden"]) for _ in range(2)
+        ) if refine and config["refine_film"] else None
 
     def encode_anatomy(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Down-path features (independent of the sliders: cacheable)."""
@@ -106,21 +127,34 @@ class PreferenceDoseNet(nn.Module):
             x = block(x, skip, sliders)
         return self.latent_head(x)
 
-    def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refinement(self, inputs: torch.Tensor, sliders: torch.Tensor | None) -> torch.Tensor:
+        conv_in, act_in, conv_mid, act_mid, conv_out = self.refine
+        hidden = conv_in(inputs)
+        if self.refine_film is not None:
+            hidden = self.refine_film[0](hidden, sliders)
+        hidden = conv_mid(act_in(hidden))
+        if self.refine_film is not None:
+            hidden = self.refine_film[1](hidden, sliders)
+        return conv_out(act_mid(hidden))
+
+    def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
+                     sliders: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the frozen decoder's dose, the final dose after the refinement head's correction)."""
         coarse = self.prior.decode(latent)
         dose = coarse
         if self.refine is not None and anatomy is not None:
-            dose = coarse + self.refine(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1))
+            if self.refine_film is not None and sliders is None:
+                raise ValueError("this model's refinement head needs the slider values")
+            dose = coarse + self._refinement(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1), sliders)
         return coarse, torch.relu(dose)
 
-    def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
+               sliders: torch.Tensor | None = None) -> torch.Tensor:
         """Dose from a latent; with the input ``anatomy`` the refinement head adds its correction."""
-        return self.decode_parts(latent, anatomy)[1]
+        return self.decode_parts(latent, anatomy, sliders)[1]
 
     def forward(self, x: torch.Tensor, sliders: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.latent(self.encode_anatomy(x), sliders), x)
+        return self.decode(self.latent(self.encode_anatomy(x), sliders), x, sliders)
 
     def freeze_prior(self) -> None:
         self.prior.eval()

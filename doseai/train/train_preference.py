@@ -68,7 +68,7 @@ def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders:
     with autocast(device, use_bf16):
         features = net.encode_anatomy(x)
         latent = net.latent(features, sliders)
-        coarse, prediction = net.decode_parts(latent, x)
+        coarse, prediction = net.decode_parts(latent, x, sliders)
         coarse, prediction = coarse.float(), prediction.float()
     reference_metrics = plan_metrics(y, oars, top_ptv)
     predicted_metrics = plan_metrics(prediction, oars, top_ptv)
@@ -142,9 +142,11 @@ def train_preference(
     net = PreferenceDoseNet(len(CHANNELS), prior_config, config)
     if prior_state:
         net.prior.load_state_dict(prior_state["model"])
-    if init_weights:
+    if init_weights:  # parts the earlier model lacks (e.g. a new refine_film) keep their neutral initialisation
         shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
-        net.load_state_dict({k: v.float() for k, v in shipped.items()})
+        missing, unexpected = net.load_state_dict({k: v.float() for k, v in shipped.items()}, strict=False)
+        if unexpected or any(not key.startswith("refine_film.") for key in missing):
+            raise ValueError(f"{init_weights} does not fit this network (missing {missing}, unexpected {unexpected})")
     if freeze_prior:
         net.freeze_prior()
     net = net.to(torch_device)
