@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1.pt)")
+    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1_1.pt)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
-    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1.pt"))
+    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1_1.pt"))
     _add_force(export)
 
     convert = sub.add_parser("convert", help="convert a case between formats")

@@ -18,7 +18,7 @@ from doseai.case import PlanningCase
 from doseai.errors import DoseAIError, UnreadableInputError
 from doseai.paths import REPO_ROOT
 
-DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v1.pt"
+DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v1_1.pt"
 
 
 def load_card(weights: Path) -> dict:

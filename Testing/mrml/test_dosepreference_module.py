@@ -286,7 +286,7 @@ def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene):
     """The self test's logic workflow (predict, slider, isodose, export) with the shipped model; its GUI
     part needs the Slicer application and is left out here."""
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v1.pt")
+    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v1_1.pt")
     if not weights.is_file():
         pytest.skip(f"model weights not found at {weights}")
     monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards

@@ -417,7 +417,7 @@ def test_segments_added_later_refresh_the_table(gui, scene, sample):
 
 
 # --- with the model ------------------------------------------------------------------------------------
-WEIGHTS = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or MODULE_DIR.parent / "Resources/Models/dose_preference_v1.pt")
+WEIGHTS = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or MODULE_DIR.parent / "Resources/Models/dose_preference_v1_1.pt")
 
 
 @pytest.fixture
