@@ -21,22 +21,6 @@ DEFAULT_PREFERENCE_CONFIG = {"down_channels": [24, 48, 96, 128], "n_sliders": 2,
                              "refine_channels": 16, "refine_film": False}
 
 
-class FiLM(nn.Module):
-    """x -> InstanceNorm(x) * (1 + gamma(s)) + beta(s); gamma = beta = 0 at initialisation."""
-
-    def __init__(self, channels: int, n_conditions: int, hidden: int):
-        super().__init__()
-        self.norm = nn.InstanceNorm3d(channels, affine=False)
-        self.mlp = nn.Sequential(nn.Linear(n_conditions, hidden), nn.SiLU(), nn.Linear(hidden, 2 * channels))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.mlp(condition).chunk(2, dim=1)
-        shape = (x.shape[0], x.shape[1], 1, 1, 1)
-        return self.norm(x) * (1 + gamma.view(shape)) + beta.view(shape)
-
-
 class SliderModulation(nn.Module):
     """x -> x * (1 + gamma(s)) + beta(s), without normalisation: zero at initialisation, so it can be
     added to a trained head without changing what it does until training moves it."""
@@ -51,6 +35,17 @@ class SliderModulation(nn.Module):
         gamma, beta = self.mlp(condition).chunk(2, dim=1)
         shape = (x.shape[0], x.shape[1], 1, 1, 1)
         return x * (1 + gamma.view(shape).to(x.dtype)) + beta.view(shape).to(x.dtype)
+
+
+class FiLM(SliderModulation):
+    """x -> InstanceNorm(x) * (1 + gamma(s)) + beta(s): AdaIN with a learned style; identity-like at start."""
+
+    def __init__(self, channels: int, n_conditions: int, hidden: int):
+        super().__init__(channels, n_conditions, hidden)
+        self.norm = nn.InstanceNorm3d(channels, affine=False)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(x), condition)
 
 
 def _conv(in_channels: int, out_channels: int, strides: int = 1, norm=("instance", {"affine": True})) -> Convolution:
