@@ -7,9 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from doseai.errors import DoseAIError, MissingStructureError, OutputExistsError, UnreadableInputError
+from doseai.errors import (
+    DoseAIError,
+    MissingStructureError,
+    UnreadableInputError,
+    refuse_nonempty_folder,
+    refuse_overwrite,
+)
 
 
 def _add_force(parser: argparse.ArgumentParser) -> None:
@@ -97,8 +102,7 @@ def _cmd_demo(args) -> int:
     from doseai.sample import make_sample_case
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise OutputExistsError(f"{out} is not empty; pass --force to overwrite")
+    refuse_nonempty_folder(out, args.force)
     case = make_sample_case(seed=args.seed, with_dose=False)
     print(f"sample case {case.patient_id}: grid {case.geometry.shape[::-1]} (x, y, z) voxels of "
           f"{' x '.join(f'{s:g}' for s in case.geometry.spacing)} mm, {len(case.structures)} structures, "
@@ -136,8 +140,7 @@ def _report(case, dose, out: Path | None, reference=None, force: bool = False) -
     if out is None:
         return
     for name in ("dvh.csv", "metrics.csv", "dvh.png"):
-        if (out / name).exists() and not force:
-            raise OutputExistsError(f"{out / name} exists; pass --force to overwrite")
+        refuse_overwrite(out / name, force)  # all three checked before any is written
     dvhs = case_dvhs(case, dose)
     write_dvh_csv(dvhs, out / "dvh.csv", force=force)
     write_metrics_csv(metrics, out / "metrics.csv", force=force)
@@ -179,8 +182,8 @@ def _cmd_evaluate(args) -> int:
     from doseai.io import load_dose, openkbp
     from doseai.scoring import score_patient, Evaluation
 
-    if args.json and Path(args.json).exists() and not args.force:
-        raise OutputExistsError(f"{args.json} exists; pass --force to overwrite")
+    if args.json:
+        refuse_overwrite(args.json, args.force)
     patients = openkbp.list_patients(args.reference)
     predictions = Path(args.predictions)
     if not predictions.is_dir():
@@ -244,8 +247,7 @@ def _cmd_predict(args) -> int:
     from doseai.predict import DosePredictor
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+    refuse_overwrite(out, args.force)
     case = load_case(args.case)
     predictor = DosePredictor(args.weights, device=args.device)
     start = time.perf_counter()

@@ -23,3 +23,20 @@ class InvalidDoseError(DoseAIError):
 
 class OutputExistsError(DoseAIError):
     """An output file exists and overwriting was not requested."""
+
+
+def refuse_overwrite(path, force: bool) -> None:
+    """Raise OutputExistsError if ``path`` exists and ``force`` is not set: nothing is overwritten silently."""
+    from pathlib import Path
+
+    if Path(path).exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
+
+
+def refuse_nonempty_folder(folder, force: bool) -> None:
+    """Raise OutputExistsError if ``folder`` holds anything and ``force`` is not set."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise OutputExistsError(f"{folder} is not empty; pass --force to overwrite")

@@ -11,7 +11,7 @@ import numpy as np
 
 from doseai.case import PlanningCase, validate_dose
 from doseai.dvh import DVH, compute_dvhs, structure_metrics, volume_at_dose
-from doseai.errors import OutputExistsError
+from doseai.errors import refuse_overwrite
 
 OAR_V_LEVELS_GY = (20.0, 30.0, 50.0)
 TABLE_COLUMNS = ("volume_cc", "Dmean", "Dmax", "D0.1cc", "D2", "D95", "D98", "HI", "CI_Paddick", "V95%")
@@ -52,8 +52,7 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, float]], columns=TAB
 
 
 def _check_writable(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
+    refuse_overwrite(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -139,7 +139,7 @@ def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, hom
               weights: str | None = None, device: str = "auto", force: bool = False, log=_log) -> list[PatientResult]:
     """Predict every patient folder of ``input_root`` into ``output_root``; returns one result per
     patient and writes ``output_root/summary.csv``. Raises DoseAIError when nothing can run."""
-    from doseai.errors import DoseAIError, OutputExistsError, UnreadableInputError
+    from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
     from doseai.predict import DosePredictor
 
     input_root, output_root = Path(input_root), Path(output_root)
@@ -149,8 +149,7 @@ def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, hom
     if not folders:
         raise UnreadableInputError(f"{input_root}: no patient subfolders (one folder per DICOM study is expected)")
     summary_path = output_root / "summary.csv"
-    if summary_path.exists() and not force:
-        raise OutputExistsError(f"{summary_path} exists; pass --force to overwrite")
+    refuse_overwrite(summary_path, force)
     predictor = DosePredictor(weights, device=device)  # loaded once for every patient
     low, high = predictor.slider_range
     for name, value in (("--oar-sparing", oar_sparing), ("--homogeneity", homogeneity)):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from doseai.case import PlanningCase, validate_dose
-from doseai.errors import OutputExistsError, UnreadableInputError
+from doseai.errors import UnreadableInputError, refuse_nonempty_folder
 from doseai.io import images, openkbp
 
 CASE_FORMATS = ("nrrd", "nifti", "dicom", "openkbp-npz", "openkbp-csv")
@@ -114,8 +114,7 @@ def save_case(case: PlanningCase, out: str | os.PathLike, fmt: str = "nrrd", for
 
 
 def save_image_case(case: PlanningCase, folder: Path, ext: str = ".nrrd", force: bool = False) -> Path:
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise OutputExistsError(f"{folder} is not empty; pass --force to overwrite")
+    refuse_nonempty_folder(folder, force)
     folder.mkdir(parents=True, exist_ok=True)
     info = {"patient_id": case.patient_id, "prescriptions": case.prescriptions, "metadata": case.metadata}
     if case.ct is not None:

@@ -34,7 +34,7 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from doseai.case import PlanningCase, validate_dose
-from doseai.errors import DoseAIError, GeometryMismatchError, OutputExistsError, UnreadableInputError
+from doseai.errors import DoseAIError, GeometryMismatchError, OutputExistsError, UnreadableInputError, refuse_overwrite
 from doseai.geometry import ImageGeometry
 from doseai.resample import resample_to
 from doseai.structures import canonical_name, is_target
@@ -131,11 +131,6 @@ def _check_on_grid(array: np.ndarray, geometry: ImageGeometry, what: str) -> np.
             f"{what} has shape {array.shape} but the grid is {geometry.shape}; resample it first"
         )
     return array
-
-
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
 
 
 def _looks_like_dicom_file(path: Path) -> bool:
@@ -710,7 +705,7 @@ def write_rtstruct(
     reference and per-slice SOPInstanceUIDs). Colours are RGB 0-255 by name. Returns the SOPInstanceUID.
     """
     path = Path(path)
-    _refuse_existing(path, force)
+    refuse_overwrite(path, force)
     sop_uids = _require_ct_reference(ct_meta, geometry.shape[0])
     info = _study_info(ct_meta)
     ds = _new_dataset(RT_STRUCTURE_SET_STORAGE, generate_uid())
@@ -810,7 +805,7 @@ def write_rtdose(
     """
     dose = validate_dose(_check_on_grid(dose_gy, geometry, "dose"))
     path = Path(path)
-    _refuse_existing(path, force)
+    refuse_overwrite(path, force)
     dose, geometry = _right_handed(dose, geometry)
     reference = reference_meta or {}
     info = _study_info(reference)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from doseai.errors import OutputExistsError, UnreadableInputError
+from doseai.errors import UnreadableInputError, refuse_overwrite
 from doseai.geometry import ImageGeometry
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -22,11 +22,6 @@ IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 def has_image_suffix(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
-
-
-def refuse_overwrite(path: str | os.PathLike, force: bool) -> None:
-    if Path(path).exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
 
 
 def read_sitk(path: str | os.PathLike) -> sitk.Image:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from doseai.case import PlanningCase
-from doseai.errors import OutputExistsError, UnreadableInputError
+from doseai.errors import UnreadableInputError, refuse_nonempty_folder, refuse_overwrite
 from doseai.geometry import ImageGeometry
 
 ROI_NAMES = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible",
@@ -99,7 +99,7 @@ def load_npz_dose(path: str | os.PathLike) -> np.ndarray:
 def save_npz_dose(dose: np.ndarray, path: str | os.PathLike, force: bool = False) -> Path:
     """A prediction file: the dose (Gy, [z, y, x]) stored OpenKBP-ordered as ``dose_gy``."""
     path = Path(path)
-    _refuse_overwrite(path, force)
+    refuse_overwrite(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, dose_gy=from_itk_order(np.asarray(dose, dtype=np.float32)))
     return path
@@ -108,7 +108,7 @@ def save_npz_dose(dose: np.ndarray, path: str | os.PathLike, force: bool = False
 def save_npz(case: PlanningCase, path: str | os.PathLike, force: bool = False) -> Path:
     """Write a case in the ``.npz`` layout (structures not among the OpenKBP ROIs are left out)."""
     path = Path(path)
-    _refuse_overwrite(path, force)
+    refuse_overwrite(path, force)
     bits = np.zeros(case.geometry.shape, dtype=np.uint16)
     present = np.zeros(len(ROI_NAMES), dtype=bool)
     for i, raw in enumerate(ROI_NAMES):
@@ -157,7 +157,7 @@ def _dense(path: Path, shape=OPENKBP_SHAPE, dtype=np.float32) -> np.ndarray:
 def write_sparse_csv(array: np.ndarray, path: str | os.PathLike, mask: bool = False, force: bool = False) -> Path:
     """Write a 128^3 OpenKBP-ordered array as the challenge's sparse CSV (non-zero voxels only)."""
     path = Path(path)
-    _refuse_overwrite(path, force)
+    refuse_overwrite(path, force)
     flat = np.asarray(array).ravel()
     nonzero = np.flatnonzero(flat)
     with open(path, "w", newline="") as handle:
@@ -194,8 +194,7 @@ def save_csv_patient(case: PlanningCase, folder: str | os.PathLike, force: bool 
     folder = Path(folder)
     if case.geometry.shape != OPENKBP_SHAPE:
         raise UnreadableInputError(f"the OpenKBP CSV layout needs a 128^3 grid, the case is {case.geometry.shape}")
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise OutputExistsError(f"{folder} is not empty; pass --force to overwrite")
+    refuse_nonempty_folder(folder, force)
     folder.mkdir(parents=True, exist_ok=True)
     for raw in ROI_NAMES:
         mask = case.structures.get(CANONICAL[raw])
@@ -209,11 +208,6 @@ def save_csv_patient(case: PlanningCase, folder: str | os.PathLike, force: bool 
         write_sparse_csv(from_itk_order(case.dose), folder / "dose.csv", force=True)
     np.savetxt(folder / "voxel_dimensions.csv", _voxel_mm(case.geometry))
     return folder
-
-
-def _refuse_overwrite(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite")
 
 
 def list_patients(folder: str | os.PathLike) -> dict[str, Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from doseai.errors import OutputExistsError
+from doseai.errors import refuse_overwrite
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
@@ -34,8 +34,7 @@ def _commit() -> str:
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
     """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite")
+    refuse_overwrite(out, force)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
     out.parent.mkdir(parents=True, exist_ok=True)
