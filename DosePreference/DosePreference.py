@@ -48,6 +48,7 @@ from slicer.util import VTKObservationMixin  # noqa: E402
 import DosePreferenceLib  # noqa: E402
 
 SLIDER_UPDATE_DELAY_MS = 150  # a slider update waits until the slider rested this long (debounce)
+POLL_INTERVAL_MS = 20  # how often the GUI looks whether the worker thread has finished a dose
 
 #
 # DosePreference
@@ -187,6 +188,13 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sliderTimer.setSingleShot(True)
         self._sliderTimer.setInterval(SLIDER_UPDATE_DELAY_MS)
         self._sliderTimer.connect("timeout()", self.onSliderTimeout)
+        # the worker thread's result is picked up on the main thread (MRML is not thread-safe)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollPrediction)
+        self._pending = None  # a PendingPrediction while the worker computes a slider update
+        self._pendingSliders = None
+        self._sliderMovedWhileBusy = False
 
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.resetButton.connect("clicked(bool)", self.onResetButton)
@@ -197,6 +205,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._sliderTimer.stop()
+        self._dropPendingUpdate()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -211,6 +220,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._dropPendingUpdate()  # its nodes are about to go
         self.setParameterNode(None)
         self._result = None
         self._shown = {}
@@ -426,8 +436,12 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
             chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
             referenceDoseNode=parameters.referenceDose, progress=progress)
+        return self._acceptResult(result, (parameters.oarSparing, parameters.homogeneity))
+
+    def _acceptResult(self, result, sliders):
+        """Remember a prediction made with these slider values and show its summary and isodose lines."""
         self._result = result
-        self._shown["sliders"] = (parameters.oarSparing, parameters.homogeneity)
+        self._shown["sliders"] = sliders
         self._setParameters(outputDose=result.doseNode, dvhChart=result.dvh.chartNode,
                             metricsTable=result.dvh.metricsTableNode)
         self.updateIsodose()
@@ -436,20 +450,48 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return result
 
     def onSliderTimeout(self) -> None:
-        """Live update after a slider rested: no dialogs, errors go to the status line."""
+        """Live update after a slider rested: the network runs on a worker thread so the GUI never stalls;
+        values that change meanwhile are predicted as soon as it is free (only the latest counts)."""
         parameters = self._parameterNode
         if self._result is None or not parameters or parameters.outputDose is not self._result.doseNode:
             return
-        import qt
-
+        if self._pending is not None:
+            self._sliderMovedWhileBusy = True
+            return
         try:
-            slicer.app.setOverrideCursor(qt.Qt.BusyCursor)
-            self._predict()
+            overrides, prescriptions = self._mappingArguments()
+            self._pending = self.logic.predictAsync(
+                parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
+                doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+                chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
+                referenceDoseNode=parameters.referenceDose)
+            self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+            self.ui.statusLabel.text = "Updating the dose..."
+            self._pollTimer.start()
         except Exception as error:  # shown, not raised: a dialog per slider step would be unusable
-            logging.exception("DosePreference: slider update failed")
-            self.ui.statusLabel.text = f"Update failed: {error}"
-        finally:
-            slicer.app.restoreOverrideCursor()
+            self._sliderUpdateFailed(error)
+
+    def onPollPrediction(self) -> None:
+        """Main thread: once the worker is done, put its dose into MRML and start the next update."""
+        if self._pending is None or not self._pending.done():
+            return
+        self._pollTimer.stop()
+        pending, self._pending = self._pending, None
+        try:
+            self._acceptResult(pending.finish(), self._pendingSliders)
+        except Exception as error:
+            self._sliderUpdateFailed(error)
+        if self._sliderMovedWhileBusy:
+            self._sliderMovedWhileBusy = False
+            self.onSliderTimeout()
+
+    def _dropPendingUpdate(self) -> None:
+        self._pollTimer.stop()
+        self._pending, self._sliderMovedWhileBusy = None, False
+
+    def _sliderUpdateFailed(self, error) -> None:
+        logging.exception("DosePreference: slider update failed")
+        self.ui.statusLabel.text = f"Update failed: {error}"
 
     def onResetButton(self) -> None:
         self._parameterNode.oarSparing = 0.0

@@ -115,6 +115,21 @@ class PredictionResult:
         return text
 
 
+class PendingPrediction:
+    """A prediction running on the worker thread (see :meth:`DosePreferenceLogic.predictAsync`)."""
+
+    def __init__(self, future, show: Callable) -> None:
+        self._future, self._show = future, show
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def finish(self) -> PredictionResult:
+        """Wait if needed, then update the dose node and the DVH; call on the main thread. Raises what
+        the prediction raised."""
+        return self._show(self._future.result())
+
+
 class DosePreferenceLogic:
     """Dose prediction steered by preference sliders, DVHs, isodose lines and export.
 
@@ -320,11 +335,60 @@ class DosePreferenceLogic:
         from doseai.mrml import case_from_nodes, create_or_update_dose_node
 
         report = progress or (lambda text, percent: None)
+        start = time.time()
+        predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report)
+        report("Predicting the dose", 60)
+        self._waitForWorker()  # one prediction at a time
+        dose = predictor.predict(oarSparing, homogeneity)
+        report("Updating the dose volume and the DVH", 85)
+        result = self._showPrediction(
+            case, dose, time.time() - start, start, ctNode, segNode, oarSparing, homogeneity, doseNode,
+            overrides, chartNode, metricsTableNode, referenceDoseNode)
+        report("Done", 100)
+        return result
+
+    def predictAsync(self, ctNode, segNode, oarSparing: float = 0.0, homogeneity: float = 0.0, doseNode=None,
+                     overrides=None, prescriptions=None, chartNode=None, metricsTableNode=None,
+                     referenceDoseNode=None) -> "PendingPrediction":
+        """Like :meth:`predict`, but the network runs on a worker thread so that the GUI stays responsive
+        while a slider moves (torch releases the GIL). Call ``finish()`` of the returned object on the main
+        thread once ``done()``: it updates the MRML nodes. Reading MRML (a changed case) happens here, on
+        the calling thread, before the work is handed over."""
+        import concurrent.futures
+
+        start = time.time()
+        predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, lambda *a: None)
+        if DosePreferenceLogic._worker is None:  # one worker: predictions never run side by side
+            DosePreferenceLogic._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="DoseAI")
+        def run():
+            return predictor.predict(oarSparing, homogeneity), time.time() - start
+
+        future = DosePreferenceLogic._worker.submit(run)
+
+        def show(done):
+            dose, predictSeconds = done
+            return self._showPrediction(case, dose, predictSeconds, start, ctNode, segNode, oarSparing,
+                                        homogeneity, doseNode, overrides, chartNode, metricsTableNode,
+                                        referenceDoseNode)
+
+        return PendingPrediction(future, show)
+
+    _worker = None  # the thread pool of predictAsync, shared like the predictor
+
+    @staticmethod
+    def _waitForWorker() -> None:
+        if DosePreferenceLogic._worker is not None:
+            DosePreferenceLogic._worker.submit(lambda: None).result()
+
+    def _prepareCase(self, ctNode, segNode, doseNode, overrides, prescriptions, report):
+        """The cached predictor, with the case built from the nodes (again only when they changed)."""
+        from doseai.errors import DoseAIError
+        from doseai.mrml import case_from_nodes
+
         if ctNode is None or segNode is None:
             raise DoseAIError("Select the CT volume and the segmentation")
         if self.outputProblem(doseNode):
             raise DoseAIError(self.outputProblem(doseNode))
-        start = time.time()
         if DosePreferenceLogic._predictor is None:
             report("Loading the dose prediction model", 5)
         predictor = self.predictor()
@@ -333,14 +397,19 @@ class DosePreferenceLogic:
         cache = DosePreferenceLogic  # the case cache describes the shared predictor, so it is shared too
         if key != cache._caseKey or predictor is not cache._casePredictor:
             report("Preparing the case (structures on the CT grid, model inputs)", 20)
+            self._waitForWorker()  # a running slider update must not see the case change
             case = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
             predictor.set_case(case)
             cache._caseKey, cache._case, cache._casePredictor = key, case, predictor
-        report("Predicting the dose", 60)
-        dose = predictor.predict(oarSparing, homogeneity)
-        predicted_at = time.time()
-        report("Updating the dose volume and the DVH", 85)
-        case = cache._case
+        return predictor, cache._case
+
+    def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, oarSparing, homogeneity,
+                        doseNode, overrides, chartNode, metricsTableNode, referenceDoseNode) -> PredictionResult:
+        """Put a predicted dose into the dose node (created when None) and show its DVH."""
+        from doseai.mrml import create_or_update_dose_node
+
+        predictor = self.predictor()
+        shown_at = time.time()
         name = doseNode.GetName() if doseNode is not None else f"{ctNode.GetName()} predicted dose"
         doseNode = create_or_update_dose_node(ctNode.GetScene(), dose, case.geometry, name, ctNode=ctNode,
                                               node=doseNode, display_max_gy=1.1 * case.max_prescription)
@@ -349,9 +418,8 @@ class DosePreferenceLogic:
         doseNode.SetAttribute("DoseAI.Model", predictor.card["name"])
         dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode)
         missing = case.missing(model_oars(predictor.card))
-        report("Done", 100)
-        logging.info(f"DosePreference: predicted in {predicted_at - start:.2f} s, shown in {time.time() - predicted_at:.2f} s")
-        return PredictionResult(doseNode, dvh, predicted_at - start, time.time() - start, missing)
+        logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
+        return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing)
 
     # the case the cached predictor holds, and the inputs it was made from
     _caseKey = None

@@ -70,3 +70,23 @@ def test_predict_needs_a_target(scene, sample):
     ct_node, seg_node, _ = nodes_from_case(scene, no_target)
     with pytest.raises(DoseAIError, match="no target with a prescription"):
         DosePreferenceLogic().predict(ct_node, seg_node)
+
+
+def test_predict_async_gives_the_same_dose_and_updates_only_on_finish(scene, sample):
+    ct_node, seg_node, _ = nodes_from_case(scene, sample)
+    logic = DosePreferenceLogic()
+    dose_node = logic.predict(ct_node, seg_node, homogeneity=0.5).doseNode
+    expected = volume_array(dose_node).copy()
+    logic.predict(ct_node, seg_node, doseNode=dose_node)
+    before = volume_array(dose_node).copy()
+
+    pending = logic.predictAsync(ct_node, seg_node, homogeneity=0.5, doseNode=dose_node)
+    pending._future.result(timeout=60)
+    assert pending.done() and np.array_equal(volume_array(dose_node), before)  # MRML waits for finish()
+    result = pending.finish()
+    assert result.doseNode is dose_node and dose_node.GetAttribute("DoseAI.Homogeneity") == "0.5"
+    assert np.array_equal(volume_array(dose_node), expected)
+
+    failing = logic.predictAsync(ct_node, seg_node, oarSparing=3.0, doseNode=dose_node)  # outside [-1, 1]
+    with pytest.raises(DoseAIError, match="oar_sparing must be within"):
+        failing.finish()

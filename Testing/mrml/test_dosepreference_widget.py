@@ -162,7 +162,7 @@ _pending = []  # QTimer.singleShot(0, ...) callbacks, run by _process_events()
 class _Timer(_Connectable):
     def __init__(self):
         super().__init__()
-        self.active, self.starts = False, 0
+        self.active, self.starts, self.singleShot_ = False, 0, False
 
     def setSingleShot(self, single):
         self.singleShot_ = single
@@ -177,14 +177,21 @@ class _Timer(_Connectable):
         self.active = False
 
     def fire(self):
-        """The interval passed without another start(): the single shot runs."""
+        """The interval passed without another start(): the single shot runs (a repeating timer goes on)."""
         assert self.active
-        self.active = False
+        self.active = not self.singleShot_
         self.emit("timeout()")
 
     @staticmethod
     def singleShot(ms, callback):
         _pending.append(callback)
+
+
+def _finish_slider_update(widget):
+    """Let the worker thread finish, then the poll timer picks its dose up on the 'main thread'."""
+    assert widget._pollTimer.active and widget._pending is not None
+    widget._pending._future.result(timeout=60)
+    widget._pollTimer.fire()
 
 
 def _process_events():
@@ -434,8 +441,10 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, mode
     widget = gui.make_widget()
     parameters, ui = widget._parameterNode, widget.ui
     predictions = []
-    original = widget.logic.predict
+    original, original_async = widget.logic.predict, widget.logic.predictAsync
     monkeypatch.setattr(widget.logic, "predict", lambda *a, **k: predictions.append(k) or original(*a, **k))
+    monkeypatch.setattr(widget.logic, "predictAsync",
+                        lambda *a, **k: predictions.append({**k, "async": a[2:4]}) or original_async(*a, **k))
 
     ui.predictButton.click()
     dose_node = parameters.outputDose
@@ -456,13 +465,31 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, mode
         parameters.oarSparing = value
     assert timer.active and timer.starts == 4 and len(predictions) == 1
     timer.fire()
-    assert len(predictions) == 2 and predictions[1]["progress"] is None  # live: no dialog
+    assert len(predictions) == 2 and predictions[1]["async"] == (0.5, 0.0)  # live: on the worker thread
+    assert ui.statusLabel.text == "Updating the dose..." and dose_node.GetAttribute("DoseAI.OarSparing") == "0"
+    _finish_slider_update(widget)
+    assert not widget._pollTimer.active and widget._pending is None
+    assert ui.statusLabel.text.startswith("Predicted in")
     assert parameters.outputDose is dose_node and dose_node.GetAttribute("DoseAI.OarSparing") == "0.5"
     assert parameters.dvhChart is chart and ui.resetButton.enabled
+
+    # a slider that moves while the worker computes: only the latest values are predicted next
+    parameters.oarSparing = 0.7
+    timer.fire()
+    parameters.oarSparing = 0.8
+    timer.fire()
+    parameters.oarSparing = 0.9
+    timer.fire()
+    assert len(predictions) == 3 and widget._sliderMovedWhileBusy
+    _finish_slider_update(widget)  # 0.7 shown, 0.9 started at once
+    assert dose_node.GetAttribute("DoseAI.OarSparing") == "0.7" and predictions[-1]["async"] == (0.9, 0.0)
+    _finish_slider_update(widget)
+    assert len(predictions) == 4 and dose_node.GetAttribute("DoseAI.OarSparing") == "0.9"
 
     ui.resetButton.click()
     assert (parameters.oarSparing, parameters.homogeneity) == (0.0, 0.0)
     timer.fire()
+    _finish_slider_update(widget)
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0" and not ui.resetButton.enabled
 
     # the reference: removed -> dashed curves go; back -> they return
@@ -498,7 +525,7 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, mode
     parameters.outputDose = None
     parameters.homogeneity = 0.3
     timer.fire()
-    assert len(predictions) == 3 and dose_node.GetAttribute("DoseAI.Homogeneity") == "0"
+    assert len(predictions) == 5 and widget._pending is None and dose_node.GetAttribute("DoseAI.Homogeneity") == "0"
 
 
 def test_scene_close_forgets_the_prediction(gui, scene, sample, model):
