@@ -331,9 +331,6 @@ class DosePreferenceLogic:
         re-runs only the slider-dependent half of the network. ``progress(text, percent)`` is told
         what is being done.
         """
-        from doseai.errors import DoseAIError
-        from doseai.mrml import case_from_nodes, create_or_update_dose_node
-
         report = progress or (lambda text, percent: None)
         start = time.time()
         predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report)
