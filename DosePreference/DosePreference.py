@@ -78,7 +78,8 @@ The dose appears over the CT with the dose colour table (0 to 110&nbsp;% of the 
 under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's modules accept it).</li>
 <li><b>Preferences</b>: <i>OAR sparing</i> and <i>PTV homogeneity</i> (&minus;1 to 1, 0 = the typical
 plan of the training data) re-predict the dose, isodose lines and DVH once a dose was predicted, each
-time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again).
+time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again, on a
+worker thread, so the views stay responsive while it computes).
 Their tooltips quote the model card. <i>Reset</i> sets both to 0.</li>
 <li><b>Display and DVH</b>: isodose lines at the given percentages of the highest prescription
 (default 30, 50, 70, 80, 90, 95, 100, 105&nbsp;%), drawn as outlines of an isodose segmentation.
