@@ -111,6 +111,22 @@ def test_working_grid_is_axis_aligned_and_covers_the_case():
     assert np.all(new.max(axis=0) - new.min(axis=0) < old.max(axis=0) - old.min(axis=0) + 5.0)
 
 
+def test_working_grid_is_cropped_to_the_body_plus_margin():
+    geometry = ImageGeometry((40, 60, 60), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    body = np.zeros(geometry.shape, bool)
+    body[10:30, 20:40, 15:45] = True  # x 30-88, y 40-78, z 20-58 mm (voxel edges 29-89, 39-79, 19-59)
+    case = PlanningCase(geometry, structures={"External": body, "PTV_60": body}, prescriptions={"PTV_60": 60.0})
+    work = to_working_grid(case, 5.0)
+    low = work.geometry.index_to_physical(np.array([[-0.5] * 3]))[0]
+    high = work.geometry.index_to_physical(np.array([[n - 0.5 for n in work.geometry.shape]]))[0]
+    assert np.all(low <= np.array([29.0, 39.0, 19.0]) - 10.0 + 1e-6)  # the body and a 10 mm margin
+    assert np.all(high >= np.array([89.0, 79.0, 59.0]) + 10.0 - 1e-6)
+    assert np.all(high - low < np.array([60.0, 40.0, 40.0]) + 20.0 + 5.0)  # not the whole 120 mm grid
+    assert work.structures["External"].sum() * 125.0 == pytest.approx(body.sum() * 8.0, rel=0.15)
+    uncropped = to_working_grid(case, 5.0, crop_to_body=False)
+    assert uncropped.geometry.shape == (16, 24, 24)
+
+
 def test_working_grid_round_trip():
     geometry = ImageGeometry((20, 36, 32), (2.5, 2.5, 2.5), (-40.0, -45.0, -25.0))
     z, y, x = np.meshgrid(*(np.arange(n) for n in geometry.shape), indexing="ij")
@@ -147,7 +163,7 @@ def pyradplan_run():
     case = water_box()
     beams = BeamSet(gantry_angles_deg=(0.0, 90.0), isocenter_lps_mm=default_beams(case).isocenter_lps_mm,
                     bixel_width_mm=10.0)
-    engine = PyRadPlanEngine(lateral_cutoff_mm=30.0)
+    engine = PyRadPlanEngine(lateral_cutoff_mm=30.0, crop_to_body=False)
     return case, beams, engine, engine.compute(case, beams, progress=False)
 
 
@@ -157,7 +173,7 @@ def beam_weights(influence, beam):
 
 def test_pyradplan_influence_matrix_layout(pyradplan_run):
     case, beams, engine, influence = pyradplan_run
-    assert influence.geometry.matches(case.geometry)  # a 5 mm axis-aligned case is its own working grid
+    assert influence.geometry.matches(case.geometry)  # a 5 mm axis-aligned case, not cropped: its own grid
     assert influence.matrix.layout == torch.sparse_csr and influence.matrix.dtype == torch.float32
     assert influence.matrix.shape == (int(np.prod(SHAPE)), influence.n_bixels)
     assert np.bincount(influence.bixel_beam).tolist() == [25, 25]  # 5 x 5 bixels of 10 mm each
@@ -167,6 +183,19 @@ def test_pyradplan_influence_matrix_layout(pyradplan_run):
     assert [m.shape for m in influence.fluence_maps(np.ones(influence.n_bixels))] == [(5, 5), (5, 5)]
     assert {"stf_s", "dij_s", "convert_s"} <= set(influence.timings_s)
     assert influence.beams.energy_mv == 6.0 and engine.card()["energy_mv"] == 6.0
+
+
+def test_pyradplan_beams_shared_out_to_workers_give_the_same_matrix(pyradplan_run):
+    case, beams, _, influence = pyradplan_run
+    three = BeamSet(gantry_angles_deg=(0.0, 90.0, 180.0), isocenter_lps_mm=beams.isocenter_lps_mm,
+                    bixel_width_mm=10.0)
+    one = PyRadPlanEngine(lateral_cutoff_mm=30.0, crop_to_body=False).compute(case, three, progress=False)
+    two = PyRadPlanEngine(lateral_cutoff_mm=30.0, workers=2, crop_to_body=False).compute(case, three, progress=False)
+    np.testing.assert_array_equal(two.bixel_beam, one.bixel_beam)  # beam order kept: 0, 90, 180
+    np.testing.assert_allclose(two.bixel_position_mm, one.bixel_position_mm)
+    assert torch.equal(two.matrix.to_dense(), one.matrix.to_dense())
+    first_two = one.bixel_beam < 2
+    assert torch.equal(one.matrix.to_dense()[:, first_two], influence.matrix.to_dense())
 
 
 @pytest.mark.filterwarnings("ignore:Requested GPU device", "ignore:divide by zero", "ignore:invalid value")
@@ -220,7 +249,7 @@ def test_pydosert_influence_equals_its_forward_pass():
     torch.set_num_threads(1)
     case = water_box()
     beams = BeamSet(gantry_angles_deg=(40.0,), isocenter_lps_mm=(0.0, 0.0, 0.0), bixel_width_mm=10.0)
-    engine = PyDoseRTEngine(head_model=False)
+    engine = PyDoseRTEngine(head_model=False, crop_to_body=False)
     influence = engine.compute(case, beams, progress=False, relative_threshold=0.0)
     assert influence.engine == "pydosert-pencil" and influence.n_bixels == len(bixel_layout(case, beams)[0])
     assert influence.beams.energy_mv == 10.0  # PyDoseRT has 10 MV presets only
@@ -240,7 +269,7 @@ def test_pydosert_and_pyradplan_agree_on_geometry(pyradplan_run):
     single off-axis bixel: same axes, gantry sense and BEV orientation."""
     pytest.importorskip("pydosert", reason="pydosert not installed")
     case, beams, _, influence = pyradplan_run
-    model = PyDoseRTEngine(head_model=False).prepare(case, beams, influence.bixel_beam, influence.bixel_position_mm)
+    model = PyDoseRTEngine(head_model=False, crop_to_body=False).prepare(case, beams, influence.bixel_beam, influence.bixel_position_mm)
     grids = np.meshgrid(*(np.arange(n) * SPACING for n in SHAPE), indexing="ij")
 
     def centroid(dose):

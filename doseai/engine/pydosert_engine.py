@@ -82,7 +82,8 @@ class PyDoseRTEngine:
     def __init__(self, preset: str = "varian_10MV", tpr_20_10: float | None = None,
                  working_spacing_mm: float = 5.0, kernel_radius_mm: float = 100.0,
                  per_pencil_depth: bool = True, head_model: bool = True, device: str = "cpu",
-                 pencil_fluence_fraction: float = 1e-4):
+                 pencil_fluence_fraction: float = 1e-4, crop_to_body: bool = True):
+        self.crop_to_body = crop_to_body
         self.preset = preset
         self.tpr_20_10 = tpr_20_10
         self.working_spacing_mm = working_spacing_mm
@@ -151,7 +152,7 @@ class PyDoseRTEngine:
         Without a bixel layout, :func:`doseai.engine.beams.bixel_layout` picks the bixels."""
         if any(abs(c) > 1e-6 for c in beams.couches):
             raise ValueError("the PyDoseRT engine handles coplanar beams only (couch angle 0)")
-        work = to_working_grid(case, self.working_spacing_mm)
+        work = to_working_grid(case, self.working_spacing_mm, self.crop_to_body)
         if bixel_beam is None or bixel_position_mm is None:
             bixel_beam, bixel_position_mm = bixel_layout(work, beams)
         self.model = PyDoseRTModel(self, work, beams, np.asarray(bixel_beam, np.int64),

@@ -15,16 +15,22 @@ WATER_HU = 0.0
 AIR_HU = -1000.0
 
 
-def working_geometry(geometry: ImageGeometry, spacing_mm: float | tuple[float, float, float] = 5.0) -> ImageGeometry:
+def working_geometry(geometry: ImageGeometry, spacing_mm: float | tuple[float, float, float] = 5.0,
+                     region: np.ndarray | None = None, margin_mm: float = 10.0) -> ImageGeometry:
     """Axis-aligned grid with ``spacing_mm`` (x, y, z) covering the case grid's voxels (edge to edge),
-    centred on it."""
+    centred on it; with a ``region`` mask, only that region's bounding box plus ``margin_mm`` (the body:
+    beyond it there is only air, which the engines would trace through for nothing)."""
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
     if np.any(spacing <= 0):
         raise ValueError(f"working-grid spacing must be positive, got {spacing_mm}")
-    n_zyx = np.asarray(geometry.shape, dtype=float)
-    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in n_zyx])))  # (k, j, i) voxel edges
-    points = geometry.index_to_physical(corners)
-    low, high = points.min(axis=0), points.max(axis=0)
+    full = geometry.index_to_physical(np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in geometry.shape]))))
+    low, high = full.min(axis=0), full.max(axis=0)
+    if region is not None and region.any():  # the region's box plus the margin, within the case grid
+        where = np.nonzero(region)
+        corners = np.array(list(itertools.product(*[(int(w.min()) - 0.5, int(w.max()) + 0.5) for w in where])))
+        points = geometry.index_to_physical(corners)
+        low = np.maximum(low, points.min(axis=0) - margin_mm)
+        high = np.minimum(high, points.max(axis=0) + margin_mm)
     size_xyz = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
     origin = (low + high) / 2 - (size_xyz - 1) / 2 * spacing
     return ImageGeometry(shape=tuple(int(n) for n in size_xyz[::-1]), spacing=tuple(spacing), origin=tuple(origin))
@@ -48,12 +54,15 @@ def _resample_mask(mask: np.ndarray, source: ImageGeometry, target: ImageGeometr
     return out
 
 
-def to_working_grid(case: PlanningCase, spacing_mm: float | tuple[float, float, float] = 5.0) -> PlanningCase:
-    """The case on its working grid: CT linear (air outside the old grid), masks majority-like, the
+def to_working_grid(case: PlanningCase, spacing_mm: float | tuple[float, float, float] = 5.0,
+                    crop_to_body: bool = True) -> PlanningCase:
+    """The case on its working grid (cropped to the body plus 10 mm when a body is known and
+    ``crop_to_body``): CT linear (air outside the old grid), masks majority-like, the
     possible-dose mask nearest. A missing CT becomes water (0 HU) inside the body and air (-1000 HU)
     outside when a body ('External' or possible-dose mask) is known, water everywhere otherwise.
     Prescriptions, patient id and metadata are kept; a dose on the case is not carried over."""
-    source, target = case.geometry, working_geometry(case.geometry, spacing_mm)
+    source = case.geometry
+    target = working_geometry(source, spacing_mm, body_mask(case) if crop_to_body else None)
     structures = {name: _resample_mask(mask, source, target) for name, mask in case.structures.items()}
     possible = None
     if case.possible_dose_mask is not None:
