@@ -185,19 +185,6 @@ def test_pyradplan_influence_matrix_layout(pyradplan_run):
     assert influence.beams.energy_mv == 6.0 and engine.card()["energy_mv"] == 6.0
 
 
-def test_pyradplan_beams_shared_out_to_workers_give_the_same_matrix(pyradplan_run):
-    case, beams, _, influence = pyradplan_run
-    three = BeamSet(gantry_angles_deg=(0.0, 90.0, 180.0), isocenter_lps_mm=beams.isocenter_lps_mm,
-                    bixel_width_mm=10.0)
-    one = PyRadPlanEngine(lateral_cutoff_mm=30.0, crop_to_body=False).compute(case, three, progress=False)
-    two = PyRadPlanEngine(lateral_cutoff_mm=30.0, workers=2, crop_to_body=False).compute(case, three, progress=False)
-    np.testing.assert_array_equal(two.bixel_beam, one.bixel_beam)  # beam order kept: 0, 90, 180
-    np.testing.assert_allclose(two.bixel_position_mm, one.bixel_position_mm)
-    assert torch.equal(two.matrix.to_dense(), one.matrix.to_dense())
-    first_two = one.bixel_beam < 2
-    assert torch.equal(one.matrix.to_dense()[:, first_two], influence.matrix.to_dense())
-
-
 @pytest.mark.filterwarnings("ignore:Requested GPU device", "ignore:divide by zero", "ignore:invalid value")
 def test_pyradplan_voxel_order_matches_its_forward_dose(pyradplan_run):
     case, beams, engine, influence = pyradplan_run

@@ -37,18 +37,16 @@ class PyRadPlanEngine:
 
     ``working_spacing_mm``: voxel size of the working grid (None: the case grid as it is, which must then
     be axis-aligned). ``lateral_cutoff_mm``: pyRadPlan's geometric lateral cut-off around each bixel's ray.
-    ``workers``: processes that share the beams (pyRadPlan uses one core per beam computation); the calling
-    script needs the ``if __name__ == "__main__":`` guard then. ``crop_to_body``: the working grid covers
+    ``crop_to_body``: the working grid covers
     the body plus 10 mm only.
     """
 
     name = "pyradplan-svdpb"
 
     def __init__(self, working_spacing_mm: float | None = 5.0, machine: str = "Generic",
-                 lateral_cutoff_mm: float = 50.0, workers: int = 1, crop_to_body: bool = True):
+                 lateral_cutoff_mm: float = 50.0, crop_to_body: bool = True):
         self.working_spacing_mm = working_spacing_mm
         self.crop_to_body = crop_to_body
-        self.workers = max(1, int(workers))
         self.machine = machine
         self.lateral_cutoff_mm = float(lateral_cutoff_mm)
 
@@ -152,8 +150,8 @@ class PyRadPlanEngine:
     def compute(self, case: PlanningCase, beams: BeamSet, progress: bool = True) -> DoseInfluence:
         """Dose-influence matrix (working-grid voxels x bixels) for ``beams`` on ``case``.
 
-        pyRadPlan computes one beam after the other on one core; with ``workers`` > 1 the beams are
-        shared out to that many forked processes (a beam's columns do not depend on the other beams)."""
+        (Sharing the beams out to two processes was tried: on 2 cores it was slower, 110 s against 78-97 s
+        for an OpenKBP case, so pyRadPlan runs in this process.)"""
         timings = {}
         start = time.perf_counter()
         import pyRadPlan  # noqa: F401 - a few seconds on first use, kept out of the other timings
@@ -161,82 +159,37 @@ class PyRadPlanEngine:
         timings["import_s"] = time.perf_counter() - start
         start = time.perf_counter()
         work = self.working_case(case)
-        work.require_target()
+        ct, cst, pln = self.pyradplan_inputs(work, beams)
         timings["prepare_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        n_beams = len(beams.gantry_angles_deg)
-        groups = [list(range(n_beams))[i::self.workers] for i in range(min(self.workers, n_beams))]
-        subsets = [_beam_subset(beams, group) for group in groups]
-        if len(subsets) == 1:
-            parts = [self._compute_beams(work, subsets[0], progress)]
-        else:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(len(subsets), mp_context=_worker_context()) as pool:
-                parts = list(pool.map(self._compute_beams, [work] * len(subsets), subsets, [False] * len(subsets)))
-        timings["stf_s"] = max(part["stf_s"] for part in parts)
-        timings["dij_s"] = time.perf_counter() - start - timings["stf_s"]
-        used = parts[0]["energy_mv"]
+        stf = self.generate_stf(ct, cst, pln, progress)
+        timings["stf_s"] = time.perf_counter() - start
+        energies = {float(beamlet.energy) for beam in stf.beams for ray in beam.rays for beamlet in ray.beamlets}
+        used = energies.pop() if len(energies) == 1 else float(beams.energy_mv)
         if abs(used - beams.energy_mv) > 1e-6:
             logger.warning("pyRadPlan's '%s' machine has no %g MV; it computed %g MV", self.machine,
                            beams.energy_mv, used)
             beams = dataclasses.replace(beams, energy_mv=used)
 
         start = time.perf_counter()
-        import scipy.sparse as sp
+        engine = self.dose_engine(pln, progress)
+        with _quiet():
+            dij = engine.calc_dose_influence(ct, cst, stf)
+        timings["dij_s"] = time.perf_counter() - start
 
-        # columns back in beam order: beam b's bixels came from group b % workers
-        blocks, bixel_beam, positions = [], [], []
-        for beam in range(n_beams):
-            part = parts[beam % len(groups)]
-            local = groups[beam % len(groups)].index(beam)
-            columns = np.flatnonzero(part["bixel_beam"] == local)
-            blocks.append(part["matrix"][:, columns])
-            bixel_beam.append(np.full(len(columns), beam, np.int64))
-            positions.append(part["positions"][columns])
-        scipy_matrix = sp.hstack(blocks, format="csc")
-        del parts, blocks
+        start = time.perf_counter()
+        scipy_matrix = dij.physical_dose.flat[0]
         n_voxels = int(np.prod(work.geometry.shape))
         if scipy_matrix.shape[0] != n_voxels:
             raise GeometryMismatchError(f"pyRadPlan returned {scipy_matrix.shape[0]} dose voxels for a grid of "
                                         f"{n_voxels}: its dose grid is not the working grid")
-        matrix = torch_csr_from_scipy(scipy_matrix)
-        del scipy_matrix
-        timings["convert_s"] = time.perf_counter() - start
-        return DoseInfluence(matrix=matrix, geometry=work.geometry, beams=beams,
-                             bixel_beam=np.concatenate(bixel_beam), bixel_position_mm=np.concatenate(positions),
-                             engine=self.name, timings_s=timings)
-
-    def _compute_beams(self, work: PlanningCase, beams: BeamSet, progress: bool) -> dict:
-        """pyRadPlan's stf and dose-influence matrix for some beams (runs in a worker process too)."""
-        ct, cst, pln = self.pyradplan_inputs(work, beams)
-        start = time.perf_counter()
-        stf = self.generate_stf(ct, cst, pln, progress)
-        stf_s = time.perf_counter() - start
-        energies = {float(beamlet.energy) for beam in stf.beams for ray in beam.rays for beamlet in ray.beamlets}
-        engine = self.dose_engine(pln, progress)
-        with _quiet():
-            dij = engine.calc_dose_influence(ct, cst, stf)
         bixel_beam = np.asarray(dij.beam_num, dtype=np.int64).reshape(-1)
         ray_num = np.asarray(dij.ray_num, dtype=np.int64).reshape(-1)
         positions = np.array([stf.beams[b].rays[r].ray_pos_bev for b, r in zip(bixel_beam, ray_num)],
                              dtype=np.float64).reshape(-1, 3)[:, [0, 2]]  # BEV (x, z) -> our BEV (x, y)
-        return {"matrix": dij.physical_dose.flat[0].tocsc(), "bixel_beam": bixel_beam, "positions": positions,
-                "stf_s": stf_s, "energy_mv": energies.pop() if len(energies) == 1 else float(beams.energy_mv)}
-
-
-def _worker_context():
-    """A fork server that imported pyRadPlan once: plain fork is unsafe once torch or numba started
-    OpenMP threads (libgomp kills the child), and spawn would import pyRadPlan (~8 s) per worker."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pyRadPlan", "doseai.engine.pyradplan_engine"])
-    return context
-
-
-def _beam_subset(beams: BeamSet, indices: list[int]) -> BeamSet:
-    return dataclasses.replace(
-        beams, gantry_angles_deg=tuple(beams.gantry_angles_deg[i] for i in indices),
-        couch_angles_deg=None if beams.couch_angles_deg is None else tuple(beams.couch_angles_deg[i] for i in indices))
+        matrix = torch_csr_from_scipy(scipy_matrix)
+        del dij, scipy_matrix
+        timings["convert_s"] = time.perf_counter() - start
+        return DoseInfluence(matrix=matrix, geometry=work.geometry, beams=beams, bixel_beam=bixel_beam,
+                             bixel_position_mm=positions, engine=self.name, timings_s=timings)
