@@ -87,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1_1.pt"))
     _add_force(export)
 
+    optimize = sub.add_parser("optimize", help="optimize beam fluences toward a desired (e.g. predicted) dose: "
+                                               "plan dose, fluence maps, TPS objectives and a DVH comparison")
+    optimize.add_argument("--case", required=True)
+    optimize.add_argument("--dose", help="the desired dose (default: the case's own dose)")
+    optimize.add_argument("--out", required=True, help="output folder")
+    optimize.add_argument("--mode", default="mimic", choices=["mimic", "objectives"],
+                          help="voxel-wise dose mimicking, or the DVH objectives derived from the dose")
+    optimize.add_argument("--engine", default="pyradplan", choices=["pyradplan", "pydosert"])
+    optimize.add_argument("--beams", type=int, default=9, help="equispaced coplanar beams (default: %(default)s)")
+    optimize.add_argument("--bixel-mm", type=float, default=5.0, help="bixel width (default: %(default)s mm)")
+    optimize.add_argument("--lateral-cutoff-mm", type=float, default=50.0,
+                          help="pyRadPlan's lateral cut-off around each bixel (default: %(default)s mm)")
+    optimize.add_argument("--smoothness", type=float, default=0.0, help="fluence smoothness weight")
+    optimize.add_argument("--max-iterations", type=int, default=300)
+    _add_force(optimize)
+
+    objectives = sub.add_parser("objectives", help="DVH objectives derived from a dose, as JSON and CSV for a TPS")
+    objectives.add_argument("--case", required=True)
+    objectives.add_argument("--dose", help="the desired dose (default: the case's own dose)")
+    objectives.add_argument("--out", default=".", help="folder for objectives.json and objectives.csv")
+    _add_force(objectives)
+
     convert = sub.add_parser("convert", help="convert a case between formats")
     convert.add_argument("--case", required=True)
     convert.add_argument("--to", required=True, choices=["nrrd", "nifti", "mha", "dicom", "openkbp-npz", "openkbp-csv"])
@@ -264,6 +286,52 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _case_and_desired_dose(args):
+    from doseai.io import load_case, load_dose
+
+    case = load_case(args.case)
+    if args.dose:
+        return case, load_dose(args.dose, case)
+    if case.dose is None:
+        raise UnreadableInputError(f"{args.case} holds no dose; pass --dose")
+    return case, case.dose
+
+
+def _cmd_optimize(args) -> int:
+    from doseai.optimize.outputs import PLAN_FILES, write_plan
+    from doseai.optimize.plan import PlanSettings, plan_from_dose
+
+    out = Path(args.out)
+    for name in PLAN_FILES:  # before the minutes of work, not after
+        refuse_overwrite(out / name, args.force)
+    case, desired = _case_and_desired_dose(args)
+    settings = PlanSettings(mode=args.mode, engine=args.engine, n_beams=args.beams, bixel_width_mm=args.bixel_mm,
+                            lateral_cutoff_mm=args.lateral_cutoff_mm, smoothness=args.smoothness,
+                            max_iterations=args.max_iterations)
+    print(f"{case.patient_id}: {args.beams} beams, {args.bixel_mm:g} mm bixels, engine {args.engine}, "
+          f"mode {args.mode}", file=sys.stderr)
+    plan = plan_from_dose(case, desired, settings)
+    write_plan(plan, case, desired, out, force=args.force)
+    print(plan.summary())
+    _report(case, plan.dose, None)
+    print(f"wrote {', '.join(PLAN_FILES)} to {out}")
+    return 0
+
+
+def _cmd_objectives(args) -> int:
+    from doseai.optimize.from_dose import objectives_from_case
+    from doseai.optimize.outputs import write_objectives
+
+    case, desired = _case_and_desired_dose(args)
+    objectives = objectives_from_case(case, desired)
+    paths = write_objectives(objectives, Path(args.out), args.force)
+    for o in objectives:
+        print(f"{o.structure:<12} {o.type:<9} {o.dose_gy:7.2f} Gy"
+              + (f" at {o.volume_pct:g} %" if o.volume_pct is not None else "") + f"  priority {o.priority:g}")
+    print(f"wrote {' and '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from doseai.models.features import DEFAULT_GRID as spec
     if args.stage == "prior":
@@ -288,8 +356,9 @@ def _cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": _cmd_predict, "train": _cmd_train, "demo": _cmd_demo, "sample": _cmd_sample, "dvh": _cmd_dvh, "evaluate": _cmd_evaluate,
-            "convert": _cmd_convert}
+COMMANDS = {"predict": _cmd_predict, "train": _cmd_train, "demo": _cmd_demo, "sample": _cmd_sample, "dvh": _cmd_dvh,
+            "evaluate": _cmd_evaluate, "convert": _cmd_convert, "optimize": _cmd_optimize,
+            "objectives": _cmd_objectives}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,13 +146,16 @@ class PyDoseRTEngine:
             "working_spacing_mm": self.working_spacing_mm,
         }
 
+    def working_case(self, case: PlanningCase) -> PlanningCase:
+        return to_working_grid(case, self.working_spacing_mm, self.crop_to_body)
+
     def prepare(self, case: PlanningCase, beams: BeamSet, bixel_beam: np.ndarray | None = None,
                 bixel_position_mm: np.ndarray | None = None) -> "PyDoseRTModel":
         """Working grid, density, padded PyDoseRT geometry and the bixel -> fluence map for ``beams``.
         Without a bixel layout, :func:`doseai.engine.beams.bixel_layout` picks the bixels."""
         if any(abs(c) > 1e-6 for c in beams.couches):
             raise ValueError("the PyDoseRT engine handles coplanar beams only (couch angle 0)")
-        work = to_working_grid(case, self.working_spacing_mm, self.crop_to_body)
+        work = self.working_case(case)
         if bixel_beam is None or bixel_position_mm is None:
             bixel_beam, bixel_position_mm = bixel_layout(work, beams)
         self.model = PyDoseRTModel(self, work, beams, np.asarray(bixel_beam, np.int64),

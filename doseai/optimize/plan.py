@@ -1,0 +1,134 @@
+"""From a desired (e.g. predicted) dose to a deliverable plan: beams, dose-influence matrix, fluence
+optimization, and the plan's dose back on the case grid.
+
+Two ways to steer the optimizer toward the desired dose:
+
+* ``"mimic"``: voxel-wise dose mimicking (two-sided in targets and the rest of the body, one-sided in
+  OARs), as in the OpenKBP-Opt study (Babier et al. 2022).
+* ``"objectives"``: the DVH point and mean-dose objectives derived from the desired dose with
+  rule-based margins (:mod:`doseai.optimize.from_dose`), i.e. what a planner would type into a TPS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from doseai.case import PlanningCase, validate_dose
+from doseai.engine.beams import default_beams
+from doseai.engine.influence import BeamSet, DoseInfluence
+from doseai.engine.working_grid import body_mask, dose_to_case_grid
+from doseai.errors import GeometryMismatchError
+from doseai.optimize.fluence import FluenceResult, optimize_fluence
+from doseai.optimize.from_dose import (
+    FromDoseRules, PlanObjective, mimicking_terms, objectives_from_dose, objectives_to_terms,
+)
+from doseai.resample import resample_to
+
+MODES = ("mimic", "objectives")
+
+
+@dataclass
+class PlanSettings:
+    """What the optimizer is asked for. ``bixel_width_mm`` and ``lateral_cutoff_mm`` trade engine time for
+    detail (the engine's time grows with the number of bixels); ``smoothness`` penalises jagged fluence."""
+
+    mode: str = "mimic"
+    engine: str = "pyradplan"
+    n_beams: int = 9
+    bixel_width_mm: float = 5.0
+    lateral_cutoff_mm: float = 50.0
+    working_spacing_mm: float = 5.0
+    smoothness: float = 0.0
+    max_iterations: int = 300
+    tolerance: float = 1e-4
+    solver: str = "lbfgsb"
+    rules: FromDoseRules = field(default_factory=FromDoseRules)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+@dataclass
+class PlanResult:
+    """The optimized plan: its dose on the case grid, the fluence (weights, maps per beam), the
+    objectives it was optimized for (``objectives``: the TPS list, empty when mimicking) and timings."""
+
+    dose: np.ndarray
+    fluence: FluenceResult
+    fluence_maps: list[np.ndarray]
+    beams: BeamSet
+    objectives: list[PlanObjective]
+    settings: PlanSettings
+    engine_card: dict
+    timings_s: dict[str, float]
+
+    def summary(self) -> str:
+        t = self.timings_s
+        return (f"{len(self.beams.gantry_angles_deg)} beams, {self.fluence.weights.size} bixels; dose engine "
+                f"{t.get('engine_s', 0):.1f} s, optimization {t.get('optimize_s', 0):.1f} s "
+                f"({self.fluence.iterations} iterations, {self.fluence.stop_reason})")
+
+
+def make_engine(settings: PlanSettings):
+    from doseai.engine import get_engine
+
+    options = {"working_spacing_mm": settings.working_spacing_mm}
+    if settings.engine == "pyradplan":
+        options["lateral_cutoff_mm"] = settings.lateral_cutoff_mm
+    return get_engine(settings.engine, **options)
+
+
+def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanSettings | None = None,
+                   beams: BeamSet | None = None, influence: DoseInfluence | None = None,
+                   progress: bool = True) -> PlanResult:
+    """Optimize a plan whose dose comes as close as the beams allow to ``desired_dose`` (Gy, on the case
+    grid). ``influence`` (from an earlier call on the same case and beams) skips the dose engine."""
+    settings = settings or PlanSettings()
+    case.require_target()
+    desired = validate_dose(np.asarray(desired_dose, np.float32), "desired dose")
+    if desired.shape != case.geometry.shape:
+        raise GeometryMismatchError(f"the desired dose has shape {desired.shape}, the case grid {case.geometry.shape}")
+    timings: dict[str, float] = {}
+    engine = make_engine(settings)
+    beams = beams or default_beams(case, n_beams=settings.n_beams, bixel_width_mm=settings.bixel_width_mm)
+    start = time.perf_counter()
+    if influence is None:
+        influence = engine.compute(case, beams, progress=progress)
+    timings["engine_s"] = time.perf_counter() - start
+    work = engine.working_case(case)
+    if not work.geometry.matches(influence.geometry):
+        raise GeometryMismatchError("the influence matrix was computed on another working grid than this case's")
+
+    start = time.perf_counter()
+    masks = dict(work.structures)
+    body = body_mask(work)
+    if body is not None:
+        masks["External"] = body
+    objectives: list[PlanObjective] = []
+    if settings.mode == "mimic":
+        desired_work = np.clip(resample_to(desired, case.geometry, work.geometry, "linear"), 0, None)
+        terms = mimicking_terms(desired_work, masks, case.prescriptions)
+    else:  # DVH points read on the case grid, where the desired dose was made
+        objectives = objectives_from_dose(desired, case.structures, case.prescriptions, settings.rules)
+        terms = objectives_to_terms(objectives, masks)
+    timings["objectives_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    top = max(case.prescriptions, key=case.prescriptions.get)
+    fluence = optimize_fluence(influence, terms, smoothness=settings.smoothness,
+                               max_iterations=settings.max_iterations, tolerance=settings.tolerance,
+                               solver=settings.solver, progress=progress, prescription_gy=case.prescriptions[top],
+                               target_voxels=np.flatnonzero(work.structures[top].ravel()))
+    timings["optimize_s"] = time.perf_counter() - start
+
+    dose = dose_to_case_grid(fluence.dose_image, work.geometry, case.geometry)
+    case_body = body_mask(case)
+    if case_body is not None:
+        dose = dose * case_body
+    return PlanResult(dose=dose.astype(np.float32), fluence=fluence,
+                      fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
+                      objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings)
