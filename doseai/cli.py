@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1]")
     demo.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--no-plan", action="store_true",
+                      help="skip the plan optimized toward the predicted dose (done when pyRadPlan is installed)")
     _add_force(demo)
 
     sample = sub.add_parser("sample", help="write the synthetic head-and-neck sample case")
@@ -141,7 +143,28 @@ def _cmd_demo(args) -> int:
     save_case(case, out / "nrrd", "nrrd", force=args.force)
     print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
     _report(case, case.dose, out / "report", force=args.force)
+    if not args.no_plan:
+        _demo_plan(case, out / "plan", args.force)
     return 0
+
+
+def _demo_plan(case, out: Path, force: bool) -> None:
+    """The predicted dose turned into a 9-beam plan (10 mm bixels keep it to about half a minute)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyRadPlan") is None:
+        print("note: no plan optimized: the dose engine needs pyRadPlan (pip install -e '.[plan]' && "
+              "pip install --no-deps pyradplan==0.5.0)", file=sys.stderr)
+        return
+    from doseai.optimize.outputs import write_plan
+    from doseai.optimize.plan import PlanSettings, plan_from_dose
+
+    plan = plan_from_dose(case, case.dose, PlanSettings(bixel_width_mm=10.0), progress=False)
+    write_plan(plan, case, case.dose, out, force=force)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"optimized a plan that mimics the predicted dose: {plan.summary()}; mean |plan - predicted| in the "
+          f"body {summary['achieved_vs_desired_mae_gy']:.2f} Gy")
+    print(f"wrote the plan (RTDOSE, fluence maps, TPS objectives, DVH comparison) to {out}")
 
 
 def _cmd_sample(args) -> int:
