@@ -1,17 +1,53 @@
-"""DoseOptimizer: placeholder module of the SlicerDoseAI extension.
+"""DoseOptimizer: from a desired dose (e.g. the one predicted in DosePreference) to a plan: beam
+fluences optimized with a photon dose engine, the plan's dose and DVH beside the desired one, the
+planning objectives for a TPS, and export.
 
-The fluence optimizer is not implemented yet, so this module shows metadata and a notice only:
-it has no buttons and no computation. It exists so that the extension layout (two modules) is
-in place and its category, help and icon show up in Slicer.
+The Slicer module file stays thin: module metadata, the parameter node, the Widget (Qt) and the
+self test. The Qt-free logic lives in ``DoseOptimizerLib`` (importable and tested on slicer-core)
+and the computations in the ``doseai`` core package.
 """
 
-import slicer
-from slicer.ScriptedLoadableModule import (
+import importlib.util
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Annotated
+
+
+def _ensureDoseAIImportable():
+    """In an installed extension ``doseai`` is copied next to this file; in a developer checkout it
+    sits at the repository root, one level up, which is then put on ``sys.path``."""
+    if importlib.util.find_spec("doseai") is not None:
+        return
+    repoRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(repoRoot, "doseai")) and repoRoot not in sys.path:
+        sys.path.insert(0, repoRoot)
+
+
+_ensureDoseAIImportable()
+
+import vtk  # noqa: E402
+
+import slicer  # noqa: E402
+from slicer import (  # noqa: E402
+    vtkMRMLPlotChartNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin  # noqa: E402
+
+import DoseOptimizerLib  # noqa: E402
+from doseai.mrml.app import ensure_packages, in_slicer_application, progress_dialog, show_dose_and_dvh  # noqa: E402
 
 #
 # DoseOptimizer
@@ -26,14 +62,85 @@ class DoseOptimizer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerDoseAI contributors"]
         self.parent.helpText = """
-<p><b>Not available yet.</b> This module does not compute anything in this version of the extension.</p>
-<p>Planned: turn a chosen dose distribution into optimization objectives, optimize beam fluences with a
-photon dose engine, and compare the achievable DVH with the preferred one. Until then use
-<i>Dose Preference</i> to compute DVHs and dose metrics of an existing dose.</p>
+<p>Turns a desired 3D dose (typically the one predicted in <i>Dose Preference</i>) into a plan: it optimizes
+the fluences of equispaced coplanar photon beams so that the plan's dose comes as close as the beams allow
+to the desired dose, and shows the achievable DVH beside the desired one.</p>
+<ol>
+<li><b>Inputs</b>: the CT, the segmentation and the <i>desired dose</i> (an RT dose volume; on another grid
+it is resampled onto the CT's). Segment names are matched to standard structure names; a target needs a
+prescription in its name (e.g. <i>PTV_70</i>, <i>PTV7000</i>).</li>
+<li><b>Plan</b>: <i>Mode</i> <i>mimic</i> optimizes voxel-wise dose mimicking (two-sided in targets and the rest
+of the body, one-sided in organs at risk); <i>objectives</i> optimizes the DVH point and mean-dose objectives
+derived from the desired dose with rule-based margins (what a planner would enter in a TPS).
+<i>Beams</i>: number of equispaced coplanar beams (gantry angles from 0&deg;, isocentre at the target
+centroid); <i>Bixel width</i>: the fluence resolution (coarser is faster).</li>
+<li><b>Optimize</b>: the first click installs missing Python packages after asking (PyTorch through the
+PyTorch extension when it is installed; pyRadPlan 0.5.0 without its dependency list, then the packages its
+dose engine imports). Then the dose engine computes the dose-influence matrix on a 5&nbsp;mm grid
+cropped to the body (measured on 2 CPU cores: one to two minutes for 9 beams on a head-and-neck case of
+OpenKBP), and L-BFGS-B optimizes the bixel weights (up to 300 iterations). The matrix is kept: optimizing the same CT,
+structures and beams again, e.g. in the other mode, skips the dose engine. The plan's dose appears over
+the CT with the dose colour table, under the CT's study, tagged as an RT dose; the DVH chart shows the plan
+solid and the desired dose dashed, the metrics table the plan's metrics.</li>
+<li><b>Export</b>: <i>Export plan</i> writes the plan dose (NRRD and RTDOSE, in the CT's DICOM study when the
+CT was loaded from DICOM), the fluence maps (PNG and arrays), the objectives (JSON, CSV), a DVH plot against
+the desired dose, the metrics (CSV) and a summary (JSON); <i>Export objectives</i> writes the objectives
+only. Existing files are overwritten only after you confirm.</li>
+</ol>
+<p><b>Dose engine</b>: pyRadPlan's photon pencil beam with singular-value-decomposed kernels (matRad's SVD
+pencil beam, generic 6&nbsp;MV machine): depth dose at the radiological depth (Siddon ray tracing through
+densities from the CT's HU), lateral kernel spread with a Gaussian source penumbra, inverse square law.
+It does <b>not</b> model: Monte Carlo transport or lateral density scaling (electron disequilibrium at
+tissue/air and tissue/lung interfaces), MLC leaves and jaws (no leaf geometry, transmission,
+tongue-and-groove; bixels are ideal squares, so the fluence is not sequenced into deliverable segments),
+head scatter and field-size output factors beyond the kernels, dose beyond the lateral cut-off (50&nbsp;mm)
+around each bixel's ray, and dose outside the body (set to 0). Its dose per bixel weight is not calibrated to
+monitor units: the plan's absolute dose comes from the optimization toward the desired dose.</p>
+<p>Python console: <code>logic = slicer.util.getModuleLogic("DoseOptimizer")</code> (or
+<code>DoseOptimizer.DoseOptimizerLogic()</code>), then <code>result = logic.optimize(ctNode, segNode,
+desiredDoseNode, mode="mimic", numberOfBeams=9, bixelWidthMm=5.0)</code>; <code>result.planDoseNode</code>,
+<code>result.objectives</code>, <code>result.summary()</code>; <code>logic.objectives(ctNode, segNode,
+doseNode)</code> gives the objectives of any dose; <code>logic.exportPlan(folder)</code>,
+<code>logic.exportObjectives(folder)</code>.</p>
+<p>The plan is a research estimate of what beams can deliver, not a clinical plan.</p>
 """
         self.parent.acknowledgementText = """
-Developed in the SlicerDoseAI project. The module layout follows the scripted module template of 3D Slicer.
+Developed in the SlicerDoseAI project. The dose engine is pyRadPlan (e0404, DKFZ; a Python port of matRad),
+its photon SVD pencil beam after Bortfeld, Schlegel and Rhein 1993. Dose mimicking follows the OpenKBP-Opt
+study (Babier et al. 2022). The module layout follows the scripted module template of 3D Slicer; dose volumes
+follow the conventions of SlicerRT (DICOM-RT import), so that its Isodose and Dose Volume Histogram modules
+work on them too.
 """
+
+
+#
+# DoseOptimizerParameterNode
+#
+
+
+@parameterNodeWrapper
+class DoseOptimizerParameterNode:
+    """
+    ctVolume: the planning CT; its grid is the grid of the plan's dose.
+    segmentation: the structures (targets with prescriptions in their names, organs at risk, body).
+    desiredDose: the dose the plan should come close to (e.g. the predicted dose).
+    mode: "mimic" (voxel-wise dose mimicking) or "objectives" (DVH objectives derived from the desired dose).
+    numberOfBeams, bixelWidthMm: the beams (equispaced, coplanar) and their fluence resolution.
+    planDose: the plan's dose volume (created by the first Optimize when empty).
+    dvhChart, metricsTable: the DVH chart (plan solid, desired dashed) and the plan's metrics table.
+    exportFolder: where the export buttons write.
+    """
+
+    ctVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    desiredDose: vtkMRMLScalarVolumeNode
+    mode: Annotated[str, Choice(list(DoseOptimizerLib.MODES))] = "mimic"
+    numberOfBeams: Annotated[int, WithinRange(1, 36)] = 9
+    bixelWidthMm: Annotated[float, WithinRange(2.5, 20.0)] = 5.0
+    planDose: vtkMRMLScalarVolumeNode
+    dvhChart: vtkMRMLPlotChartNode
+    metricsTable: vtkMRMLTableNode
+    exportFolder: pathlib.Path
 
 
 #
@@ -41,15 +148,142 @@ Developed in the SlicerDoseAI project. The module layout follows the scripted mo
 #
 
 
-class DoseOptimizerWidget(ScriptedLoadableModuleWidget):
+class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        # a notice only: nothing here is clickable until the optimizer exists
-        self.uiWidget = slicer.util.loadUI(self.resourcePath("UI/DoseOptimizer.ui"))
-        self.layout.addWidget(self.uiWidget)
-        self.ui = slicer.util.childWidgetVariables(self.uiWidget)
-        self.uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DoseOptimizer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # the .ui connects mrmlSceneChanged(vtkMRMLScene*) of the top-level widget to each node selector
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
         self.logic = DoseOptimizerLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.optimizeButton.connect("clicked(bool)", self.onOptimizeButton)
+        self.ui.exportPlanButton.connect("clicked(bool)", self.onExportPlanButton)
+        self.ui.exportObjectivesButton.connect("clicked(bool)", self.onExportObjectivesButton)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self.logic.forget()  # the last plan's nodes are about to go
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        parameters = self._parameterNode
+        # save the user a few clicks: the obvious CT, segmentation and desired (predicted) dose
+        ct, segmentation, desired = self.logic.defaultInputs(slicer.mrmlScene)
+        if not parameters.ctVolume and ct:
+            parameters.ctVolume = ct
+        if not parameters.segmentation and segmentation:
+            parameters.segmentation = segmentation
+        if not parameters.desiredDose and desired and desired is not parameters.planDose:
+            parameters.desiredDose = desired
+        if str(parameters.exportFolder) in ("", "."):
+            parameters.exportFolder = pathlib.Path(slicer.app.defaultScenePath) / "DoseAI" / "plan"
+        self._updateButtons()
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # widgets with a SlicerParameterName property in the .ui follow the parameter node and back
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self._updateButtons()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateButtons()
+
+    def _updateButtons(self) -> None:
+        parameters = self._parameterNode
+        if not parameters:
+            return
+        reason = (self.logic.missingInputs(parameters.ctVolume, parameters.segmentation, parameters.desiredDose)
+                  or self.logic.targetProblem(parameters.segmentation)
+                  or self.logic.outputProblem(parameters.planDose, parameters.desiredDose))
+        self.ui.optimizeButton.enabled = not reason
+        self.ui.optimizeButton.toolTip = reason or (
+            f"Optimize {parameters.numberOfBeams} beams ({parameters.mode}) toward the desired dose")
+        hasPlan = self.logic.lastPlan is not None
+        self.ui.exportPlanButton.enabled = hasPlan
+        self.ui.exportPlanButton.toolTip = ("Write the plan dose, fluence maps, objectives, DVH plot and metrics"
+                                            if hasPlan else "Optimize a plan first")
+        hasObjectives = self.logic.lastObjectives is not None
+        self.ui.exportObjectivesButton.enabled = hasObjectives
+        self.ui.exportObjectivesButton.toolTip = ("Write the planning objectives as JSON and CSV" if hasObjectives
+                                                  else "Optimize a plan first")
+
+    # --- actions -------------------------------------------------------------------------------------
+    def onOptimizeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to optimize the plan.", waitCursor=True):
+            if not ensure_packages(lambda: DoseOptimizerLib.missing_packages_for("optimize"), "Dose Optimizer"):
+                return
+            parameters = self._parameterNode
+            with progress_dialog("Optimizing the plan") as progress:
+                result = self.logic.optimize(
+                    parameters.ctVolume, parameters.segmentation, parameters.desiredDose, mode=parameters.mode,
+                    numberOfBeams=parameters.numberOfBeams, bixelWidthMm=parameters.bixelWidthMm,
+                    planDoseNode=parameters.planDose, chartNode=parameters.dvhChart,
+                    metricsTableNode=parameters.metricsTable, progress=progress)
+            parameters.planDose = result.planDoseNode
+            parameters.dvhChart = result.chartNode
+            parameters.metricsTable = result.metricsTableNode
+            self.ui.statusLabel.text = result.summary()
+            self._updateButtons()
+            show_dose_and_dvh(parameters.ctVolume, result.planDoseNode, result.chartNode, result.metricsTableNode)
+
+    def onExportPlanButton(self) -> None:
+        self._export("plan", "export", self.logic.exportPlan)
+
+    def onExportObjectivesButton(self) -> None:
+        self._export("objectives", "objectives", self.logic.exportObjectives)
+
+    def _export(self, what: str, task: str, export) -> None:
+        """Run ``export(folder, force)``; when files exist, ask before writing over them."""
+        from doseai.errors import OutputExistsError
+        with slicer.util.tryWithErrorDisplay(f"Failed to export the {what}.", waitCursor=True):
+            if not ensure_packages(lambda: DoseOptimizerLib.missing_packages_for(task), "Dose Optimizer"):
+                return
+            folder = self._parameterNode.exportFolder
+            try:
+                paths = export(folder)
+            except OutputExistsError as error:
+                if not slicer.util.confirmYesNoDisplay(f"{error}.\n\nOverwrite them?", windowTitle="Export"):
+                    return
+                paths = export(folder, force=True)
+            self.ui.statusLabel.text = f"Exported {', '.join(path.name for path in paths)} to {folder}"
 
 
 #
@@ -57,8 +291,26 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget):
 #
 
 
-class DoseOptimizerLogic(ScriptedLoadableModuleLogic):
-    """Empty for now: the fluence optimizer is not part of the extension yet."""
+class DoseOptimizerLogic(ScriptedLoadableModuleLogic, DoseOptimizerLib.DoseOptimizerLogic):
+    """Qt-free computations, see :class:`DoseOptimizerLib.DoseOptimizerLogic`; this class adds the
+    parameter node and Slicer's DICOM database. From the Python console::
+
+        logic = DoseOptimizer.DoseOptimizerLogic()
+        result = logic.optimize(ctNode, segNode, desiredDoseNode, mode="mimic", numberOfBeams=9)
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        DoseOptimizerLib.DoseOptimizerLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DoseOptimizerParameterNode(super().getParameterNode())
+
+    def dicomLookup(self):
+        """Tags of the instances in Slicer's DICOM database (what an exported RTDOSE refers to)."""
+        from doseai.mrml.dicom import database_lookup
+
+        return database_lookup(getattr(slicer, "dicomDatabase", None))
 
 
 #
@@ -67,18 +319,92 @@ class DoseOptimizerLogic(ScriptedLoadableModuleLogic):
 
 
 class DoseOptimizerTest(ScriptedLoadableModuleTest):
-    """Checks that the module loads and offers nothing that would pretend to work."""
+    """The workflow on the synthetic sample case of ``doseai`` with 3 beams and 10 mm bixels (seconds):
+    optimize in both modes (the second reuses the dose-influence matrix), objectives, export (and, in the
+    Slicer application, Optimize and Export through the GUI)."""
+
+    BEAMS, BIXEL_MM, ITERATIONS = 3, 10.0, 40
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_NoActiveControls()
+        self.test_OptimizeExport()
+        if in_slicer_application():
+            self.setUp()
+            self.test_Widget()
 
-    def test_NoActiveControls(self):
-        widget = slicer.util.getModuleWidget("DoseOptimizer")
-        buttons = slicer.util.findChildren(widget.uiWidget, className="QAbstractButton")
-        self.assertEqual([button.name for button in buttons if button.enabled], [])
-        self.assertIn("Not available yet", slicer.util.getModule("DoseOptimizer").helpText)
+    def _sampleNodes(self):
+        import unittest
+
+        missing = DoseOptimizerLib.missing_packages_for("optimize") + DoseOptimizerLib.missing_packages_for("export")
+        if missing:
+            raise unittest.SkipTest(f"the test needs these packages: {', '.join(missing)}")
+        from doseai.mrml import nodes_from_case
+        from doseai.sample import make_sample_case
+
+        self.delayDisplay("Building the sample case")
+        case = make_sample_case(seed=3, shape=(24, 48, 48))
+        return case, nodes_from_case(slicer.mrmlScene, case)
+
+    def test_OptimizeExport(self):
+        import numpy as np
+
+        from doseai.errors import OutputExistsError
+        from doseai.mrml import geometry_from_volume_node, volume_array
+
+        case, (ctNode, segNode, desiredNode) = self._sampleNodes()
+        logic = DoseOptimizerLogic()
+        self.delayDisplay("Optimizing (mimic)")
+        steps = []
+        result = logic.optimize(ctNode, segNode, desiredNode, numberOfBeams=self.BEAMS, bixelWidthMm=self.BIXEL_MM,
+                                maxIterations=self.ITERATIONS, progress=lambda text, percent: steps.append(percent))
+        self.assertEqual(steps[-1], 100)
+        planNode = result.planDoseNode
+        self.assertEqual(planNode.GetAttribute("DicomRtImport.DoseVolume"), "1")
+        self.assertEqual(planNode.GetAttribute(DoseOptimizerLib.PLAN_MODE_ATTRIBUTE), "mimic")
+        self.assertTrue(geometry_from_volume_node(planNode).matches(case.geometry))
+        self.assertEqual(float(volume_array(planNode)[~case.structures["External"]].max(initial=0)), 0.0)
+        self.assertEqual(result.chartNode.GetNumberOfPlotSeriesNodes(), 2 * len(case.structures))  # + dashed
+
+        self.delayDisplay("Optimizing again (objectives): the dose-influence matrix is reused")
+        again = logic.optimize(ctNode, segNode, desiredNode, mode="objectives", numberOfBeams=self.BEAMS,
+                               bixelWidthMm=self.BIXEL_MM, maxIterations=self.ITERATIONS, planDoseNode=planNode,
+                               chartNode=result.chartNode, metricsTableNode=result.metricsTableNode)
+        self.assertTrue(again.influenceReused)
+        self.assertIs(again.planDoseNode, planNode)
+        self.assertEqual(planNode.GetAttribute(DoseOptimizerLib.PLAN_MODE_ATTRIBUTE), "objectives")
+        self.assertTrue(again.objectives)
+        self.assertTrue(np.isfinite(again.meanAbsoluteDifferenceGy))
+
+        self.delayDisplay("Exporting")
+        folder = tempfile.mkdtemp(prefix="DoseOptimizerTest-")
+        paths = logic.exportPlan(folder)
+        self.assertTrue(all(path.is_file() for path in paths))
+        with self.assertRaises(OutputExistsError):
+            logic.exportPlan(folder)
+        with self.assertRaises(OutputExistsError):
+            logic.exportObjectives(folder)
+        logic.exportObjectives(folder, force=True)
         self.delayDisplay("Test passed")
+
+    def test_Widget(self):
+        """Optimize and Export through the module GUI."""
+        if not in_slicer_application():
+            self.skipTest("the module GUI needs the Slicer application")
+        case, (ctNode, segNode, desiredNode) = self._sampleNodes()
+        slicer.util.selectModule("DoseOptimizer")
+        widget = slicer.modules.doseoptimizer.widgetRepresentation().self()
+        parameters = widget._parameterNode
+        parameters.ctVolume, parameters.segmentation, parameters.desiredDose = ctNode, segNode, desiredNode
+        parameters.numberOfBeams, parameters.bixelWidthMm = self.BEAMS, self.BIXEL_MM
+        parameters.planDose = None
+        self.assertTrue(widget.ui.optimizeButton.enabled)
+        widget.ui.optimizeButton.click()
+        self.assertIsNotNone(parameters.planDose)
+        parameters.exportFolder = pathlib.Path(tempfile.mkdtemp(prefix="DoseOptimizerTest-"))
+        widget.ui.exportPlanButton.click()
+        self.assertTrue((parameters.exportFolder / "RD_plan.dcm").is_file())
+        logging.info("DoseOptimizerTest: GUI test passed")
+        self.delayDisplay("GUI test passed")

@@ -46,6 +46,7 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 import DosePreferenceLib  # noqa: E402
+from doseai.mrml.app import ensure_packages, in_slicer_application, progress_dialog, show_dose_and_dvh  # noqa: E402
 
 SLIDER_UPDATE_DELAY_MS = 150  # a slider update waits until the slider rested this long (debounce)
 POLL_INTERVAL_MS = 20  # how often the GUI looks whether the worker thread has finished a dose
@@ -414,19 +415,10 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to predict the dose.", waitCursor=True):
             if not self._installPackages("predict"):
                 return
-            dialog = slicer.util.createProgressDialog(labelText="Predicting the dose", maximum=100)
-            try:
-                result = self._predict(progress=lambda text, percent: self._showProgress(dialog, text, percent))
-            finally:
-                dialog.close()
+            with progress_dialog("Predicting the dose") as progress:
+                result = self._predict(progress=progress)
             self._readModelCard()  # the card of the model just loaded
             self._showResult(result)
-
-    @staticmethod
-    def _showProgress(dialog, text: str, percent: int) -> None:
-        dialog.labelText = text
-        dialog.value = percent
-        slicer.app.processEvents()
 
     def _predict(self, progress=None):
         """Predict with the current settings and remember the result (shared by Predict and the sliders)."""
@@ -563,85 +555,17 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- showing results -----------------------------------------------------------------------------
     def _showResult(self, result) -> None:
         """Dose over the CT in the slice views, DVH chart and metrics table in the plot and table views."""
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.ctVolume, foreground=result.doseNode,
-                                         foregroundOpacity=0.4)
-        self._showViews(result.dvh.chartNode, result.dvh.metricsTableNode)
+        self._showViews(result.dvh.chartNode, result.dvh.metricsTableNode, result.doseNode)
 
-    @staticmethod
-    def _showViews(chartNode, tableNode) -> None:
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
-        appLogic = slicer.app.applicationLogic()
-        selectionNode = appLogic.GetSelectionNode()
-        selectionNode.SetActivePlotChartID(chartNode.GetID())
-        selectionNode.SetActiveTableID(tableNode.GetID())
-        appLogic.PropagatePlotChartSelection()
-        appLogic.PropagateTableSelection()
+    def _showViews(self, chartNode, tableNode, doseNode=None) -> None:
+        show_dose_and_dvh(self._parameterNode.ctVolume, doseNode, chartNode, tableNode)
 
     # --- dependencies --------------------------------------------------------------------------------
     def _installPackages(self, task: str) -> bool:
         """Python packages are installed when first needed, after the user agrees; never at import.
-        torch first (see DosePreferenceLib.install_plan), then the rest with pip. False: the user declined."""
-        missing = DosePreferenceLib.missing_packages_for(task)
-        if not missing:
-            return True
-        needsTorch, others = DosePreferenceLib.install_plan(missing)
-        if needsTorch and not self._installTorch():
-            return False
-        if others and not self._pipInstall(others):
-            return False
-        importlib.invalidate_caches()
-        still = DosePreferenceLib.missing_packages_for(task)
-        if still:
-            raise RuntimeError(f"These Python packages are still missing: {', '.join(still)}. Install them from "
-                               "the Python console (slicer.util.pip_install) and restart Slicer.")
-        return True
-
-    @staticmethod
-    def _pipInstall(requirements) -> bool:
-        """slicer.packaging.pip_ensure where this Slicer has it (it asks, and shows progress), otherwise
-        ask here and call slicer.util.pip_install."""
-        try:
-            import slicer.packaging as packaging
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            try:
-                packaging.pip_ensure(list(requirements), requester="Dose Preference")
-            except RuntimeError:  # the user declined
-                return False
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-            f"Dose Preference needs these Python packages: {', '.join(requirements)}. Install them now?",
-            windowTitle="Dose Preference",
-        ):
-            return False
-        slicer.util.pip_install(" ".join(requirements))
-        return True
-
-    @staticmethod
-    def _installTorch() -> bool:
-        """PyTorch through the PyTorch extension (it picks the CUDA or CPU build) when it is installed,
-        otherwise pip's default build (which runs on CPU too)."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if torchLogic.torchInstalled():
-                return True
-            requirement = DosePreferenceLib.TORCH_REQUIREMENT[len("torch"):]
-            return torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=requirement) is not None
-        if not slicer.util.confirmOkCancelDisplay(
-            "Dose prediction needs PyTorch. Install the default PyTorch build with pip now? (Several minutes; "
-            "the PyTorch extension from the Extensions Manager would choose a build for your GPU instead.)",
-            windowTitle="Dose Preference",
-        ):
-            return False
-        slicer.util.pip_install(DosePreferenceLib.TORCH_REQUIREMENT)
-        return True
+        torch first (through the PyTorch extension where present), then the rest with pip (see
+        doseai.mrml.app). False: the user declined."""
+        return ensure_packages(lambda: DosePreferenceLib.missing_packages_for(task), "Dose Preference")
 
 
 #
@@ -666,31 +590,14 @@ class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePre
 
     def dicomLookup(self):
         """Tags of the instances in Slicer's DICOM database (what an exported RTDOSE refers to)."""
-        database = getattr(slicer, "dicomDatabase", None)
-        if database is None or not database.isOpen:
-            return None
+        from doseai.mrml.dicom import database_lookup
 
-        def lookup(instanceUID: str, tag: str) -> str:
-            value = database.instanceValue(instanceUID, tag)
-            if not value:  # a tag the database did not cache: read it from the file's header
-                path = database.fileForInstance(instanceUID)
-                value = database.fileValue(path, tag) if path else ""
-            return value
-
-        return lookup
+        return database_lookup(getattr(slicer, "dicomDatabase", None))
 
 
 #
 # DosePreferenceTest
 #
-
-
-def _inSlicerApplication() -> bool:
-    """True in the Slicer application; False on slicer-core (MRML without Qt), which has no ``slicer.app``."""
-    try:
-        return slicer.app is not None
-    except (AttributeError, ImportError):
-        return False
 
 
 class DosePreferenceTest(ScriptedLoadableModuleTest):
@@ -703,7 +610,7 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_PredictSlidersExport()
-        if _inSlicerApplication():
+        if in_slicer_application():
             self.setUp()
             self.test_Widget()
 
@@ -766,7 +673,7 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
 
     def test_Widget(self):
         """Predict, a slider move (debounced live update) and export through the module GUI."""
-        if not _inSlicerApplication():
+        if not in_slicer_application():
             self.skipTest("the module GUI needs the Slicer application")
         case, (ctNode, segNode, referenceNode) = self._sampleNodes()
         slicer.util.selectModule("DosePreference")

@@ -21,6 +21,10 @@ class InvalidDoseError(DoseAIError):
     """A dose array holds NaN/inf or negative values."""
 
 
+class MissingPackageError(DoseAIError):
+    """A Python package an action needs (e.g. the dose engine pyRadPlan) is not installed."""
+
+
 class OutputExistsError(DoseAIError):
     """An output file exists and overwriting was not requested."""
 

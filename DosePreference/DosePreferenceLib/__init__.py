@@ -4,6 +4,8 @@
 ``ScriptedLoadableModuleLogic`` for the parameter node.
 """
 
+from doseai.packages import install_plan
+
 from .export import dicom_reference, export_paths, instance_uids, safe_file_stem
 from .logic import (
     REQUIRED_PACKAGES,
@@ -13,7 +15,6 @@ from .logic import (
     DVHResult,
     PendingPrediction,
     PredictionResult,
-    install_plan,
     missing_packages,
     missing_packages_for,
     model_oars,

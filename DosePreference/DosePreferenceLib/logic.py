@@ -1,12 +1,12 @@
 """DosePreference logic without Qt: MRML nodes in, ``doseai`` core call, MRML nodes out.
 
 ``doseai`` is imported inside the methods, so that the module loads in Slicer even before a missing
-Python package is installed (that happens when the user first clicks a button, never at import).
+Python package is installed (that happens when the user first clicks a button, never at import); only
+``doseai.packages`` and ``doseai.mrml.dicom`` (numpy, SimpleITK, VTK: bundled with Slicer) load with it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import time
@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from doseai.mrml.plots import DVHResult
+from doseai.packages import BASE_PACKAGES, TORCH_REQUIREMENT, missing_packages
+
 from .export import Lookup, dicom_reference, existing_outputs, export_paths, safe_file_stem
 from .mapping import StructureRow, structure_rows
 
 # import name -> pip requirement; what "Compute DVH" needs beyond the doseai package itself
-REQUIRED_PACKAGES: dict[str, str] = {"numpy": "numpy", "SimpleITK": "SimpleITK"}
-TORCH_REQUIREMENT = "torch>=2.2"
+REQUIRED_PACKAGES: dict[str, str] = BASE_PACKAGES
 # what each action needs (Slicer bundles numpy and SimpleITK; the rest is installed on first use)
 TASK_PACKAGES: dict[str, dict[str, str]] = {
     "dvh": REQUIRED_PACKAGES,
@@ -31,23 +33,9 @@ TASK_PACKAGES: dict[str, dict[str, str]] = {
 Progress = Callable[[str, int], None]  # (what is being done, percent done)
 
 
-def missing_packages(required: Mapping[str, str] | None = None) -> list[str]:
-    """pip requirements of the packages in ``required`` (import name -> requirement) that are not installed."""
-    required = REQUIRED_PACKAGES if required is None else required
-    return [requirement for module, requirement in required.items() if importlib.util.find_spec(module) is None]
-
-
 def missing_packages_for(task: str) -> list[str]:
     """pip requirements missing for ``task`` ("dvh", "predict" or "export")."""
     return missing_packages(TASK_PACKAGES[task])
-
-
-def install_plan(missing: Sequence[str]) -> tuple[bool, list[str]]:
-    """``(torch needed, other requirements)``: torch goes first and on its own (through the PyTorch
-    extension where present, which picks the CUDA or CPU build), so that pip installing MONAI does
-    not pull a default torch build."""
-    others = [requirement for requirement in missing if not re.match(r"^torch(\W|$)", requirement)]
-    return len(others) < len(missing), others
 
 
 def model_oars(card: Mapping | None) -> list[str]:
@@ -73,28 +61,6 @@ def slider_tooltips(card: Mapping | None) -> dict[str, str]:
         own = [c.rstrip(";") + "." if c.endswith(";") else c for c in clauses if c.startswith(slider)]
         tips[slider] = " ".join(own + general + [f"Range [{low:g}, {high:g}]."]).replace("..", ".")
     return tips
-
-
-@dataclass
-class DVHResult:
-    """What :meth:`DosePreferenceLogic.computeDVH` made: the case on the CT grid, the DVHs and
-    metrics per structure, and the chart and table nodes that show them."""
-
-    case: object
-    dvhs: dict
-    metrics: dict[str, dict[str, float]]
-    chartNode: object
-    metricsTableNode: object
-    emptyStructures: list[str] = field(default_factory=list)
-    referenceDVHs: dict | None = None
-
-    def summary(self) -> str:
-        text = f"DVH of {len(self.dvhs)} structures"
-        if self.referenceDVHs:
-            text += " (dashed: reference dose)"
-        if self.emptyStructures:
-            text += f"; empty on the CT grid, left out: {', '.join(self.emptyStructures)}"
-        return text
 
 
 @dataclass
@@ -149,15 +115,9 @@ class DosePreferenceLogic:
     @staticmethod
     def missingInputs(ctNode, segNode, doseNode) -> str:
         """Why Compute DVH cannot run with these inputs (a sentence for the button's tooltip), or ""."""
-        if ctNode is None:
-            return "Select the CT volume"
-        if segNode is None:
-            return "Select the segmentation with the structures"
-        if doseNode is None:
-            return "Select the dose volume"
-        if doseNode is ctNode:
-            return "The dose volume must not be the CT volume"
-        return ""
+        from doseai.mrml import missing_inputs
+
+        return missing_inputs(ctNode, segNode, doseNode)
 
     @staticmethod
     def defaultInputs(scene):
@@ -165,27 +125,12 @@ class DosePreferenceLogic:
         the first plain scalar volume that is not a dose, the first segmentation that is not an
         isodose display, the first volume marked as an RT dose (``DicomRtImport.DoseVolume``) that
         is not a prediction (a predicted dose is an output, e.g. never the obvious reference)."""
-        from doseai.mrml import is_dose_volume
-        from doseai.mrml.isodose import ISODOSE_ATTRIBUTE
+        from doseai.mrml import scene_inputs
 
-        ct = dose = None
-        volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        for index in range(volumes.GetNumberOfItems()):
-            volume = volumes.GetItemAsObject(index)
-            if volume.GetClassName() != "vtkMRMLScalarVolumeNode":  # labelmaps and other subclasses
-                continue
-            if is_dose_volume(volume):
-                if not volume.GetAttribute("DoseAI.Model"):
-                    dose = dose or volume
-            else:
-                ct = ct or volume
-        segmentation = None
-        segmentations = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        for index in range(segmentations.GetNumberOfItems()):
-            node = segmentations.GetItemAsObject(index)
-            if not node.GetAttribute(ISODOSE_ATTRIBUTE):
-                segmentation = node
-                break
+        cts, segmentations, doses = scene_inputs(scene)
+        ct = cts[0] if cts else None
+        segmentation = segmentations[0] if segmentations else None
+        dose = next((volume for volume in doses if not volume.GetAttribute("DoseAI.Model")), None)
         return ct, segmentation, dose
 
     @staticmethod
@@ -246,18 +191,10 @@ class DosePreferenceLogic:
     def _showDVH(self, case, dose, segNode, name, overrides=None, chartNode=None, metricsTableNode=None,
                  referenceDoseNode=None) -> DVHResult:
         """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``."""
-        from doseai.mrml import metrics_table, segment_colors, show_dvh
-        from doseai.report import case_dvhs, case_metrics
+        from doseai.mrml import show_case_dvh
 
-        scene = segNode.GetScene()
-        dvhs = case_dvhs(case, dose, bin_width_gy=self.dvhBinWidthGy)
-        metrics = case_metrics(case, dose)
-        reference = self.referenceDVHs(case, referenceDoseNode)
-        chartNode = show_dvh(scene, dvhs, colors=segment_colors(segNode, overrides), chartNode=chartNode,
-                             name_prefix=f"{name} DVH", reference=reference)
-        metricsTableNode = metrics_table(scene, metrics, tableNode=metricsTableNode, name=f"{name} DVH metrics")
-        empty = [structure for structure in case.structures if structure not in dvhs]
-        return DVHResult(case, dvhs, metrics, chartNode, metricsTableNode, empty, reference)
+        return show_case_dvh(case, dose, segNode, name, overrides, chartNode, metricsTableNode,
+                             reference=self.referenceDVHs(case, referenceDoseNode), bin_width_gy=self.dvhBinWidthGy)
 
     def referenceDVHs(self, case, referenceDoseNode) -> dict | None:
         """DVHs of a reference dose (e.g. the clinical plan's RTDOSE) for the structures of ``case``,
@@ -268,16 +205,10 @@ class DosePreferenceLogic:
         image = referenceDoseNode.GetImageData()
         key = (id(case), referenceDoseNode.GetID(), referenceDoseNode.GetMTime(), image.GetMTime() if image else 0)
         if key != self._referenceKey:
-            from doseai.case import validate_dose
-            from doseai.mrml import geometry_from_volume_node, volume_array
+            from doseai.mrml import dose_on_grid
             from doseai.report import case_dvhs
-            from doseai.resample import resample_to
 
-            geometry = geometry_from_volume_node(referenceDoseNode)
-            dose = volume_array(referenceDoseNode).astype("float32")
-            if not geometry.matches(case.geometry):
-                dose = resample_to(dose, geometry, case.geometry).clip(0.0, None)
-            dose = validate_dose(dose, f"reference dose '{referenceDoseNode.GetName()}'")
+            dose = dose_on_grid(referenceDoseNode, case.geometry, "reference dose")
             self._referenceKey = key
             self._referenceDVHs = case_dvhs(case, dose, bin_width_gy=self.dvhBinWidthGy)
         return self._referenceDVHs

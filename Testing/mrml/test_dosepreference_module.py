@@ -4,27 +4,23 @@ Importing ``DosePreference.py`` needs ``slicer.ScriptedLoadableModule`` and
 ``slicer.parameterNodeWrapper``, which are part of the Slicer application (they import Qt) and are
 not in slicer-core. So the logic lives in ``DosePreference/DosePreferenceLib/logic.py`` (importable
 here; the module file mixes it into its ``ScriptedLoadableModuleLogic``), as in SlicerNNUnet.
-The last tests import the module files with those two Slicer modules replaced by minimal stand-ins,
-to check that the files load, that the module's Logic class is the tested one, and to run the
-module's self test on slicer-core.
+The last tests import the module file with those two Slicer modules replaced by minimal stand-ins
+(``slicer_stand_ins``), to check that it loads, that the module's Logic class is the tested one, and
+to run the module's self test on slicer-core.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
-import io
 import os
-import sys
 import types
-import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-import slicer
 from DosePreferenceLib import DosePreferenceLogic, missing_packages
+from slicer_stand_ins import load_module_file, parameter_names, run_self_test, ui_widgets
 
 from doseai.dvh import compute_dvhs, structure_metrics
 from doseai.errors import DoseAIError
@@ -110,19 +106,10 @@ def test_missing_packages():
 
 
 # --- module files --------------------------------------------------------------------------------
-def _ui_widgets(ui_file: Path) -> dict[str, ET.Element]:
-    root = ET.parse(ui_file).getroot()
-    return {w.get("name"): w for w in root.iter("widget")}
-
-
-def _parameter_names(widget: ET.Element) -> list[str]:
-    return [p.findtext("string") for p in widget.findall("property") if p.get("name") == "SlicerParameterName"]
-
-
 def test_dosepreference_ui_matches_module_file():
     module_file = MODULES["DosePreference"] / "DosePreference.py"
     tree = ast.parse(module_file.read_text())
-    widgets = _ui_widgets(MODULES["DosePreference"] / "Resources/UI/DosePreference.ui")
+    widgets = ui_widgets(MODULES["DosePreference"] / "Resources/UI/DosePreference.ui")
 
     used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"}
@@ -140,7 +127,7 @@ def test_dosepreference_ui_matches_module_file():
         "homogeneity": "Annotated[float, WithinRange(-1.0, 1.0)]", "showIsodose": "bool", "isodoseLevels": "str",
         "isodoseSegmentation": "vtkMRMLSegmentationNode", "referenceDose": "vtkMRMLScalarVolumeNode",
         "dvhChart": "vtkMRMLPlotChartNode", "metricsTable": "vtkMRMLTableNode", "exportFolder": "pathlib.Path"}
-    bound = {name: w.get("class") for w in widgets.values() for name in _parameter_names(w)}
+    bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
                      "outputDose": "qMRMLNodeComboBox", "oarSparing": "ctkSliderWidget",
                      "homogeneity": "ctkSliderWidget", "showIsodose": "QCheckBox", "isodoseLevels": "QLineEdit",
@@ -176,13 +163,6 @@ def test_dosepreference_keeps_gui_imports_out_of_the_logic():
     assert not imported & {"qt", "ctk", "slicer", "PythonQt"}, imported
 
 
-def test_dose_optimizer_offers_nothing_that_pretends_to_work():
-    widgets = _ui_widgets(MODULES["DoseOptimizer"] / "Resources/UI/DoseOptimizer.ui")
-    interactive = {"QPushButton", "QToolButton", "ctkPushButton", "QCheckBox", "QRadioButton", "QSlider",
-                   "ctkSliderWidget", "qMRMLNodeComboBox", "QComboBox", "QSpinBox", "QDoubleSpinBox"}
-    assert not {w.get("class") for w in widgets.values()} & interactive
-
-
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_module_folder_layout(module):
     folder = MODULES[module]
@@ -206,64 +186,8 @@ def test_dosepreference_cmake_installs_every_lib_file_and_doseai():
 
 
 # --- module files imported with stand-ins for the Qt-dependent Slicer base modules ----------------
-def _stand_in_modules():
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            super().__init__()
-            self.moduleName = self.__class__.__name__.removesuffix("Logic")
-
-        def getParameterNode(self):
-            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", self.moduleName)
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-
-    def parameterNodeWrapper(cls):  # a plain attribute holder instead of the MRML-backed wrapper
-        def wrap(parameterNode):
-            holder = types.SimpleNamespace(**{name: getattr(cls, name, None) for name in cls.__annotations__})
-            holder.parameterNode = parameterNode
-            return holder
-        return wrap
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    pnw.parameterNodeWrapper = parameterNodeWrapper
-    pnw.WithinRange = WithinRange
-    return {"slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw}
-
-
-def _import_module_file(monkeypatch, module: str):
-    for name, stand_in in _stand_in_modules().items():
-        monkeypatch.setitem(sys.modules, name, stand_in)
-    monkeypatch.syspath_prepend(str(MODULES[module]))
-    spec = importlib.util.spec_from_file_location(module, MODULES[module] / f"{module}.py")
-    loaded = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, module, loaded)
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
 def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene, mrml_case):
-    module = _import_module_file(monkeypatch, "DosePreference")
+    module = load_module_file(monkeypatch, scene, "DosePreference")
     parent = types.SimpleNamespace()
     module.DosePreference(parent)
     assert parent.categories == ["Radiotherapy"] and parent.title == "Dose Preference"
@@ -291,19 +215,7 @@ def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene):
         pytest.skip(f"model weights not found at {weights}")
     monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
     DosePreferenceLogic.predictor(weights=weights, device="cpu")
-    module = _import_module_file(monkeypatch, "DosePreference")
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    outcome = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
-        unittest.defaultTestLoader.loadTestsFromTestCase(module.DosePreferenceTest)
-    )
+    module = load_module_file(monkeypatch, scene, "DosePreference")
+    outcome = run_self_test(module.DosePreferenceTest)
     assert outcome.wasSuccessful(), outcome.errors + outcome.failures
     assert outcome.testsRun == 2 and [test._testMethodName for test, _ in outcome.skipped] == ["test_Widget"]
-
-
-def test_dose_optimizer_module_file_loads(monkeypatch):
-    module = _import_module_file(monkeypatch, "DoseOptimizer")
-    parent = types.SimpleNamespace()
-    module.DoseOptimizer(parent)
-    assert parent.categories == ["Radiotherapy"] and "Not available yet" in parent.helpText
-    logic_methods = [name for name in vars(module.DoseOptimizerLogic) if not name.startswith("_")]
-    assert logic_methods == []

@@ -4,6 +4,9 @@ imported RTDOSE, DVH table/plot nodes (a reference dose dashed) and isodose-line
 This is the only part of ``doseai`` that imports ``slicer`` and ``vtk``. It works in the Slicer
 application and on ``slicer-core`` (Slicer's MRML and module logics without Qt); it never touches
 ``slicer.app`` or ``slicer.mrmlScene``: every function takes the scene or the nodes it works on.
+The exception is :mod:`doseai.mrml.app` (not imported here): what the module Widgets share that needs
+the application (installing packages, a progress dialog, showing results in the views).
+:mod:`doseai.mrml.dicom` reads the DICOM study a CT came from, for exports.
 
 Geometry: Slicer volumes hold an IJK-to-RAS matrix; ``doseai`` grids are ITK/LPS (spacing, origin,
 row-major direction). The conversion flips the first two rows (RAS <-> LPS).
@@ -17,6 +20,8 @@ from doseai.mrml.dose import (
     create_or_update_dose_node,
     get_or_create_dose_color_table,
     is_dose_volume,
+    missing_inputs,
+    scene_inputs,
 )
 from doseai.mrml.isodose import (
     DEFAULT_ISODOSE_LEVELS_PCT,
@@ -26,6 +31,7 @@ from doseai.mrml.isodose import (
 )
 from doseai.mrml.nodes import (
     case_from_nodes,
+    dose_on_grid,
     geometry_from_volume_node,
     ijk_to_ras_matrix,
     nodes_from_case,
@@ -33,7 +39,14 @@ from doseai.mrml.nodes import (
     set_volume_from_array,
     volume_array,
 )
-from doseai.mrml.plots import REFERENCE_ATTRIBUTE, STRUCTURE_ATTRIBUTE, metrics_table, show_dvh
+from doseai.mrml.plots import (
+    REFERENCE_ATTRIBUTE,
+    STRUCTURE_ATTRIBUTE,
+    DVHResult,
+    metrics_table,
+    show_case_dvh,
+    show_dvh,
+)
 
 __all__ = [
     "DEFAULT_ISODOSE_LEVELS_PCT",
@@ -41,10 +54,12 @@ __all__ = [
     "DOSE_UNIT_NAME_ATTRIBUTE",
     "DOSE_UNIT_VALUE_ATTRIBUTE",
     "DOSE_VOLUME_ATTRIBUTE",
+    "DVHResult",
     "REFERENCE_ATTRIBUTE",
     "STRUCTURE_ATTRIBUTE",
     "case_from_nodes",
     "create_or_update_dose_node",
+    "dose_on_grid",
     "geometry_from_volume_node",
     "get_or_create_dose_color_table",
     "ijk_to_ras_matrix",
@@ -52,10 +67,13 @@ __all__ = [
     "isodose_levels",
     "isodose_segmentation",
     "metrics_table",
+    "missing_inputs",
     "nodes_from_case",
     "parse_isodose_levels",
+    "scene_inputs",
     "segment_colors",
     "set_volume_from_array",
+    "show_case_dvh",
     "show_dvh",
     "structure_color",
     "volume_array",

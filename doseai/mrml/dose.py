@@ -24,6 +24,43 @@ def is_dose_volume(node) -> bool:
     return node is not None and bool(node.GetAttribute(DOSE_VOLUME_ATTRIBUTE))
 
 
+def scene_inputs(scene) -> tuple[list, list, list]:
+    """What a dose module could take as input from ``scene``, each in scene order: ``(CT candidates,
+    segmentations, doses)``. CT candidates are plain scalar volumes not marked as an RT dose (labelmaps
+    and other subclasses are left out), segmentations leave out isodose-line displays, doses are the
+    volumes marked as an RT dose (see :func:`is_dose_volume`)."""
+    from doseai.mrml.isodose import ISODOSE_ATTRIBUTE
+
+    cts, doses = [], []
+    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for index in range(volumes.GetNumberOfItems()):
+        volume = volumes.GetItemAsObject(index)
+        if volume.GetClassName() == "vtkMRMLScalarVolumeNode":
+            (doses if is_dose_volume(volume) else cts).append(volume)
+    segmentations = []
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if not node.GetAttribute(ISODOSE_ATTRIBUTE):
+            segmentations.append(node)
+    return cts, segmentations, doses
+
+
+def missing_inputs(ctNode, segNode, doseNode, what: str = "dose volume", hint: str = "") -> str:
+    """Why a dose module cannot run on these inputs (a sentence for a button's tooltip), or "": a CT, a
+    segmentation and a dose (``what``, e.g. "desired dose"; ``hint`` follows its "Select ...") that is
+    not the CT itself."""
+    if ctNode is None:
+        return "Select the CT volume"
+    if segNode is None:
+        return "Select the segmentation with the structures"
+    if doseNode is None:
+        return f"Select the {what}{hint}"
+    if doseNode is ctNode:
+        return f"The {what} must not be the CT volume"
+    return ""
+
+
 def get_or_create_dose_color_table(scene):
     """The scene's ``DoseAI_DoseColor`` table (256 rainbow entries, blue = low dose, red = high);
     created the first time, shared by every dose volume afterwards."""

@@ -14,7 +14,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from doseai.case import PlanningCase
+from doseai.case import PlanningCase, validate_dose
 from doseai.errors import GeometryMismatchError, MissingStructureError, UnreadableInputError
 from doseai.geometry import ImageGeometry
 from doseai.resample import resample_to
@@ -208,6 +208,18 @@ def _patient_name(node) -> str | None:
     return None
 
 
+def dose_on_grid(doseNode, geometry: ImageGeometry, what: str = "dose volume") -> np.ndarray:
+    """The voxels of a dose volume (Gy, float32) on ``geometry``: as they are when the grids match,
+    else resampled (linear; the overshoot below 0 clipped). Raises when the node is under a transform
+    or holds NaN or negative doses (``what`` names it in the message)."""
+    _require_untransformed(doseNode, what)
+    dose_geometry = geometry_from_volume_node(doseNode)
+    dose = volume_array(doseNode).astype(np.float32)
+    if not dose_geometry.matches(geometry):
+        dose = resample_to(dose, dose_geometry, geometry).clip(0.0, None)
+    return validate_dose(dose, f"{what} '{doseNode.GetName()}'")
+
+
 def case_from_nodes(
     ctNode,
     segNode,
@@ -231,11 +243,8 @@ def case_from_nodes(
     dose = None
     metadata = {"ct_node_id": ctNode.GetID(), "segmentation_node_id": segNode.GetID()}
     if doseNode is not None:
-        _require_untransformed(doseNode, "dose volume")
-        dose_geometry = geometry_from_volume_node(doseNode)
-        dose = volume_array(doseNode).astype(np.float32)
-        if not dose_geometry.matches(geometry):
-            dose = resample_to(dose, dose_geometry, geometry)
+        dose = dose_on_grid(doseNode, geometry)
+        if not geometry_from_volume_node(doseNode).matches(geometry):
             metadata["dose_resampled"] = "1"
         metadata["dose_node_id"] = doseNode.GetID()
     return PlanningCase.from_named_masks(

@@ -1,10 +1,12 @@
 """DVH curves and metrics as table, plot series and chart nodes (one table + series per structure
-in one chart, as SlicerRT's DVH module does)."""
+in one chart, as SlicerRT's DVH module does), and :func:`show_case_dvh`, the DVH display both modules
+use: a dose's curves solid, a reference dose's (clinical plan, desired dose) dashed, and a metrics table."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import slicer
@@ -69,6 +71,7 @@ def show_dvh(
     chartNode=None,
     name_prefix: str = "DVH",
     reference: Mapping[str, object] | None = None,
+    reference_label: str = "reference",
 ):
     """Show cumulative DVHs (``{name: doseai.dvh.DVH}``) in one plot chart; returns the chart node.
 
@@ -78,7 +81,8 @@ def show_dvh(
     existing tables and series, adds missing ones and removes those of structures no longer given.
 
     ``reference`` (DVHs of a reference dose, e.g. the clinical plan) adds dashed curves in the same
-    colours for comparison; without it, dashed curves shown before are removed.
+    colours for comparison, named "<structure> (``reference_label``)"; without it, dashed curves shown
+    before are removed.
     """
     colors = colors or {}
     if chartNode is None:
@@ -87,13 +91,13 @@ def show_dvh(
         chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name_prefix} chart"))
     was_modifying = chartNode.StartModify()
     chartNode.SetAttribute(CHART_ATTRIBUTE, name_prefix)
-    chartNode.SetTitle("Dose-volume histogram" + (" (dashed: reference)" if reference else ""))
+    chartNode.SetTitle("Dose-volume histogram" + (f" (dashed: {reference_label})" if reference else ""))
     chartNode.SetXAxisTitle("Dose [Gy]")
     chartNode.SetYAxisTitle("Volume [%]")
     chartNode.SetLegendVisibility(True)
     _sync_series(scene, chartNode, dvhs, colors, name_prefix, STRUCTURE_ATTRIBUTE, "",
                  slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
-    _sync_series(scene, chartNode, reference or {}, colors, name_prefix, REFERENCE_ATTRIBUTE, " (reference)",
+    _sync_series(scene, chartNode, reference or {}, colors, name_prefix, REFERENCE_ATTRIBUTE, f" ({reference_label})",
                  slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
     chartNode.EndModify(was_modifying)
     return chartNode
@@ -178,3 +182,46 @@ def metrics_table(scene, metrics: Mapping[str, Mapping[str, float]], tableNode=N
             tableNode.SetColumnUnitLabel(key, unit)
     tableNode.EndModify(was_modifying)
     return tableNode
+
+
+@dataclass
+class DVHResult:
+    """What :func:`show_case_dvh` made: the case on the CT grid, the DVHs and metrics per structure, the
+    chart and table nodes that show them, the structures left out (empty on the grid) and the dashed
+    reference DVHs (None without a reference) with what they are (``referenceLabel``)."""
+
+    case: object
+    dvhs: dict
+    metrics: dict[str, dict[str, float]]
+    chartNode: object
+    metricsTableNode: object
+    emptyStructures: list[str] = field(default_factory=list)
+    referenceDVHs: dict | None = None
+    referenceLabel: str = "reference"
+
+    def summary(self) -> str:
+        text = f"DVH of {len(self.dvhs)} structures"
+        if self.referenceDVHs:
+            text += f" (dashed: {self.referenceLabel} dose)"
+        if self.emptyStructures:
+            text += f"; empty on the CT grid, left out: {', '.join(self.emptyStructures)}"
+        return text
+
+
+def show_case_dvh(case, dose, segNode, name: str, overrides: Mapping[str, str | None] | None = None,
+                  chartNode=None, metricsTableNode=None, reference: Mapping[str, object] | None = None,
+                  reference_label: str = "reference", bin_width_gy: float = 0.1) -> DVHResult:
+    """DVH curves of ``dose`` (on the grid of ``case``) for every structure of the case, in segment
+    colours, in one chart, and their metrics in a table, both named after ``name`` (and updated in place
+    when given); ``reference`` DVHs (e.g. ``case_dvhs(case, other_dose)``) are added dashed."""
+    from doseai.mrml.nodes import segment_colors
+    from doseai.report import case_dvhs, case_metrics
+
+    scene = segNode.GetScene()
+    dvhs = case_dvhs(case, dose, bin_width_gy=bin_width_gy)
+    metrics = case_metrics(case, dose)
+    chartNode = show_dvh(scene, dvhs, colors=segment_colors(segNode, overrides), chartNode=chartNode,
+                         name_prefix=f"{name} DVH", reference=reference, reference_label=reference_label)
+    metricsTableNode = metrics_table(scene, metrics, tableNode=metricsTableNode, name=f"{name} DVH metrics")
+    empty = [structure for structure in case.structures if structure not in dvhs]
+    return DVHResult(case, dvhs, metrics, chartNode, metricsTableNode, empty, reference, reference_label)

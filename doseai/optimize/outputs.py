@@ -59,9 +59,9 @@ def write_plan(plan: PlanResult, case: PlanningCase, desired: np.ndarray, out: P
     for name in PLAN_FILES:
         refuse_overwrite(out / name, force)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_image(plan.dose, case.geometry, out / "plan_dose.nrrd", force=force),
-               write_rtdose(plan.dose, case.geometry, out / "RD_plan.dcm", reference_meta=case.metadata or None,
-                            force=force)]
+    written = [write_image(plan.dose, case.geometry, out / "plan_dose.nrrd", force=force)]
+    write_rtdose(plan.dose, case.geometry, out / "RD_plan.dcm", reference_meta=case.metadata or None, force=force)
+    written.append(out / "RD_plan.dcm")  # (write_rtdose returns the SOPInstanceUID, not the path)
     np.savez_compressed(out / "fluence.npz", weights=plan.fluence.weights,
                         gantry_angles_deg=np.asarray(plan.beams.gantry_angles_deg),
                         bixel_width_mm=plan.beams.bixel_width_mm,
