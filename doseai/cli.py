@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
     preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
     preference.add_argument("--refine-film", action="store_true", help="let the sliders modulate the refinement head")
+    pareto = train_sub.add_parser("pareto", help="Pareto plans (coverage vs OAR sparing) per training patient, "
+                                                 "for the DVH-conditioned network; resumable")
+    pareto.add_argument("--run", required=True, help="run name (plans in <cache>/pareto/<run>)")
+    pareto.add_argument("--plans", type=int, default=10, help="plans per patient (default: %(default)s)")
+    pareto.add_argument("--limit", type=int, help="only the first N patients")
+    pareto.add_argument("--bixel-mm", type=float, default=10.0)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
@@ -370,6 +376,10 @@ def _cmd_train(args) -> int:
                                 freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None)
+    elif args.stage == "pareto":
+        from doseai.train.pareto import generate_pareto
+
+        path = generate_pareto(args.run, n_plans=args.plans, limit=args.limit, bixel_width_mm=args.bixel_mm)
     else:
         from doseai.train.export import export_model
 

@@ -131,3 +131,22 @@ def structure_metrics(
         metrics["CI_Paddick"] = paddick_conformity_index(dose, mask, prescription_gy)
         metrics["V100%"] = volume_at_dose(values, prescription_gy)
     return metrics
+
+
+def dvh_vector(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, prescription_gy: float,
+               n_points: int = 32, max_relative_dose: float = 1.2) -> np.ndarray:
+    """Each structure's cumulative DVH (volume fraction 0..1) at ``n_points`` doses evenly spaced from 0
+    to ``max_relative_dose`` x ``prescription_gy``, stacked as (len(names), n_points) float32: the fixed-size
+    description of a plan that a DVH-conditioned network reads. A missing or empty structure gives a row of
+    zeros, so the layout never depends on the case."""
+    if prescription_gy <= 0:
+        raise ValueError("prescription_gy must be positive")
+    levels = np.linspace(0.0, max_relative_dose * prescription_gy, n_points)
+    rows = np.zeros((len(names), n_points), np.float32)
+    for row, name in enumerate(names):
+        mask = masks.get(name)
+        if mask is None or not np.any(mask):
+            continue
+        values = np.sort(np.asarray(dose, np.float32)[np.asarray(mask, bool)])
+        rows[row] = 1.0 - np.searchsorted(values, levels, side="left") / values.size  # fraction >= level
+    return rows

@@ -1,0 +1,45 @@
+"""Pareto plan generation and the DVH vector (DVH-conditioned network groundwork), on a small sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from doseai.dvh import dvh_vector
+
+
+def test_dvh_vector_is_a_fixed_size_cumulative_dvh():
+    dose = np.array([[[0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]]], np.float32)
+    ptv = np.zeros(dose.shape, bool)
+    ptv[..., 4:] = True  # 40, 50, 60, 70 Gy
+    vector = dvh_vector(dose, {"PTV_70": ptv}, ["PTV_70", "Brainstem"], 70.0, n_points=8, max_relative_dose=1.0)
+    assert vector.shape == (2, 8) and vector.dtype == np.float32
+    levels = np.linspace(0, 70, 8)  # 0, 10, ..., 70
+    np.testing.assert_allclose(vector[0], [(dose[ptv] >= level).mean() for level in levels])
+    assert np.all(vector[1] == 0)  # a missing structure is a row of zeros
+    assert np.all(np.diff(vector[0]) <= 0)
+    with pytest.raises(ValueError):
+        dvh_vector(dose, {"PTV_70": ptv}, ["PTV_70"], 0.0)
+
+
+def test_pareto_plans_trade_coverage_for_sparing():
+    pytest.importorskip("pyRadPlan", reason="pyRadPlan not installed (see README: pip install --no-deps pyradplan)")
+    import torch
+
+    from doseai.sample import make_sample_case
+    from doseai.train.pareto import DVH_STRUCTURES, pareto_plans
+
+    torch.set_num_threads(1)
+    case = make_sample_case(seed=3, shape=(24, 48, 48))  # targets clear of the CT edge (pyRadPlan needs that)
+    plans = pareto_plans(case, n_plans=3, n_beams=3, bixel_width_mm=10.0, max_iterations=60,
+                         oar_weight_range=(0.01, 100.0))
+    assert plans["doses"].shape == (3, *case.geometry.shape)
+    assert plans["dvh_vectors"].shape == (3, len(DVH_STRUCTURES), 32)
+    oars = np.zeros(case.geometry.shape, bool)
+    for name in case.oars:
+        oars |= case.structures[name]
+    mean_oar = [d[oars].mean() for d in plans["doses"]]
+    coverage = [np.percentile(d[case.structures["PTV_70"]], 5) for d in plans["doses"]]
+    assert mean_oar[0] > mean_oar[-1]  # more OAR weight: lower OAR dose ...
+    assert coverage[0] > coverage[-1]  # ... at the cost of target coverage
+    assert np.all(np.diff(plans["oar_weights"]) > 0)

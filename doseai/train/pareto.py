@@ -1,0 +1,114 @@
+"""Pareto plan generation for the DVH-conditioned network: for each training patient, plans that span the
+trade-off between PTV coverage and OAR sparing, all optimized with the project's engine.
+
+Sampling of the trade-off: every plan has the same target objectives (squared underdose below each
+prescription, priority 100; squared overdose above 1.05 x prescription, priority 50) and a body overdose term
+above the highest prescription (priority 10); the OARs get a mean-dose objective toward 0 Gy whose priority
+is swept log-evenly from ``oar_weight_range[0]`` to ``[1]`` (default 0.1 to 100). Low weights give plans that
+cover the targets and spare little, high weights plans that spare the OARs at the cost of coverage: each
+is optimal for its weighting, so together they sample the Pareto front of this objective set.
+
+Per patient one ``<id>.npz`` in the run folder (resumable: a patient already there is skipped) holds the
+plan doses on the model grid (float16, Gy), their DVH vectors (:func:`doseai.dvh.dvh_vector`, structures in
+:data:`DVH_STRUCTURES` order, normalised to the highest prescription) and the OAR weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from doseai.case import PlanningCase
+from doseai.dvh import dvh_vector
+from doseai.structures import OPENKBP_OARS
+
+DVH_STRUCTURES = ("PTV_70", "PTV_63", "PTV_56", *OPENKBP_OARS)
+
+
+def oar_weights(n_plans: int, oar_weight_range: tuple[float, float] = (0.1, 100.0)) -> np.ndarray:
+    low, high = oar_weight_range
+    return np.geomspace(low, high, n_plans) if n_plans > 1 else np.array([np.sqrt(low * high)])
+
+
+def tradeoff_terms(work: PlanningCase, oar_weight: float):
+    """The objective terms of one plan on the working grid (see the module docstring)."""
+    from doseai.engine.working_grid import body_mask
+    from doseai.optimize.objectives import MeanDose, SquaredOverdose, SquaredUnderdose, voxel_indices
+
+    terms = []
+    for name, rx in work.prescriptions.items():
+        if work.structures.get(name) is not None and work.structures[name].any():
+            voxels = voxel_indices(work.structures[name])
+            terms += [SquaredUnderdose(name, voxels, 100.0, dose_gy=rx),
+                      SquaredOverdose(name, voxels, 50.0, dose_gy=1.05 * rx)]
+    for name, mask in work.structures.items():
+        if name not in work.prescriptions and name != "External" and mask.any() and not name.startswith("PTV"):
+            terms.append(MeanDose(name, voxel_indices(mask), float(oar_weight), dose_gy=0.0))
+    body = body_mask(work)
+    if body is not None:
+        terms.append(SquaredOverdose("External", voxel_indices(body), 10.0, dose_gy=max(work.prescriptions.values())))
+    return terms
+
+
+def pareto_plans(case: PlanningCase, n_plans: int = 10, bixel_width_mm: float = 10.0, n_beams: int = 9,
+                 max_iterations: int = 150, oar_weight_range: tuple[float, float] = (0.1, 100.0),
+                 progress: bool = False) -> dict[str, np.ndarray]:
+    """``n_plans`` plans of ``case`` along the trade-off; doses on the case grid (Gy, float32)."""
+    from doseai.engine import default_beams, dose_to_case_grid
+    from doseai.engine.working_grid import body_mask
+    from doseai.optimize.fluence import optimize_fluence
+    from doseai.optimize.plan import PlanSettings, make_engine
+
+    case.require_target()
+    settings = PlanSettings(n_beams=n_beams, bixel_width_mm=bixel_width_mm)
+    engine = make_engine(settings)
+    influence = engine.compute(case, default_beams(case, n_beams=n_beams, bixel_width_mm=bixel_width_mm),
+                               progress=progress)
+    work = engine.working_case(case)
+    top = max(case.prescriptions, key=case.prescriptions.get)
+    case_body = body_mask(case)
+    weights = oar_weights(n_plans, oar_weight_range)
+    doses, previous = [], None
+    for weight in weights:
+        result = optimize_fluence(influence, tradeoff_terms(work, weight), max_iterations=max_iterations,
+                                  progress=False, initial_weights=previous, prescription_gy=case.prescriptions[top],
+                                  target_voxels=np.flatnonzero(work.structures[top].ravel()))
+        previous = result.weights  # warm start: neighbouring weightings have neighbouring optima
+        dose = dose_to_case_grid(result.dose_image, work.geometry, case.geometry)
+        doses.append(dose * case_body if case_body is not None else dose)
+    doses = np.stack(doses).astype(np.float32)
+    vectors = np.stack([dvh_vector(d, case.structures, DVH_STRUCTURES, case.prescriptions[top]) for d in doses])
+    return {"doses": doses, "dvh_vectors": vectors, "oar_weights": weights.astype(np.float32)}
+
+
+def generate_pareto(run_name: str, split: str = "train", n_plans: int = 10, limit: int | None = None,
+                    bixel_width_mm: float = 10.0, max_iterations: int = 150):
+    """Pareto plans for the patients of an OpenKBP split (with CT), stored per patient on the model grid
+    under ``<cache>/pareto/<run_name>``; returns that folder. Resumable."""
+    import time
+
+    from tqdm import tqdm
+
+    from doseai.io import openkbp
+    from doseai.models.features import DEFAULT_GRID, model_geometry
+    from doseai.paths import cache_root, openkbp_root
+    from doseai.resample import resample_to
+
+    folder = cache_root() / "pareto" / run_name
+    folder.mkdir(parents=True, exist_ok=True)
+    patients = list(openkbp.list_patients(openkbp_root() / split).items())[:limit]
+    for pid, path in tqdm(patients, desc=f"Pareto plans ({n_plans} per patient)", unit="patient"):
+        target = folder / f"{pid}.npz"
+        if target.exists():
+            continue
+        case = openkbp.load_npz(path)
+        if case.ct is None:
+            continue  # the engine needs densities; the network needs the CT channel
+        start = time.perf_counter()
+        plans = pareto_plans(case, n_plans, bixel_width_mm, max_iterations=max_iterations)
+        grid = model_geometry(case, DEFAULT_GRID)
+        model_doses = np.stack([resample_to(d, case.geometry, grid) for d in plans["doses"]]).astype(np.float16)
+        partial = target.with_suffix(".tmp.npz")
+        np.savez_compressed(partial, doses=model_doses, dvh_vectors=plans["dvh_vectors"],
+                            oar_weights=plans["oar_weights"], seconds=time.perf_counter() - start)
+        partial.rename(target)  # a patient is either complete or absent
+    return folder
