@@ -318,7 +318,7 @@ class DoseOptimizerLogic:
         desired = dose_on_grid(desiredDoseNode, case.geometry, "desired dose")
         require_packages("optimize")
         from doseai.optimize.from_dose import objectives_from_dose
-        from doseai.optimize.plan import PlanSettings, plan_from_dose
+        from doseai.optimize.plan import PlanSettings, mean_difference_in_body, plan_from_dose
         from doseai.report import case_dvhs
 
         settings = PlanSettings(mode=mode, n_beams=int(numberOfBeams), bixel_width_mm=float(bixelWidthMm),
@@ -356,21 +356,10 @@ class DoseOptimizerLogic:
         self._last = _LastPlan(case, desired, plan, ctNode, segNode)
         self._objectives = objectives
         result = OptimizationResult(planDoseNode, dvh, objectives, plan, desired, reused,
-                                    self._meanDifference(case, plan.dose, desired), timings)
+                                    mean_difference_in_body(case, plan.dose, desired), timings)
         logging.info(f"DoseOptimizer: {result.summary()}")
         report("Done", 100)
         return result
-
-    @staticmethod
-    def _meanDifference(case, dose, desired) -> float:
-        """Mean |dose - desired| in the body (where the desired dose is > 0 when the case has no body)."""
-        import numpy as np
-
-        from doseai.engine.working_grid import body_mask
-
-        body = body_mask(case)
-        region = body if body is not None else desired > 0
-        return float(np.abs(dose - desired)[region].mean()) if region.any() else 0.0
 
     # --- export ----------------------------------------------------------------------------------
     def dicomLookup(self) -> Lookup | None:

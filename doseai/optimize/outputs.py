@@ -11,7 +11,7 @@ import numpy as np
 from doseai.case import PlanningCase
 from doseai.errors import refuse_overwrite
 from doseai.optimize.from_dose import PlanObjective, objectives_to_csv, objectives_to_json
-from doseai.optimize.plan import PlanResult
+from doseai.optimize.plan import PlanResult, mean_difference_in_body
 
 PLAN_FILES = ("plan_dose.nrrd", "RD_plan.dcm", "fluence.npz", "fluence.png", "objectives.json", "objectives.csv",
               "dvh_comparison.png", "metrics.csv", "summary.json")
@@ -85,10 +85,6 @@ def write_plan(plan: PlanResult, case: PlanningCase, desired: np.ndarray, out: P
 def plan_summary(plan: PlanResult, case: PlanningCase, desired: np.ndarray) -> dict:
     from dataclasses import asdict
 
-    from doseai.engine.working_grid import body_mask
-
-    body = body_mask(case)
-    region = body if body is not None else desired > 0
     settings = asdict(plan.settings)
     return {
         "patient": case.patient_id,
@@ -98,5 +94,5 @@ def plan_summary(plan: PlanResult, case: PlanningCase, desired: np.ndarray) -> d
         "engine": plan.engine_card,
         "optimizer": plan.fluence.summary(),
         "timings_s": plan.timings_s,
-        "achieved_vs_desired_mae_gy": float(np.abs(plan.dose - desired)[region].mean()),
+        "achieved_vs_desired_mae_gy": mean_difference_in_body(case, plan.dose, desired),
     }

@@ -125,10 +125,20 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
                                target_voxels=np.flatnonzero(work.structures[top].ravel()))
     timings["optimize_s"] = time.perf_counter() - start
 
-    dose = dose_to_case_grid(fluence.dose_image, work.geometry, case.geometry)
-    case_body = body_mask(case)
-    if case_body is not None:
-        dose = dose * case_body
-    return PlanResult(dose=dose.astype(np.float32), fluence=fluence,
+    return PlanResult(dose=case_dose(fluence.dose_image, work, case), fluence=fluence,
                       fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
                       objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings)
+
+
+def case_dose(working_dose: np.ndarray, work: PlanningCase, case: PlanningCase) -> np.ndarray:
+    """A working-grid plan dose on the case grid, 0 outside the case's body (float32 Gy)."""
+    dose = dose_to_case_grid(working_dose, work.geometry, case.geometry)
+    body = body_mask(case)
+    return (dose * body if body is not None else dose).astype(np.float32)
+
+
+def mean_difference_in_body(case: PlanningCase, dose: np.ndarray, desired: np.ndarray) -> float:
+    """Mean |dose - desired| in the body (where the desired dose is > 0 when the case has no body)."""
+    body = body_mask(case)
+    region = body if body is not None else desired > 0
+    return float(np.abs(dose - desired)[region].mean()) if region.any() else 0.0

@@ -19,7 +19,7 @@ import numpy as np
 
 from doseai.case import PlanningCase
 from doseai.dvh import dvh_vector
-from doseai.structures import OPENKBP_OARS
+from doseai.structures import OPENKBP_OARS, is_target
 
 DVH_STRUCTURES = ("PTV_70", "PTV_63", "PTV_56", *OPENKBP_OARS)
 
@@ -41,7 +41,7 @@ def tradeoff_terms(work: PlanningCase, oar_weight: float):
             terms += [SquaredUnderdose(name, voxels, 100.0, dose_gy=rx),
                       SquaredOverdose(name, voxels, 50.0, dose_gy=1.05 * rx)]
     for name, mask in work.structures.items():
-        if name not in work.prescriptions and name != "External" and mask.any() and not name.startswith("PTV"):
+        if name not in work.prescriptions and name != "External" and mask.any() and not is_target(name):
             terms.append(MeanDose(name, voxel_indices(mask), float(oar_weight), dose_gy=0.0))
     body = body_mask(work)
     if body is not None:
@@ -53,10 +53,9 @@ def pareto_plans(case: PlanningCase, n_plans: int = 10, bixel_width_mm: float = 
                  max_iterations: int = 150, oar_weight_range: tuple[float, float] = (0.1, 100.0),
                  progress: bool = False) -> dict[str, np.ndarray]:
     """``n_plans`` plans of ``case`` along the trade-off; doses on the case grid (Gy, float32)."""
-    from doseai.engine import default_beams, dose_to_case_grid
-    from doseai.engine.working_grid import body_mask
+    from doseai.engine import default_beams
     from doseai.optimize.fluence import optimize_fluence
-    from doseai.optimize.plan import PlanSettings, make_engine
+    from doseai.optimize.plan import PlanSettings, case_dose, make_engine
 
     case.require_target()
     settings = PlanSettings(n_beams=n_beams, bixel_width_mm=bixel_width_mm)
@@ -65,7 +64,6 @@ def pareto_plans(case: PlanningCase, n_plans: int = 10, bixel_width_mm: float = 
                                progress=progress)
     work = engine.working_case(case)
     top = max(case.prescriptions, key=case.prescriptions.get)
-    case_body = body_mask(case)
     weights = oar_weights(n_plans, oar_weight_range)
     doses, previous = [], None
     for weight in weights:
@@ -73,8 +71,7 @@ def pareto_plans(case: PlanningCase, n_plans: int = 10, bixel_width_mm: float = 
                                   progress=False, initial_weights=previous, prescription_gy=case.prescriptions[top],
                                   target_voxels=np.flatnonzero(work.structures[top].ravel()))
         previous = result.weights  # warm start: neighbouring weightings have neighbouring optima
-        dose = dose_to_case_grid(result.dose_image, work.geometry, case.geometry)
-        doses.append(dose * case_body if case_body is not None else dose)
+        doses.append(case_dose(result.dose_image, work, case))
     doses = np.stack(doses).astype(np.float32)
     vectors = np.stack([dvh_vector(d, case.structures, DVH_STRUCTURES, case.prescriptions[top]) for d in doses])
     return {"doses": doses, "dvh_vectors": vectors, "oar_weights": weights.astype(np.float32)}
