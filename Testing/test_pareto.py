@@ -31,15 +31,20 @@ def test_pareto_plans_trade_coverage_for_sparing():
 
     torch.set_num_threads(1)
     case = make_sample_case(seed=3, shape=(24, 48, 48))  # targets clear of the CT edge (pyRadPlan needs that)
-    plans = pareto_plans(case, n_plans=3, n_beams=3, bixel_width_mm=10.0, max_iterations=60,
-                         oar_weight_range=(0.01, 100.0))
-    assert plans["doses"].shape == (3, *case.geometry.shape)
-    assert plans["dvh_vectors"].shape == (3, len(DVH_STRUCTURES), 32)
+    plans = pareto_plans(case, n_plans=4, n_beams=3, bixel_width_mm=10.0, max_iterations=60,
+                         oar_weight_range=(0.01, 100.0), n_varied=1, seed=5)
+    assert plans["doses"].shape == (4, *case.geometry.shape)
+    assert plans["dvh_vectors"].shape == (4, len(DVH_STRUCTURES), 32)
     oars = np.zeros(case.geometry.shape, bool)
     for name in case.oars:
         oars |= case.structures[name]
-    mean_oar = [d[oars].mean() for d in plans["doses"]]
-    coverage = [np.percentile(d[case.structures["PTV_70"]], 5) for d in plans["doses"]]
+    sweep = plans["doses"][:3]
+    mean_oar = [d[oars].mean() for d in sweep]
+    coverage = [np.percentile(d[case.structures["PTV_70"]], 5) for d in sweep]
     assert mean_oar[0] > mean_oar[-1]  # more OAR weight: lower OAR dose ...
     assert coverage[0] > coverage[-1]  # ... at the cost of target coverage
-    assert np.all(np.diff(plans["oar_weights"]) > 0)
+    columns = [DVH_STRUCTURES.index(name) for name in case.oars]
+    weights = plans["oar_weights"][:, columns]
+    assert np.all(np.diff(weights[:3], axis=0) > 0) and np.all(weights[:3] == weights[:3, :1])  # one level each
+    assert np.unique(weights[3]).size == len(columns)  # the varied plan: a weight of its own per OAR
+    assert np.all(plans["oar_weights"][:, :3] == 0)  # targets carry no OAR weight

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
     predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1_1.pt)")
+    predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
+                                               "layout of --report's dvh.csv): predict with the DVH-conditioned model")
+    predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v1.pt)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
@@ -89,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--plans", type=int, default=10, help="plans per patient (default: %(default)s)")
     pareto.add_argument("--limit", type=int, help="only the first N patients")
     pareto.add_argument("--bixel-mm", type=float, default=10.0)
+    pareto.add_argument("--split", default="train", choices=["train", "validation", "test"],
+                        help="OpenKBP split (validation/test: held-out plans for the benchmark, never trained on)")
+    pareto.add_argument("--varied", type=int, default=4,
+                        help="of the plans, how many draw an independent weight per OAR (default: %(default)s)")
+    pareto.add_argument("--shard", default="0/1", help="K/N: every N-th patient from the K-th, to run N processes")
+    dvh = train_sub.add_parser("dvh", help="the DVH-conditioned network on generated Pareto plans (resumable)")
+    dvh.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
+    dvh.add_argument("--pareto-run", required=True, help="the `doseai train pareto --run` whose plans to learn from")
+    dvh.add_argument("--init", help="preference weights the encoder, decoder and prior start from "
+                                    "(default: the shipped preference model)")
+    dvh.add_argument("--epochs", type=int, default=20)
+    dvh.add_argument("--lr", type=float, default=5e-4)
+    dvh.add_argument("--device", default="auto")
+    dvh.add_argument("--threads", type=int)
+    export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
+    export_dvh.add_argument("--checkpoint", required=True)
+    export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v1.pt"))
+    _add_force(export_dvh)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
@@ -143,7 +164,7 @@ def _cmd_demo(args) -> int:
     timings = predictor.timings
     print(f"predicted the dose with {predictor.card['name']} on {predictor.device}: case preparation "
           f"{timings['features_s'] + timings['encoder_s']:.2f} s, slider-dependent part "
-          f"{timings['slider_network_s'] + timings['resample_back_s']:.2f} s "
+          f"{timings['condition_network_s'] + timings['resample_back_s']:.2f} s "
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
     save_case(case, out / "dicom", "dicom", force=args.force)
     save_case(case, out / "nrrd", "nrrd", force=args.force)
@@ -308,10 +329,49 @@ def _cmd_predict(args) -> int:
     missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
     if missing:
         print(f"note: structures not in the case (empty model channels): {', '.join(missing)}", file=sys.stderr)
+    if args.desired_dvh:
+        return _predict_from_dvh(args, case, dose, out)
     _write_dose(dose, case, out, args.force)
     print(f"wrote {out}")
     if args.report:
         _report(case, dose, Path(args.report), reference=case.dose, force=args.force)
+    return 0
+
+
+def _predict_from_dvh(args, case, slider_dose, out: Path) -> int:
+    """``predict --desired-dvh``: the DVH-conditioned model, from the edited curves (the slider prediction's
+    DVH for the structures the file leaves out)."""
+    import time
+
+    import numpy as np
+
+    from doseai.predict import DVHDosePredictor
+    from doseai.report import read_dvh_csv
+
+    curves = read_dvh_csv(args.desired_dvh)
+    predictor = DVHDosePredictor(args.dvh_weights, device=args.device)
+    predictor.set_case(case)
+    desired, edited = predictor.desired_from_curves(curves, slider_dose)
+    start = time.perf_counter()
+    dose = predictor.predict(desired)
+    print(f"predicted {case.patient_id} from the desired DVH of {', '.join(edited)} in "
+          f"{time.perf_counter() - start:.2f} s")
+    ignored = sorted(set(curves) - set(edited))
+    if ignored:
+        print(f"note: curves the model does not read were ignored: {', '.join(ignored)}", file=sys.stderr)
+    achieved = predictor.dvh_vector(dose)
+    for row, name in enumerate(predictor.structures):
+        if name in edited:
+            gap = 100 * np.abs(achieved[row] - desired[row]).mean()
+            print(f"{name:<12} mean |DVH predicted - desired| {gap:5.1f} % volume")
+    _write_dose(dose, case, out, args.force)
+    print(f"wrote {out}")
+    if args.report:
+        from doseai.report import case_dvhs, plot_dvhs
+
+        _report(case, dose, Path(args.report), force=args.force)
+        plot_dvhs(case_dvhs(case, dose), Path(args.report) / "dvh_vs_desired.png", reference=predictor.as_dvhs(desired, edited),
+                  title=f"{case.patient_id}: predicted DVH", reference_label="desired", force=args.force)
     return 0
 
 
@@ -376,10 +436,23 @@ def _cmd_train(args) -> int:
                                 freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None)
+    elif args.stage == "dvh":
+        from doseai.train.train_dvh import train_dvh
+
+        from doseai.predict import DEFAULT_MODEL
+
+        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs, args.lr, device=args.device,
+                         threads=args.threads)
+    elif args.stage == "export-dvh":
+        from doseai.train.export import export_dvh_model
+
+        path = export_dvh_model(Path(args.checkpoint), Path(args.out), force=args.force)
     elif args.stage == "pareto":
         from doseai.train.pareto import generate_pareto
 
-        path = generate_pareto(args.run, n_plans=args.plans, limit=args.limit, bixel_width_mm=args.bixel_mm)
+        shard = tuple(int(part) for part in args.shard.split("/"))
+        path = generate_pareto(args.run, split=args.split, n_plans=args.plans, limit=args.limit,
+                               bixel_width_mm=args.bixel_mm, n_varied=args.varied, shard=shard)
     else:
         from doseai.train.export import export_model
 
