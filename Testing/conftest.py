@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from doseai.paths import openkbp_root
@@ -18,3 +20,36 @@ def openkbp_validation():
     if not folder.is_dir():
         pytest.skip(f"OpenKBP data not found at {folder} (set DOSEAI_DATA or place ../shared/data beside the repo)")
     return folder
+
+
+def write_tiny_dvh_model(folder) -> Path:
+    """A DVH-conditioned model with random (seeded) weights on a coarse 32^3 grid, with its card: fast,
+    for testing the plumbing (shapes, geometry, validation), not the quality. The shipped model's
+    quality is measured by Testing/benchmarks/bench_dvh.py."""
+    import json
+
+    import torch
+
+    from doseai.models.dvh_conditioned import DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, build_dvh_net
+    from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
+    from doseai.models.features import channel_names
+
+    torch.manual_seed(0)
+    config = {**DEFAULT_DVH_NET_CONFIG, "down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4}
+    prior = {**DEFAULT_PRIOR_CONFIG, "channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
+    net = build_dvh_net(len(channel_names()), prior, DEFAULT_DVH_LAYOUT, config)
+    for module in net.modules():  # the zero-initialised output layers would make every DVH give the same dose
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.3)
+    path = Path(folder) / "tiny_dvh.pt"
+    torch.save(net.state_dict(), path)
+    card = {"inputs": {"channels": channel_names()},
+            "grid": {"shape_zyx": [32, 32, 32], "spacing_xyz_mm": [6.0, 6.0, 3.0]},
+            "dvh": DEFAULT_DVH_LAYOUT, "dose_prior": {"config": prior}, "network": {"config": config}}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dvh_model(tmp_path_factory):
+    return write_tiny_dvh_model(tmp_path_factory.mktemp("dvh_model"))

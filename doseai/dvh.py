@@ -150,3 +150,21 @@ def dvh_vector(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, prescri
         values = np.sort(np.asarray(dose, np.float32)[np.asarray(mask, bool)])
         rows[row] = 1.0 - np.searchsorted(values, levels, side="left") / values.size  # fraction >= level
     return rows
+
+
+def dvh_vector_from_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], names, levels_gy: np.ndarray,
+                           base: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """A DVH vector (rows in ``names`` order, volume fractions at ``levels_gy``) from cumulative curves
+    {structure: (dose_gy, volume_pct)}, e.g. a user's edited DVH CSV. Each curve is interpolated linearly
+    (0 % beyond its last dose) and made non-increasing; structures without a curve keep their ``base`` row.
+    Returns the vector and the names taken from ``curves`` (curves for unknown structures are ignored)."""
+    vector = np.array(base, dtype=np.float32, copy=True)
+    used = []
+    for row, name in enumerate(names):
+        if name not in curves:
+            continue
+        dose, volume_pct = (np.asarray(values, np.float64) for values in curves[name])
+        fraction = np.interp(levels_gy, dose, volume_pct, left=volume_pct[0], right=0.0) / 100.0
+        vector[row] = np.clip(np.minimum.accumulate(fraction), 0.0, 1.0)
+        used.append(name)
+    return vector, used

@@ -1,8 +1,9 @@
-"""DosePredictor: shipped weights + model card -> a dose on the case's own grid, steerable by sliders.
+"""DosePredictor (sliders) and DVHDosePredictor (a desired DVH): shipped weights + model card -> a dose on
+the case's own grid.
 
 The model runs on a fixed grid (from its card). ``set_case`` resamples the case onto it and runs the
-slider-independent half of the network once; ``predict`` then re-runs only the slider-dependent half
-and resamples the dose back, so a slider change costs a fraction of a full prediction.
+condition-independent half of the network once; ``predict`` then re-runs only the conditioned half
+and resamples the dose back, so a slider change or a DVH edit costs a fraction of a full prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from doseai.errors import DoseAIError, UnreadableInputError
 from doseai.paths import REPO_ROOT
 
 DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v1_1.pt"
+DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v1.pt"
 
 
 def load_card(weights: Path) -> dict:
@@ -39,17 +41,19 @@ class _Prepared:
     timings: dict = field(default_factory=dict)
 
 
-class DosePredictor:
-    """Keeps the model loaded; ``set_case`` once per case, ``predict`` per slider position."""
+class _ModelPredictor:
+    """Loads a network of the preference family with its card; ``set_case`` runs the condition-free down path
+    once, ``_dose_for(condition)`` the conditioned half and the resampling back to the case grid."""
+
+    default_weights = DEFAULT_MODEL
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", threads: int | None = None):
         import torch
 
         from doseai.models.features import GridSpec
-        from doseai.models.preference import PreferenceDoseNet
         from doseai.train.loop import pick_device
 
-        self.weights = Path(weights) if weights else DEFAULT_MODEL
+        self.weights = Path(weights) if weights else self.default_weights
         if not self.weights.is_file():
             raise UnreadableInputError(f"{self.weights}: model weights not found (train them with `doseai train`)")
         if threads:
@@ -57,8 +61,7 @@ class DosePredictor:
         self.card = load_card(self.weights)
         self.spec = GridSpec.from_card(self.card)
         self.device = pick_device(device)
-        self.net = PreferenceDoseNet(len(self.card["inputs"]["channels"]), self.card["dose_prior"]["config"],
-                                     self.card["network"]["config"])
+        self.net = self._build_net()
         state = torch.load(self.weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict({k: v.float() for k, v in state.items()})
         self.net.freeze_prior()
@@ -66,9 +69,8 @@ class DosePredictor:
         self._torch = torch
         self._prepared: _Prepared | None = None
 
-    @property
-    def slider_range(self) -> tuple[float, float]:
-        return tuple(self.card["preference"]["range"])
+    def _build_net(self):
+        raise NotImplementedError
 
     def set_case(self, case: PlanningCase) -> None:
         from doseai.models.features import body_mask, case_features
@@ -84,31 +86,124 @@ class DosePredictor:
         self._prepared = _Prepared(case, grid, x, features, body_mask(case), norm_gy,
                                    {"features_s": prepared_at - start, "encoder_s": time.perf_counter() - prepared_at})
 
-    def predict(self, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
-        """Dose in Gy on the case grid (0 outside the body)."""
-        from doseai.resample import resample_to
-
+    def _require_case(self) -> _Prepared:
         if self._prepared is None:
             raise DoseAIError("call set_case(case) before predict()")
+        return self._prepared
+
+    def _dose_for(self, condition) -> np.ndarray:
+        """Dose in Gy on the case grid (0 outside the body) for a (1, n) condition tensor."""
+        from doseai.resample import resample_to
+
+        p = self._require_case()
+        start = time.perf_counter()
+        condition = condition.to(self.device)
+        with self._torch.no_grad():
+            latent = self.net.latent(p.features, condition)
+            dose_model_grid = self.net.decode(latent, p.anatomy, condition)[0, 0].float().cpu().numpy()
+        network_at = time.perf_counter()
+        dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
+        dose = np.clip(dose, 0.0, None) * p.body
+        p.timings.update({"condition_network_s": network_at - start,
+                          "resample_back_s": time.perf_counter() - network_at})
+        return dose.astype(np.float32)
+
+    @property
+    def timings(self) -> dict:
+        return dict(self._prepared.timings) if self._prepared else {}
+
+
+class DosePredictor(_ModelPredictor):
+    """Keeps the preference model loaded; ``set_case`` once per case, ``predict`` per slider position."""
+
+    def _build_net(self):
+        from doseai.models.preference import PreferenceDoseNet
+
+        return PreferenceDoseNet(len(self.card["inputs"]["channels"]), self.card["dose_prior"]["config"],
+                                 self.card["network"]["config"])
+
+    @property
+    def slider_range(self) -> tuple[float, float]:
+        return tuple(self.card["preference"]["range"])
+
+    def predict(self, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
+        """Dose in Gy on the case grid (0 outside the body)."""
         low, high = self.slider_range
         for name, value in (("oar_sparing", oar_sparing), ("homogeneity", homogeneity)):
             if not (np.isfinite(value) and low <= value <= high):
                 raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
-        start = time.perf_counter()
-        p = self._prepared
-        sliders = self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32, device=self.device)
-        with self._torch.no_grad():
-            dose_model_grid = self.net.decode(self.net.latent(p.features, sliders), p.anatomy, sliders)[0, 0].float().cpu().numpy()
-        network_at = time.perf_counter()
-        dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
-        dose = np.clip(dose, 0.0, None) * p.body
-        p.timings.update({"slider_network_s": network_at - start, "resample_back_s": time.perf_counter() - network_at})
-        return dose.astype(np.float32)
+        return self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
 
     def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
         self.set_case(case)
         return self.predict(oar_sparing, homogeneity)
 
+
+class DVHDosePredictor(_ModelPredictor):
+    """Keeps the DVH-conditioned model loaded; ``set_case`` once per case, ``predict`` per desired DVH.
+
+    A desired DVH is a (structures, points) array of volume fractions: each structure of ``structures`` at
+    the doses ``dose_levels_gy()`` (see :func:`doseai.dvh.dvh_vector`). ``dvh_vector(dose)`` gives it for
+    any dose of the current case, the natural starting point for an edit.
+    """
+
+    default_weights = DEFAULT_DVH_MODEL
+
+    def _build_net(self):
+        from doseai.models.dvh_conditioned import build_dvh_net
+
+        return build_dvh_net(len(self.card["inputs"]["channels"]), self.card["dose_prior"]["config"],
+                             self.card["dvh"], self.card["network"]["config"])
+
     @property
-    def timings(self) -> dict:
-        return dict(self._prepared.timings) if self._prepared else {}
+    def structures(self) -> list[str]:
+        return list(self.card["dvh"]["structures"])
+
+    def dose_levels_gy(self) -> np.ndarray:
+        layout = self.card["dvh"]
+        return np.linspace(0.0, layout["max_relative_dose"] * self._require_case().norm_gy, layout["n_points"])
+
+    def dvh_vector(self, dose: np.ndarray) -> np.ndarray:
+        from doseai.dvh import dvh_vector
+
+        p = self._require_case()
+        layout = self.card["dvh"]
+        return dvh_vector(dose, p.case.structures, self.structures, p.norm_gy, layout["n_points"],
+                          layout["max_relative_dose"])
+
+    def predict(self, desired_dvh: np.ndarray) -> np.ndarray:
+        """Dose in Gy on the case grid (0 outside the body) whose DVH should follow ``desired_dvh``."""
+        from doseai.models.dvh_conditioned import as_condition
+
+        try:
+            condition = as_condition(desired_dvh, self.card["dvh"])
+        except ValueError as error:
+            raise DoseAIError(str(error)) from error
+        return self._dose_for(condition)
+
+    def desired_from_curves(self, curves, base_dose: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """A desired DVH from edited curves {structure: (dose_gy, volume_pct)} (e.g. ``read_dvh_csv``); the
+        model's structures without a curve keep the DVH of ``base_dose`` (e.g. the slider prediction).
+        Returns the vector and the structures taken from ``curves``."""
+        from doseai.dvh import dvh_vector_from_curves
+
+        vector, used = dvh_vector_from_curves(curves, self.structures, self.dose_levels_gy(),
+                                              self.dvh_vector(base_dose))
+        if not used:
+            raise DoseAIError(f"none of the desired DVH's structures ({', '.join(curves)}) is one the model "
+                              f"reads ({', '.join(self.structures)})")
+        return vector, used
+
+    def as_dvhs(self, vector: np.ndarray, names=None) -> dict:
+        """The rows of a DVH vector as ``DVH`` curves of the current case (for plots and tables)."""
+        from doseai.dvh import DVH
+
+        p = self._require_case()
+        voxel_cc = float(np.prod(p.case.geometry.spacing)) / 1000.0
+        curves = {}
+        for row, name in enumerate(self.structures):
+            mask = p.case.structures.get(name)
+            if (names is None or name in names) and mask is not None and mask.any():
+                total = float(mask.sum()) * voxel_cc
+                curves[name] = DVH(name, self.dose_levels_gy(), vector[row].astype(np.float64) * total, total)
+        return curves

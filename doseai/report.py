@@ -11,7 +11,7 @@ import numpy as np
 
 from doseai.case import PlanningCase, validate_dose
 from doseai.dvh import DVH, compute_dvhs, structure_metrics, volume_at_dose
-from doseai.errors import refuse_overwrite
+from doseai.errors import UnreadableInputError, refuse_overwrite
 
 OAR_V_LEVELS_GY = (20.0, 30.0, 50.0)
 TABLE_COLUMNS = ("volume_cc", "Dmean", "Dmax", "D0.1cc", "D2", "D95", "D98", "HI", "CI_Paddick", "V95%")
@@ -70,6 +70,35 @@ def write_dvh_csv(dvhs: Mapping[str, DVH], path: str | os.PathLike, force: bool 
     return path
 
 
+def read_dvh_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Cumulative DVH curves from a CSV in ``write_dvh_csv``'s layout (``dose_gy``, then one
+    ``<structure>_volume_pct`` column per structure; a bare structure name is accepted too):
+    {structure: (dose_gy, volume_pct)}. Raises ``UnreadableInputError`` on anything else."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as error:
+        raise UnreadableInputError(f"{path}: not a text CSV file") from error
+    if len(rows) < 3 or not rows[0] or rows[0][0].strip().lower() != "dose_gy" or len(rows[0]) < 2:
+        raise UnreadableInputError(f"{path}: expected a header 'dose_gy,<structure>_volume_pct,...' and at least "
+                                   "two dose rows (the layout `doseai dvh --out` and `--report` write)")
+    names = [name.strip().removesuffix("_volume_pct") for name in rows[0][1:]]
+    try:
+        table = np.array([[float(value) for value in row] for row in rows[1:] if row], dtype=np.float64)
+    except ValueError as error:
+        raise UnreadableInputError(f"{path}: non-numeric value ({error})") from error
+    if table.shape[1] != len(names) + 1 or not np.all(np.isfinite(table)):
+        raise UnreadableInputError(f"{path}: every row needs {len(names) + 1} finite numbers")
+    dose = table[:, 0]
+    if np.any(np.diff(dose) <= 0):
+        raise UnreadableInputError(f"{path}: dose_gy must increase from row to row")
+    volume = table[:, 1:]
+    if volume.min() < 0 or volume.max() > 100.0001:
+        raise UnreadableInputError(f"{path}: volumes must be percentages in [0, 100]")
+    return {name: (dose, volume[:, column]) for column, name in enumerate(names)}
+
+
 def write_metrics_csv(metrics: Mapping[str, Mapping[str, float]], path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     _check_writable(path, force)
@@ -89,6 +118,7 @@ def plot_dvhs(
     colors: Mapping[str, tuple[float, float, float]] | None = None,
     title: str = "Dose-volume histograms",
     force: bool = False,
+    reference_label: str = "reference",
 ) -> Path:
     """DVH curves (solid) with optional reference curves (dashed, same colour) as a PNG."""
     import matplotlib
@@ -110,7 +140,7 @@ def plot_dvhs(
     axes.set_ylim(0, 101)
     axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
-    axes.set_title(title + (" (dashed: reference)" if reference else ""))
+    axes.set_title(title + (f" (dashed: {reference_label})" if reference else ""))
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path)

@@ -1,0 +1,141 @@
+"""The DVH-conditioned model: network start-up, training-pair sampling, the predictor, desired-DVH CSVs and
+``doseai predict --desired-dvh``, on small inputs (a random tiny model; quality: bench_dvh.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from doseai.cli import main
+from doseai.dvh import dvh_vector_from_curves
+from doseai.errors import DoseAIError, UnreadableInputError
+from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, as_condition, build_dvh_net, condition_size,
+                                           load_matching_weights)
+from doseai.models.preference import PreferenceDoseNet
+from doseai.predict import DVHDosePredictor
+from doseai.report import read_dvh_csv
+from doseai.train.train_dvh import nearest_plan, sample_desired_dvh, stretch_curve
+
+SMALL = {"down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4}
+SMALL_PRIOR = {"channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
+
+
+def test_dvh_net_starts_as_the_preference_model_at_neutral_sliders():
+    torch.manual_seed(0)
+    preference = PreferenceDoseNet(11, SMALL_PRIOR, {**SMALL, "refine_film": True}).eval()
+    for module in preference.modules():  # non-trivial slider layers, so the check can fail
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.normal_(module.bias, std=0.5)
+    net = build_dvh_net(11, SMALL_PRIOR, DEFAULT_DVH_LAYOUT, SMALL).eval()
+    zeroed = load_matching_weights(net, preference.state_dict())
+    assert zeroed and all(name.endswith("mlp.0.weight") for name in zeroed)
+    x = torch.rand(1, 11, 32, 32, 32)
+    dvh = torch.rand(1, condition_size(DEFAULT_DVH_LAYOUT))
+    with torch.no_grad():
+        expected = preference(x, torch.zeros(1, 2))
+        torch.testing.assert_close(net(x, dvh), expected)
+        torch.testing.assert_close(net(x, torch.zeros_like(dvh)), expected)
+    with pytest.raises(ValueError):
+        load_matching_weights(build_dvh_net(11, SMALL_PRIOR, DEFAULT_DVH_LAYOUT, {**SMALL, "film_hidden": 4}),
+                              preference.state_dict())
+
+
+def test_condition_is_checked():
+    layout = DEFAULT_DVH_LAYOUT
+    shape = (len(layout["structures"]), layout["n_points"])
+    assert as_condition(np.full(shape, 0.5), layout).shape == (1, condition_size(layout))
+    for bad in (np.zeros((3, 32)), np.full(shape, np.nan), np.full(shape, 1.5)):
+        with pytest.raises(ValueError):
+            as_condition(bad, layout)
+
+
+def test_training_pairs_project_onto_the_pareto_set():
+    rng = np.random.default_rng(0)
+    levels = np.linspace(1, 0, 32, dtype=np.float32)
+    plans = np.stack([np.stack([np.clip(levels * 1.5 - s, 0, 1)] * 4) for s in (0.0, 0.2, 0.4)])  # 3 plans
+    assert nearest_plan(plans, plans[1]) == 1
+    assert nearest_plan(plans, plans[2] - 0.01) == 2
+    for _ in range(50):
+        desired = sample_desired_dvh(plans, rng)
+        assert desired.shape == plans.shape[1:] and desired.dtype == np.float32
+        assert np.all(np.diff(desired, axis=1) <= 1e-6)  # still cumulative DVHs
+        assert 0 <= nearest_plan(plans, desired) < 3
+    curve = np.linspace(1, 0, 32).astype(np.float32)
+    np.testing.assert_allclose(stretch_curve(curve, 1.0), curve)
+    assert np.all(stretch_curve(curve, 0.8) <= curve + 1e-6)  # squeezed toward lower doses: less volume
+
+
+def test_desired_dvh_from_curves_interpolates_and_keeps_the_base():
+    names = ["PTV_70", "Brainstem"]
+    levels = np.linspace(0, 84, 8)
+    base = np.full((2, 8), 0.25, np.float32)
+    curves = {"Brainstem": (np.array([0.0, 42.0, 84.0]), np.array([100.0, 50.0, 0.0])), "Other": (levels, levels)}
+    vector, used = dvh_vector_from_curves(curves, names, levels, base)
+    assert used == ["Brainstem"]
+    np.testing.assert_allclose(vector[0], base[0])
+    np.testing.assert_allclose(vector[1], 1 - levels / 84, atol=1e-6)
+    rising = {"Brainstem": (np.array([0.0, 42.0, 84.0]), np.array([50.0, 80.0, 0.0]))}  # not a cumulative DVH
+    vector, _ = dvh_vector_from_curves(rising, names, levels, base)
+    assert np.all(np.diff(vector[1]) <= 0)
+
+
+def test_read_dvh_csv_round_trip_and_errors(tmp_path, small_case):
+    from doseai.report import case_dvhs, write_dvh_csv
+
+    path = write_dvh_csv(case_dvhs(small_case, small_case.dose), tmp_path / "dvh.csv")
+    curves = read_dvh_csv(path)
+    assert set(curves) == set(case_dvhs(small_case, small_case.dose))
+    dose, volume = curves["PTV_70"]
+    assert volume[0] == pytest.approx(100.0) and np.all(np.diff(dose) > 0)
+    for text in ("", "gy,a\n1,2\n", "dose_gy,PTV_70_volume_pct\n0,100\n1,nan\n", "dose_gy,PTV\n0,100\n0,90\n",
+                 "dose_gy,PTV\n0,140\n1,90\n"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(UnreadableInputError):
+            read_dvh_csv(bad)
+
+
+def test_dvh_predictor_on_the_case_grid(tiny_dvh_model, small_case):
+    predictor = DVHDosePredictor(tiny_dvh_model)
+    predictor.set_case(small_case)
+    base = predictor.dvh_vector(small_case.dose)
+    assert base.shape == (len(predictor.structures), 32)
+    dose = predictor.predict(base)
+    assert dose.shape == small_case.geometry.shape and dose.dtype == np.float32
+    assert np.all(dose >= 0) and np.all(np.isfinite(dose))
+    lowered = base.copy()
+    lowered[predictor.structures.index("Brainstem")] *= 0.3
+    assert not np.allclose(predictor.predict(lowered), dose)  # the condition reaches the dose
+    with pytest.raises(DoseAIError):
+        predictor.predict(base[:3])
+    curves = predictor.as_dvhs(base, ["PTV_70"])
+    assert list(curves) == ["PTV_70"] and curves["PTV_70"].volume_pct[0] == pytest.approx(100.0)
+
+
+def test_dvh_predictor_needs_its_weights(tmp_path):
+    with pytest.raises(UnreadableInputError):
+        DVHDosePredictor(tmp_path / "missing.pt")
+
+
+def test_cli_predict_from_a_desired_dvh(tmp_path, tiny_dvh_model, capsys):
+    case_path = tmp_path / "case"
+    assert main(["sample", "--out", str(case_path)]) == 0
+    assert main(["dvh", "--case", str(case_path), "--out", str(tmp_path / "ref")]) == 0
+    edited = tmp_path / "edited.csv"
+    lines = (tmp_path / "ref" / "dvh.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [0, header.index("Brainstem_volume_pct")]
+    edited.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in lines))
+    out = tmp_path / "dose.nrrd"
+    code = main(["predict", "--case", str(case_path), "--desired-dvh", str(edited), "--dvh-weights",
+                 str(tiny_dvh_model), "--out", str(out), "--report", str(tmp_path / "report")])
+    assert code == 0 and out.is_file()
+    assert (tmp_path / "report" / "dvh_vs_desired.png").is_file()
+    printed = capsys.readouterr().out
+    assert "from the desired DVH of Brainstem" in printed and "mean |DVH predicted - desired|" in printed
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("dose_gy,Liver_volume_pct\n0,100\n10,0\n")
+    assert main(["predict", "--case", str(case_path), "--desired-dvh", str(unknown), "--dvh-weights",
+                 str(tiny_dvh_model), "--out", str(tmp_path / "x.nrrd")]) == 2

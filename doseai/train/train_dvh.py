@@ -1,0 +1,203 @@
+"""Training of the DVH-conditioned network on generated Pareto plans (``doseai train pareto``).
+
+Each step draws a training patient and a desired DVH near its Pareto front:
+- 30 %: one of its plans' DVH vectors exactly;
+- 40 %: a convex mix of two of its plans' DVH vectors (points between the sampled plans);
+- 30 %: one plan's vector with one structure's curve stretched along the dose axis by 0.8-1.2 (an edit of a
+  single curve, as a user makes in the editor).
+The target is the **projection onto the Pareto set**: the patient's plan whose DVH vector is nearest (l1) to
+the desired one. The loss is the voxel L1 in the body (+ 0.1 x everywhere) to that plan's dose, with the
+frozen decoder's own output held to it too, as in the preference model. The network starts from the
+shipped preference weights (anatomy encoder, up path, refinement head, frozen prior); only the FiLM input
+layers are new, zero-initialised so that training starts from the preference model at neutral sliders. New Pareto patients that appear in the run folder join at the next epoch, so training can
+start while plans are still being generated. Resumable from ``<cache>/runs/<name>/last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, build_dvh_net,
+                                           load_matching_weights)
+from doseai.models.features import GridSpec, channel_names
+from doseai.paths import cache_root
+from doseai.train.dataset import cache_folder, prepare_split
+from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everything
+
+CHANNELS = channel_names()
+BODY = CHANNELS.index("body")
+SWAP_CHANNELS = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
+
+
+@dataclass
+class ParetoPatient:
+    pid: str
+    features: np.ndarray  # (C, z, y, x) float16
+    doses: np.ndarray  # (plans, z, y, x) float16, normalised by norm_gy
+    dvh: np.ndarray  # (plans, structures, points) float32
+
+
+def load_pareto_patients(pareto_folder: Path, split: str, spec: GridSpec, norm_gy: float,
+                         known: dict[str, ParetoPatient] | None = None) -> dict[str, ParetoPatient]:
+    """The patients of ``pareto_folder`` (plans) joined with their cached model-grid inputs; ``known`` ones
+    are kept, not reloaded."""
+    patients = dict(known or {})
+    features_folder = cache_folder(split, spec, norm_gy)
+    if not features_folder.is_dir():
+        prepare_split(split, spec, norm_gy)
+    for path in sorted(Path(pareto_folder).glob("pt_*.npz")):
+        pid = path.stem
+        if pid in patients or path.name.endswith(".tmp.npz"):
+            continue
+        plans = np.load(path)
+        features = np.load(features_folder / f"{pid}.npz")["features"]
+        patients[pid] = ParetoPatient(pid, features, (plans["doses"].astype(np.float32) / norm_gy).astype(np.float16),
+                                      plans["dvh_vectors"].astype(np.float32))
+    return patients
+
+
+def stretch_curve(curve: np.ndarray, factor: float) -> np.ndarray:
+    """A cumulative DVH curve on evenly spaced doses, stretched along the dose axis: V'(d) = V(d / factor)."""
+    points = np.arange(curve.size, dtype=np.float64)
+    return np.interp(points / factor, points, curve, right=0.0).astype(np.float32)
+
+
+def sample_desired_dvh(dvh: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A desired DVH near the patient's Pareto front (see the module docstring)."""
+    kind = rng.random()
+    first = dvh[rng.integers(len(dvh))]
+    if kind < 0.3:
+        return first.copy()
+    if kind < 0.7:
+        weight = rng.random()
+        return (weight * first + (1 - weight) * dvh[rng.integers(len(dvh))]).astype(np.float32)
+    desired = first.copy()
+    present = np.flatnonzero(desired[:, 0] > 0)
+    row = rng.choice(present) if present.size else 0
+    desired[row] = stretch_curve(desired[row], rng.uniform(0.8, 1.2))
+    return desired
+
+
+def nearest_plan(dvh: np.ndarray, desired: np.ndarray) -> int:
+    """Projection onto the Pareto set: the plan whose DVH vector is nearest to ``desired`` in l1."""
+    return int(np.abs(dvh - desired[np.newaxis]).sum(axis=(1, 2)).argmin())
+
+
+def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, structures: list[str],
+            rng: np.random.Generator):
+    """Left-right mirror (parotid channels and DVH rows swapped) and small shifts."""
+    if rng.random() < 0.5:
+        features, dose, desired = features[..., ::-1].copy(), dose[..., ::-1], desired.copy()
+        a, b = SWAP_CHANNELS
+        features[[a, b]] = features[[b, a]]
+        ra, rb = structures.index("Parotid_R"), structures.index("Parotid_L")
+        desired[[ra, rb]] = desired[[rb, ra]]
+    shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
+    return np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1)), desired
+
+
+def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    latent = net.latent(net.encode_anatomy(x), condition)
+    coarse, prediction = net.decode_parts(latent, x, condition)
+    body = x[:, BODY:BODY + 1] > 0.5
+    error = (prediction - y).abs()
+    voxel = error[body].mean() + 0.1 * error.mean()
+    coarse_voxel = (coarse - y).abs()[body].mean()
+    return voxel + 0.5 * coarse_voxel, {"voxel": voxel.item(), "coarse": coarse_voxel.item()}
+
+
+@torch.no_grad()
+def held_out_mae_gy(net, patients: dict[str, ParetoPatient], device, norm_gy: float, plans_per_patient: int = 3) -> float:
+    """Monitoring only (never trained on): body MAE between the prediction from a plan's own DVH and that plan."""
+    net.eval()
+    errors = []
+    for patient in patients.values():
+        x = torch.from_numpy(patient.features[np.newaxis].astype(np.float32)).to(device)
+        features = net.encode_anatomy(x)
+        body = patient.features[BODY] > 0.5
+        for plan in np.linspace(0, len(patient.dvh) - 1, plans_per_patient).round().astype(int):
+            condition = torch.from_numpy(patient.dvh[plan].reshape(1, -1)).to(device)
+            prediction = net.decode(net.latent(features, condition), x, condition)[0, 0].cpu().numpy()
+            errors.append(np.abs(prediction - patient.doses[plan].astype(np.float32))[body].mean() * norm_gy)
+    net.train()
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def train_dvh(
+    spec: GridSpec,
+    pareto_run: str,
+    init_weights: Path,
+    run_name: str = "dvh",
+    epochs: int = 20,
+    learning_rate: float = 5e-4,
+    norm_gy: float = 70.0,
+    device: str = "auto",
+    seed: int = 0,
+    threads: int | None = None,
+    held_out_split: str = "validation",
+) -> Path:
+    if threads:
+        torch.set_num_threads(threads)
+    rng = seed_everything(seed)
+    torch_device = pick_device(device)
+    layout = dict(DEFAULT_DVH_LAYOUT)
+    shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
+    card = json.loads(Path(init_weights).with_suffix(".json").read_text())
+    prior_config = card["dose_prior"]["config"]
+    net = build_dvh_net(len(CHANNELS), prior_config, layout, DEFAULT_DVH_NET_CONFIG)
+    fresh = load_matching_weights(net, shipped)
+    net.freeze_prior()
+    net = net.to(torch_device)
+    pareto_root = cache_root() / "pareto" / pareto_run
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
+    folder = cache_root() / "runs" / run_name
+    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    start_epoch = checkpoints.resume(net, optimizer)
+    held_out = load_pareto_patients(pareto_root / held_out_split, held_out_split, spec, norm_gy)
+    print(f"zero-initialised (new) layers: {fresh}; {len(held_out)} held-out patients; "
+          f"device {torch_device}")
+    patients: dict[str, ParetoPatient] = {}
+    for epoch in range(start_epoch, epochs):
+        patients = load_pareto_patients(pareto_root / "train", "train", spec, norm_gy, patients)
+        if not patients:
+            raise FileNotFoundError(f"no Pareto plans under {pareto_root / 'train'}: run `doseai train pareto` first")
+        for group in optimizer.param_groups:  # cosine decay per epoch (the number of steps grows with the data)
+            group["lr"] = learning_rate * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+        start = time.perf_counter()
+        totals: dict[str, list[float]] = {}
+        ids = list(patients)
+        for index in tqdm(rng.permutation(len(ids)), desc=f"DVH epoch {epoch + 1}/{epochs}", unit="patient",
+                          leave=False):
+            patient = patients[ids[index]]
+            desired = sample_desired_dvh(patient.dvh, rng)
+            target = patient.doses[nearest_plan(patient.dvh, desired)]
+            features, dose, desired = augment(patient.features, target[np.newaxis], desired, layout["structures"], rng)
+            x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(torch_device)
+            y = torch.from_numpy(dose[np.newaxis].astype(np.float32)).to(torch_device)
+            condition = torch.from_numpy(desired.reshape(1, -1)).to(torch_device)
+            loss, parts = dose_loss(net, x, y, condition)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            for key, value in parts.items():
+                totals.setdefault(key, []).append(value)
+        record = {"epoch": epoch, "patients": len(ids), "seconds": time.perf_counter() - start,
+                  **{key: float(np.mean(values)) for key, values in totals.items()},
+                  "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy)}
+        log.write(**record)
+        print(json.dumps(record))
+        checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "config": DEFAULT_DVH_NET_CONFIG,
+                          "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
+                          "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
+                          "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run})
+    return checkpoints.path
