@@ -48,3 +48,35 @@ def test_pareto_plans_trade_coverage_for_sparing():
     assert np.all(np.diff(weights[:3], axis=0) > 0) and np.all(weights[:3] == weights[:3, :1])  # one level each
     assert np.unique(weights[3]).size == len(columns)  # the varied plan: a weight of its own per OAR
     assert np.all(plans["oar_weights"][:, :3] == 0)  # targets carry no OAR weight
+
+
+def test_generation_skips_a_failing_patient_and_keeps_the_reason(tmp_path, monkeypatch):
+    import doseai.train.pareto as pareto
+    from doseai.cli import main
+
+    split = tmp_path / "data" / "openkbp" / "train"
+    split.mkdir(parents=True)
+    for number in (1, 2):
+        assert main(["sample", "--format", "openkbp-npz", "--out", str(split / f"pt_{number}.npz"),
+                     "--seed", str(number)]) == 0
+    monkeypatch.setenv("DOSEAI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("DOSEAI_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_plans(case, n_plans, *args, **kwargs):  # the engine fails on the first patient only
+        calls.append(case.patient_id)
+        if len(calls) == 1:
+            raise ValueError("rays miss the body")
+        shape = case.geometry.shape
+        return {"doses": np.zeros((n_plans, *shape), np.float32),
+                "dvh_vectors": np.zeros((n_plans, len(DVH_STRUCTURES), 32), np.float32),
+                "oar_weights": np.zeros((n_plans, len(DVH_STRUCTURES)), np.float32)}
+
+    from doseai.train.pareto import DVH_STRUCTURES
+
+    monkeypatch.setattr(pareto, "pareto_plans", fake_plans)
+    folder = pareto.generate_pareto("t", n_plans=2)
+    assert (folder / "pt_1.failed.txt").read_text().startswith("ValueError: rays miss the body")
+    assert np.load(folder / "pt_2.npz")["doses"].shape[0] == 2
+    pareto.generate_pareto("t", n_plans=2)  # resumed: neither patient is planned again
+    assert len(calls) == 2

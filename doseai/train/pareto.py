@@ -108,7 +108,8 @@ def generate_pareto(run_name: str, split: str = "train", n_plans: int = 10, limi
                     bixel_width_mm: float = 10.0, max_iterations: int = 150, n_varied: int = 4,
                     shard: tuple[int, int] = (0, 1)):
     """Pareto plans for the patients of an OpenKBP split (with CT), stored per patient on the model grid
-    under ``<cache>/pareto/<run_name>/<split>``; returns that folder. Resumable. ``shard`` (k, n): only every
+    under ``<cache>/pareto/<run_name>/<split>``; returns that folder. Resumable. A patient whose plans fail
+(the engine's error) is skipped and the reason written to ``<id>.failed.txt``. ``shard`` (k, n): only every
     n-th patient from the k-th, so n processes can share the work."""
     import time
 
@@ -124,15 +125,21 @@ def generate_pareto(run_name: str, split: str = "train", n_plans: int = 10, limi
     index, count = shard
     patients = list(openkbp.list_patients(openkbp_root() / split).items())[:limit][index::count]
     for pid, path in tqdm(patients, desc=f"Pareto plans ({n_plans} per patient)", unit="patient"):
-        target = folder / f"{pid}.npz"
-        if target.exists():
+        target, failure = folder / f"{pid}.npz", folder / f"{pid}.failed.txt"
+        if target.exists() or failure.exists():
             continue
         case = openkbp.load_npz(path)
         if case.ct is None:
             continue  # the engine needs densities; the network needs the CT channel
         start = time.perf_counter()
-        plans = pareto_plans(case, n_plans, bixel_width_mm, max_iterations=max_iterations, n_varied=n_varied,
-                             seed=int(pid.split("_")[-1]))
+        try:
+            plans = pareto_plans(case, n_plans, bixel_width_mm, max_iterations=max_iterations, n_varied=n_varied,
+                                 seed=int(pid.split("_")[-1]))
+        except Exception as error:  # noqa: BLE001 - e.g. pyRadPlan 0.5 fails when a beam's rays miss the body:
+            # one patient must not end a run of hours; the reason is kept next to the plans
+            failure.write_text(f"{type(error).__name__}: {error}\n")
+            tqdm.write(f"{pid}: skipped ({type(error).__name__}: {error})")
+            continue
         grid = model_geometry(case, DEFAULT_GRID)
         model_doses = np.stack([resample_to(d, case.geometry, grid) for d in plans["doses"]]).astype(np.float16)
         partial = target.with_suffix(".tmp.npz")
