@@ -82,6 +82,17 @@ plan of the training data) re-predict the dose, isodose lines and DVH once a dos
 time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again, on a
 worker thread, so the views stay responsive while it computes).
 Their tooltips quote the model card. <i>Reset</i> sets both to 0.</li>
+<li><b>DVH editing</b>: shapes the dose by its DVH, with a second model that predicts the dose from a
+desired DVH (<code>Resources/Models/dose_dvh_v1.pt</code>, loaded on first use). Once a dose was predicted,
+pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH chart, dashed with
+markers, and the plot view switches to moving points; drag the markers up or down (the doses stay
+where they are; the curve is kept between 0 and 100&nbsp;% and non-increasing). Each time the curve
+rests for 150&nbsp;ms the dose is predicted again from the desired DVH (edited curves as drawn, the other
+structures as in the dose before editing), on the worker thread; the chart shows the new DVH solid and
+the desired curves of the edited structures dashed, and the status line how far apart they are.
+<i>Undo</i> takes the last change back, <i>Reset</i> drops every edit (the dose before editing again).
+Releasing <i>Edit DVH</i> returns the plot view to panning; moving a slider or <i>Predict dose</i>
+discards the edits.</li>
 <li><b>Display and DVH</b>: isodose lines at the given percentages of the highest prescription
 (default 30, 50, 70, 80, 90, 95, 100, 105&nbsp;%), drawn as outlines of an isodose segmentation.
 The DVH chart (one curve per structure, in segment colours) and the metrics table (volume, Dmean,
@@ -96,7 +107,8 @@ folder. Existing files are overwritten only after you confirm.</li>
 <code>DosePreference.DosePreferenceLogic()</code>), then
 <code>result = logic.predict(ctNode, segNode, oarSparing=0.5)</code>; <code>result.doseNode</code>,
 <code>result.dvh.metrics</code>; <code>logic.computeDVH(ctNode, segNode, doseNode)</code> gives the DVH of
-any dose. Batch over a folder of DICOM studies:
+any dose; <code>logic.predictFromDVH(ctNode, segNode, {"Parotid_L": (doseGy, volumePct)},
+doseNode=result.doseNode)</code> predicts from edited DVH curves. Batch over a folder of DICOM studies:
 <code>DosePreference/Scripts/batch_predict.py</code> (see the README).</p>
 <p>The predicted dose is a model estimate for research, not a deliverable plan.</p>
 """
@@ -194,9 +206,25 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPollPrediction)
-        self._pending = None  # a PendingPrediction while the worker computes a slider update
-        self._pendingSliders = None
+        self._pending = None  # a PendingPrediction while the worker computes a slider or DVH update
+        self._pendingSliders = None  # the slider values it predicts with (None: from the desired DVH)
         self._sliderMovedWhileBusy = False
+
+        # DVH editing: the session (desired DVH, undo) lives until a slider move or Predict starts over
+        self._dvhSession = None
+        self._dvhEditing = False  # the plot view drags the desired curve's points
+        self._dvhTable = None  # the table of the draggable curve (observed)
+        self._dvhWriting = False  # True while the module itself writes that table
+        self._dvhFillingCombo = False
+        self._dvhChangedWhileBusy = False
+        self._dvhTimer = qt.QTimer()  # a dragged curve is predicted once it rests, like a slider
+        self._dvhTimer.setSingleShot(True)
+        self._dvhTimer.setInterval(SLIDER_UPDATE_DELAY_MS)
+        self._dvhTimer.connect("timeout()", self.onDvhCurveTimeout)
+        self.ui.dvhEditButton.connect("toggled(bool)", self.onDvhEditButton)
+        self.ui.dvhUndoButton.connect("clicked(bool)", self.onDvhUndoButton)
+        self.ui.dvhResetButton.connect("clicked(bool)", self.onDvhResetButton)
+        self.ui.dvhStructureComboBox.connect("currentIndexChanged(int)", self.onDvhStructureChanged)
 
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.resetButton.connect("clicked(bool)", self.onResetButton)
@@ -207,6 +235,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._sliderTimer.stop()
+        self._dvhTimer.stop()
         self._dropPendingUpdate()
         self.removeObservers()
 
@@ -216,6 +245,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exit(self) -> None:
         # the GUI is brought up to date again when the user comes back to the module
         self._sliderTimer.stop()
+        self._stopDVHEditing()  # the plot view pans again; the edits are kept
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -223,6 +253,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._dropPendingUpdate()  # its nodes are about to go
+        self._endDVHSession(touchScene=False)
         self.setParameterNode(None)
         self._result = None
         self._shown = {}
@@ -365,6 +396,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMappingEdited(self, item=None) -> None:
         import qt
 
+        self._endDVHSession("The structure table changed: DVH edits discarded.")  # other structures, doses
         rows = self._rowsFromTable()
         for row in rows:  # a segment just made a target gets the prescription its name states
             if row.role == DosePreferenceLib.mapping.TARGET and row.prescriptionGy is None:
@@ -397,6 +429,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.toolTip = ("Write the output dose as RTDOSE and its DVH and metrics as CSV" if canExport
                                         else "Predict a dose first (or select an output dose)")
         self.ui.resetButton.enabled = parameters.oarSparing != 0.0 or parameters.homogeneity != 0.0
+        self._updateDVHButtons()
 
     @staticmethod
     def _mappingHtml(check) -> str:
@@ -415,6 +448,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to predict the dose.", waitCursor=True):
             if not self._installPackages("predict"):
                 return
+            self._endDVHSession("Predict started over from the sliders: DVH edits discarded.")
             with progress_dialog("Predicting the dose") as progress:
                 result = self._predict(progress=progress)
             self._readModelCard()  # the card of the model just loaded
@@ -432,9 +466,11 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._acceptResult(result, (parameters.oarSparing, parameters.homogeneity))
 
     def _acceptResult(self, result, sliders):
-        """Remember a prediction made with these slider values and show its summary and isodose lines."""
+        """Remember a prediction made with these slider values (None: from the desired DVH) and show its
+        summary and isodose lines."""
         self._result = result
-        self._shown["sliders"] = sliders
+        if sliders is not None:
+            self._shown["sliders"] = sliders
         self._setParameters(outputDose=result.doseNode, dvhChart=result.dvh.chartNode,
                             metricsTable=result.dvh.metricsTableNode)
         self.updateIsodose()
@@ -448,6 +484,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if self._result is None or not parameters or parameters.outputDose is not self._result.doseNode:
             return
+        self._endDVHSession("The sliders changed the dose: DVH edits discarded.")
         if self._pending is not None:
             self._sliderMovedWhileBusy = True
             return
@@ -472,19 +509,217 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pending, self._pending = self._pending, None
         try:
             self._acceptResult(pending.finish(), self._pendingSliders)
+            if self._dvhSession is not None:
+                self.ui.dvhStatusLabel.text = self._dvhStatus()
         except Exception as error:
             self._sliderUpdateFailed(error)
         if self._sliderMovedWhileBusy:
             self._sliderMovedWhileBusy = False
             self.onSliderTimeout()
+        elif self._dvhChangedWhileBusy:
+            self._dvhChangedWhileBusy = False
+            self._requestDVHPrediction()
 
     def _dropPendingUpdate(self) -> None:
         self._pollTimer.stop()
-        self._pending, self._sliderMovedWhileBusy = None, False
+        self._pending, self._sliderMovedWhileBusy, self._dvhChangedWhileBusy = None, False, False
 
     def _sliderUpdateFailed(self, error) -> None:
         logging.exception("DosePreference: slider update failed")
         self.ui.statusLabel.text = f"Update failed: {error}"
+
+    # --- DVH editing ---------------------------------------------------------------------------------
+    def onDvhEditButton(self, checked) -> None:
+        """Edit on: the desired curve of the chosen structure in the chart, the plot view moving points."""
+        if bool(checked) == self._dvhEditing:
+            return
+        if not checked:
+            self._stopDVHEditing()
+            return
+        try:
+            self._startDVHEditing()
+        except Exception as error:  # a missing model or a changed input: said in the status line
+            logging.exception("DosePreference: DVH editing could not start")
+            self._stopDVHEditing()
+            self.ui.dvhStatusLabel.text = f"DVH editing unavailable: {error}"
+
+    def _startDVHEditing(self) -> None:
+        from doseai.errors import DoseAIError
+
+        parameters = self._parameterNode
+        if self._result is None or parameters.outputDose is not self._result.doseNode or not parameters.dvhChart:
+            raise DoseAIError("predict a dose first")
+        if self._dvhSession is None:
+            import qt
+
+            overrides, prescriptions = self._mappingArguments()
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # the first time loads the DVH model
+            try:
+                self._dvhSession = self.logic.dvhEditSession(parameters.ctVolume, parameters.segmentation,
+                                                             parameters.outputDose, overrides, prescriptions)
+            finally:
+                slicer.app.restoreOverrideCursor()
+        self._fillDVHStructures()
+        self._dvhEditing = True
+        self.ui.dvhEditButton.checked = True
+        self._showDesiredCurve()
+        self._showViews(parameters.dvhChart, parameters.metricsTable)  # the chart in the plot view
+        self.logic.setDVHEditMode(parameters.dvhChart, True)
+        self.ui.dvhStatusLabel.text = self._dvhStatus()
+        self._updateDVHButtons()
+
+    def _stopDVHEditing(self, touchScene: bool = True) -> None:
+        """The draggable curve goes and the plot view pans again; the session (and its edits) stays."""
+        self._dvhTimer.stop()
+        wasEditing, self._dvhEditing = self._dvhEditing, False
+        self.ui.dvhEditButton.checked = False
+        if self._dvhTable is not None:
+            self.removeObserver(self._dvhTable, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
+            self._dvhTable = None
+        chart = self._parameterNode.dvhChart if self._parameterNode else None
+        if wasEditing and touchScene and chart is not None:
+            self.logic.removeDesiredDVHCurve(chart)
+            self.logic.setDVHEditMode(chart, False)
+        self._updateDVHButtons()
+
+    def _endDVHSession(self, reason: str = "", touchScene: bool = True) -> None:
+        """Forget the edits (a slider move or Predict starts over from the sliders)."""
+        if self._dvhSession is None:
+            return
+        hadEdits = bool(self._dvhSession.edited)
+        self._stopDVHEditing(touchScene)
+        self._dvhSession, self._dvhChangedWhileBusy = None, False
+        self.ui.dvhStatusLabel.text = reason if hadEdits else ""
+        self._updateDVHButtons()
+
+    def _fillDVHStructures(self) -> None:
+        """The combo box lists the model's structures the segmentation has (the choice is kept)."""
+        combo = self.ui.dvhStructureComboBox
+        names = self._dvhSession.editable
+        current = combo.currentText if combo.count else ""
+        self._dvhFillingCombo = True
+        try:
+            combo.clear()
+            combo.addItems(names)
+            preferred = current if current in names else next((n for n in names if "Parotid" in n), names[0])
+            combo.setCurrentIndex(names.index(preferred))
+        finally:
+            self._dvhFillingCombo = False
+
+    def onDvhStructureChanged(self, index=None) -> None:
+        if not self._dvhFillingCombo and self._dvhEditing:
+            self._showDesiredCurve()
+            self.ui.dvhStatusLabel.text = self._dvhStatus()
+
+    def _showDesiredCurve(self) -> None:
+        """The chosen structure's desired curve as the draggable curve of the chart, its table observed."""
+        parameters = self._parameterNode
+        overrides, _ = self._mappingArguments()
+        self._dvhWriting = True
+        try:
+            table = self.logic.desiredDVHTableNode(parameters.dvhChart, self._dvhSession,
+                                                   self.ui.dvhStructureComboBox.currentText,
+                                                   parameters.segmentation, overrides)
+        finally:
+            self._dvhWriting = False
+        if table is not self._dvhTable:
+            if self._dvhTable is not None:
+                self.removeObserver(self._dvhTable, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
+            self._dvhTable = table
+            self.addObserver(table, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
+
+    def onDvhTableModified(self, caller=None, event=None) -> None:
+        """A point was dragged: predict once the curve rests (the timer restarts on every move)."""
+        if self._dvhEditing and not self._dvhWriting:
+            self._dvhTimer.start()
+
+    def onDvhCurveTimeout(self) -> None:
+        if not self._dvhEditing or self._dvhSession is None or self._dvhTable is None:
+            return
+        self._dvhWriting = True
+        try:
+            changed = self.logic.applyDesiredCurve(self._dvhSession, self._dvhTable)
+        except Exception as error:  # shown, not raised: a dialog per drag would be unusable
+            logging.exception("DosePreference: the dragged DVH curve was not taken")
+            self.ui.dvhStatusLabel.text = f"Curve not taken: {error}"
+            return
+        finally:
+            self._dvhWriting = False
+        if changed:
+            self._requestDVHPrediction()
+        self._updateDVHButtons()
+
+    def onDvhUndoButton(self) -> None:
+        if self._dvhSession is not None and self._dvhSession.undo():
+            self._afterDVHSessionChange()
+
+    def onDvhResetButton(self) -> None:
+        if self._dvhSession is not None and self._dvhSession.reset():
+            self._afterDVHSessionChange()
+
+    def _afterDVHSessionChange(self) -> None:
+        if self._dvhEditing:
+            self._showDesiredCurve()
+        self._requestDVHPrediction()
+        self._updateDVHButtons()
+
+    def _requestDVHPrediction(self) -> None:
+        """The dose for the session's desired DVH, on the worker thread (only the latest request waits while
+        it computes); without edits, the dose before editing (the sliders' prediction)."""
+        parameters, session = self._parameterNode, self._dvhSession
+        if (session is None or not parameters or self._result is None
+                or parameters.outputDose is not self._result.doseNode):
+            return  # the output dose was changed by hand: nothing is written into another node
+        if self._pending is not None:
+            self._dvhChangedWhileBusy = True
+            return
+        try:
+            overrides, prescriptions = self._mappingArguments()
+            if session.edited:
+                self._pending = self.logic.predictFromDVHAsync(
+                    parameters.ctVolume, parameters.segmentation, session.desiredVector(),
+                    doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+                    chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
+                    editedStructures=sorted(session.edited))
+                self._pendingSliders = None
+            else:
+                self._pending = self.logic.predictAsync(
+                    parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
+                    doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+                    chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
+                    referenceDoseNode=parameters.referenceDose)
+                self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+            self.ui.statusLabel.text = "Updating the dose from the desired DVH..."
+            self._pollTimer.start()
+        except Exception as error:
+            self._sliderUpdateFailed(error)
+
+    def _dvhStatus(self) -> str:
+        session = self._dvhSession
+        if session is None:
+            return ""
+        edited = ", ".join(name for name in session.structures if name in session.edited) or "none"
+        text = f"Edited: {edited}."
+        if self._result is not None and self._result.dvhDistancePct:
+            text += " Predicted vs desired DVH (mean distance): " + ", ".join(
+                f"{name} {gap:.1f} %" for name, gap in self._result.dvhDistancePct.items()) + "."
+        if self._dvhEditing:
+            text = (f"Drag the markers of {self.ui.dvhStructureComboBox.currentText}'s desired curve up or down "
+                    "in the plot view. " + text)
+        return text
+
+    def _updateDVHButtons(self) -> None:
+        parameters, session = self._parameterNode, self._dvhSession
+        predicted = bool(parameters) and self._result is not None and parameters.outputDose is self._result.doseNode
+        problem = "" if predicted else "Predict a dose first"
+        if not problem and session is None:
+            problem = self.logic.dvhModelProblem()
+        self.ui.dvhEditButton.enabled = not problem or self._dvhEditing
+        self.ui.dvhEditButton.toolTip = problem or ("Drag the points of the chosen structure's desired DVH in the "
+                                                    "plot view; the dose follows")
+        self.ui.dvhUndoButton.enabled = session is not None and session.canUndo
+        self.ui.dvhResetButton.enabled = session is not None and bool(session.edited)
+        self.ui.dvhStructureComboBox.enabled = session is not None
 
     def onResetButton(self) -> None:
         self._parameterNode.oarSparing = 0.0

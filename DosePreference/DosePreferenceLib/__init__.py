@@ -6,6 +6,7 @@
 
 from doseai.packages import install_plan
 
+from .dvh_edit import DesiredDVHError, DVHEditSession, check_desired_vector, curve_on_levels
 from .export import dicom_reference, export_paths, instance_uids, safe_file_stem
 from .logic import (
     REQUIRED_PACKAGES,
@@ -37,13 +38,17 @@ __all__ = [
     "ROLES",
     "TASK_PACKAGES",
     "TORCH_REQUIREMENT",
+    "DVHEditSession",
     "DVHResult",
+    "DesiredDVHError",
     "DosePreferenceLogic",
     "MappingCheck",
     "PendingPrediction",
     "PredictionResult",
     "StructureRow",
+    "check_desired_vector",
     "check_mapping",
+    "curve_on_levels",
     "default_row",
     "dicom_reference",
     "export_paths",

@@ -14,9 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from doseai.mrml.plots import DVHResult
 from doseai.packages import BASE_PACKAGES, TORCH_REQUIREMENT, missing_packages
 
+from .dvh_edit import DesiredDVHError, DVHEditSession, check_curve, check_desired_vector
 from .export import Lookup, dicom_reference, existing_outputs, export_paths, safe_file_stem
 from .mapping import StructureRow, structure_rows
 
@@ -31,6 +34,10 @@ TASK_PACKAGES: dict[str, dict[str, str]] = {
 }
 
 Progress = Callable[[str, int], None]  # (what is being done, percent done)
+# desired DVH curves by structure: (dose in Gy, cumulative volume in %)
+Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+# attributes of a predicted dose node that say how it was steered (the ones a prediction does not set are removed)
+PREDICTION_ATTRIBUTES = ("DoseAI.OarSparing", "DoseAI.Homogeneity", "DoseAI.DesiredDVH")
 
 
 def missing_packages_for(task: str) -> list[str]:
@@ -65,24 +72,62 @@ def slider_tooltips(card: Mapping | None) -> dict[str, str]:
 
 @dataclass
 class PredictionResult:
-    """What :meth:`DosePreferenceLogic.predict` made: the dose node, its DVH (chart, table, metrics),
-    how long the prediction and the whole update took, and the model structures the case lacks."""
+    """What :meth:`DosePreferenceLogic.predict` (or :meth:`~DosePreferenceLogic.predictFromDVH`) made: the
+    dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, and the
+    model structures the case lacks. A prediction from a desired DVH also has the desired DVH (model layout),
+    the structures shown as edited and, for each, the mean distance between its predicted and desired curve
+    (percent of the volume, over the model's dose levels)."""
 
     doseNode: object
     dvh: DVHResult
     predictSeconds: float
     totalSeconds: float
     missingStructures: list[str] = field(default_factory=list)
+    desiredDVH: object = None
+    editedStructures: list[str] | None = None
+    dvhDistancePct: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        text = f"Predicted in {self.predictSeconds:.2f} s (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
+        text = f"Predicted in {self.predictSeconds:.2f} s"
+        if self.editedStructures is not None:
+            text += " from the desired DVH"
+            if self.dvhDistancePct:
+                text += " (mean distance to it: " + ", ".join(
+                    f"{name} {gap:.1f} %" for name, gap in self.dvhDistancePct.items()) + ")"
+        text += f" (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
         if self.missingStructures:
             text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
         return text
 
 
+def _modelName(predictor) -> str:
+    return str(predictor.card.get("name") or Path(predictor.weights).stem)
+
+
+@dataclass
+class _DVHRequest:
+    """A prediction from a desired DVH, checked on the main thread: ``run`` is what the worker does."""
+
+    predictor: object
+    case: object
+    vector: np.ndarray
+    edited: list[str]
+
+    def run(self, start: float) -> tuple[np.ndarray, float, dict[str, float]]:
+        """The dose, the seconds since ``start`` and, per edited structure, the mean distance (% volume)
+        between the predicted DVH and the desired one."""
+        dose = self.predictor.predict(self.vector)
+        seconds = time.time() - start
+        achieved = self.predictor.dvh_vector(dose)
+        rows = {name: row for row, name in enumerate(self.predictor.structures)}
+        distances = {name: float(100.0 * np.abs(achieved[rows[name]] - self.vector[rows[name]]).mean())
+                     for name in self.edited}
+        return dose, seconds, distances
+
+
 class PendingPrediction:
-    """A prediction running on the worker thread (see :meth:`DosePreferenceLogic.predictAsync`)."""
+    """A prediction running on the worker thread (see :meth:`DosePreferenceLogic.predictAsync` and
+    :meth:`~DosePreferenceLogic.predictFromDVHAsync`)."""
 
     def __init__(self, future, show: Callable) -> None:
         self._future, self._show = future, show
@@ -97,13 +142,15 @@ class PendingPrediction:
 
 
 class DosePreferenceLogic:
-    """Dose prediction steered by preference sliders, DVHs, isodose lines and export.
+    """Dose prediction steered by preference sliders or a desired DVH, DVHs, isodose lines and export.
 
     Usable without the module GUI, in the Slicer Python console or in a batch script::
 
         logic = DosePreferenceLogic()
         result = logic.predict(ctNode, segNode, oarSparing=0.5)
         result = logic.computeDVH(ctNode, segNode, doseNode)
+        edited = logic.predictFromDVH(ctNode, segNode, {"Parotid_L": ([0, 20, 40], [100, 40, 0])},
+                                      doseNode=result.doseNode)
     """
 
     def __init__(self) -> None:
@@ -189,12 +236,15 @@ class DosePreferenceLogic:
         return result
 
     def _showDVH(self, case, dose, segNode, name, overrides=None, chartNode=None, metricsTableNode=None,
-                 referenceDoseNode=None) -> DVHResult:
-        """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``."""
+                 referenceDoseNode=None, reference=None, referenceLabel: str = "reference") -> DVHResult:
+        """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``; dashed:
+        the ``reference`` DVHs, else those of ``referenceDoseNode``."""
         from doseai.mrml import show_case_dvh
 
+        if reference is None:
+            reference = self.referenceDVHs(case, referenceDoseNode)
         return show_case_dvh(case, dose, segNode, name, overrides, chartNode, metricsTableNode,
-                             reference=self.referenceDVHs(case, referenceDoseNode), bin_width_gy=self.dvhBinWidthGy)
+                             reference=reference, reference_label=referenceLabel, bin_width_gy=self.dvhBinWidthGy)
 
     def referenceDVHs(self, case, referenceDoseNode) -> dict | None:
         """DVHs of a reference dose (e.g. the clinical plan's RTDOSE) for the structures of ``case``,
@@ -215,6 +265,7 @@ class DosePreferenceLogic:
 
     # --- prediction ------------------------------------------------------------------------------
     _predictor = None  # shared by every logic instance: the model is loaded once per Slicer session
+    _dvhPredictor = None  # the DVH-conditioned model, likewise (loaded when DVH editing first needs it)
 
     @classmethod
     def predictor(cls, weights=None, device: str = "auto"):
@@ -225,6 +276,35 @@ class DosePreferenceLogic:
         if shared._predictor is None or (weights and str(shared._predictor.weights) != str(weights)):
             shared._predictor = DosePredictor(weights, device=device)
         return shared._predictor
+
+    @classmethod
+    def dvhPredictor(cls, weights=None, device: str = "auto"):
+        """The cached :class:`doseai.predict.DVHDosePredictor` (default weights
+        ``Resources/Models/dose_dvh_v1.pt``), loaded on first use and again when ``weights`` change."""
+        from doseai.errors import UnreadableInputError
+        from doseai.predict import DVHDosePredictor
+
+        shared = DosePreferenceLogic
+        if shared._dvhPredictor is None or (weights and str(shared._dvhPredictor.weights) != str(weights)):
+            problem = cls.dvhModelProblem(weights)
+            if problem:
+                raise UnreadableInputError(problem)
+            shared._dvhPredictor = DVHDosePredictor(weights, device=device)
+        return shared._dvhPredictor
+
+    @classmethod
+    def dvhModelProblem(cls, weights=None) -> str:
+        """Why DVH editing cannot load its model (a sentence), or "" (loaded, or the weights file exists)."""
+        from doseai.predict import DEFAULT_DVH_MODEL
+
+        loaded = DosePreferenceLogic._dvhPredictor
+        if loaded is not None and (not weights or str(loaded.weights) == str(weights)):
+            return ""
+        path = Path(weights) if weights else DEFAULT_DVH_MODEL
+        if path.is_file():
+            return ""
+        return (f"The DVH model is not found at {path}: DVH editing needs the DVH-conditioned model "
+                "(Resources/Models/dose_dvh_v1.pt; made with `doseai train dvh` and `doseai train export-dvh`)")
 
     @classmethod
     def modelCard(cls, weights=None) -> dict | None:
@@ -269,7 +349,7 @@ class DosePreferenceLogic:
         self._waitForWorker()  # one prediction at a time
         dose = predictor.predict(oarSparing, homogeneity)
         report("Updating the dose volume and the DVH", 85)
-        result = self._showPrediction(
+        result = self._showSliderPrediction(
             case, dose, time.time() - start, start, ctNode, segNode, oarSparing, homogeneity, doseNode,
             overrides, chartNode, metricsTableNode, referenceDoseNode)
         report("Done", 100)
@@ -282,34 +362,238 @@ class DosePreferenceLogic:
         while a slider moves (torch releases the GIL). Call ``finish()`` of the returned object on the main
         thread once ``done()``: it updates the MRML nodes. Reading MRML (a changed case) happens here, on
         the calling thread, before the work is handed over."""
-        import concurrent.futures
-
         start = time.time()
         predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, lambda *a: None)
-        if DosePreferenceLogic._worker is None:  # one worker: predictions never run side by side
-            DosePreferenceLogic._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="DoseAI")
+
         def run():
             return predictor.predict(oarSparing, homogeneity), time.time() - start
 
-        future = DosePreferenceLogic._worker.submit(run)
-
         def show(done):
             dose, predictSeconds = done
-            return self._showPrediction(case, dose, predictSeconds, start, ctNode, segNode, oarSparing,
-                                        homogeneity, doseNode, overrides, chartNode, metricsTableNode,
-                                        referenceDoseNode)
+            return self._showSliderPrediction(case, dose, predictSeconds, start, ctNode, segNode, oarSparing,
+                                              homogeneity, doseNode, overrides, chartNode, metricsTableNode,
+                                              referenceDoseNode)
 
-        return PendingPrediction(future, show)
+        return self._submit(run, show)
 
-    _worker = None  # the thread pool of predictAsync, shared like the predictor
+    # --- prediction from a desired DVH ---------------------------------------------------------------
+    def predictFromDVH(
+        self,
+        ctNode,
+        segNode,
+        desiredDVH: np.ndarray | Curves,
+        doseNode=None,
+        overrides: Mapping[str, str | None] | None = None,
+        prescriptions: Mapping[str, float] | None = None,
+        chartNode=None,
+        metricsTableNode=None,
+        editedStructures: Sequence[str] | None = None,
+        weights=None,
+        progress: Progress | None = None,
+    ) -> PredictionResult:
+        """Predict the dose whose DVH should follow ``desiredDVH``, with the DVH-conditioned model
+        (:meth:`dvhPredictor`); create (or update ``doseNode``) the RT dose volume and show its DVH with the
+        desired curves of ``editedStructures`` dashed.
+
+        ``desiredDVH`` is either an array in the model's layout (one row per model structure, cumulative
+        volume fractions at its dose levels: see :meth:`dvhEditSession`, or
+        ``dvhPredictor().dvh_vector(dose)``), or edited curves ``{structure: (dose_gy, volume_pct)}``: then
+        every other structure keeps the DVH of the dose in ``doseNode`` (the dose being edited), or, without
+        one, of the sliders' typical plan (the preference model at 0, 0). ``editedStructures`` default: the
+        structures of the curves, or every model structure in the segmentation for an array.
+
+        Raises DoseAIError when the DVH model is missing, the array has the wrong shape or holds NaN or
+        values outside [0, 1], or a curve names a structure the model does not know or the segmentation lacks.
+        """
+        report = progress or (lambda text, percent: None)
+        start = time.time()
+        request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
+                                   editedStructures, weights, report)
+        report("Predicting the dose from the desired DVH", 60)
+        self._waitForWorker()  # one prediction at a time
+        done = request.run(start)
+        report("Updating the dose volume and the DVH", 85)
+        result = self._showDVHPrediction(request, done, start, ctNode, segNode, doseNode, overrides, chartNode,
+                                         metricsTableNode)
+        report("Done", 100)
+        return result
+
+    def predictFromDVHAsync(self, ctNode, segNode, desiredDVH: np.ndarray | Curves, doseNode=None, overrides=None, prescriptions=None,
+                            chartNode=None, metricsTableNode=None, editedStructures=None,
+                            weights=None) -> "PendingPrediction":
+        """:meth:`predictFromDVH` with the network on the worker thread, as :meth:`predictAsync` (the
+        desired DVH is checked here, so a bad one raises at once)."""
+        start = time.time()
+        request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
+                                   editedStructures, weights, lambda *a: None)
+        return self._submit(lambda: request.run(start),
+                            lambda done: self._showDVHPrediction(request, done, start, ctNode, segNode, doseNode,
+                                                                 overrides, chartNode, metricsTableNode))
+
+    def dvhEditSession(self, ctNode, segNode, doseNode=None, overrides=None, prescriptions=None, weights=None,
+                       progress: Progress | None = None) -> DVHEditSession:
+        """A :class:`DVHEditSession` for the case: the model's structures and dose levels, starting from the
+        DVH of the dose in ``doseNode`` (without one: the sliders' typical plan); the structures present in
+        the segmentation are editable. Loads the DVH model (and prepares the case) when needed."""
+        report = progress or (lambda text, percent: None)
+        predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
+        base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
+        return DVHEditSession(predictor.structures, predictor.dose_levels_gy(), predictor.dvh_vector(base),
+                              editable=self._presentStructures(predictor, case))
+
+    def _prepareDVHCase(self, ctNode, segNode, doseNode, overrides, prescriptions, weights, report):
+        if self.dvhModelProblem(weights):
+            from doseai.errors import UnreadableInputError
+
+            raise UnreadableInputError(self.dvhModelProblem(weights))
+        if DosePreferenceLogic._dvhPredictor is None or weights:
+            report("Loading the DVH model", 5)
+        return self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report,
+                                 lambda: self.dvhPredictor(weights))
+
+    @staticmethod
+    def _presentStructures(predictor, case) -> list[str]:
+        """The model's structures the case has (not empty on the CT grid)."""
+        return [name for name in predictor.structures
+                if name in case.structures and bool(case.structures[name].any())]
+
+    def _baseDose(self, ctNode, segNode, doseNode, overrides, prescriptions, case, report):
+        """The dose an edit starts from: the dose node's (on the case grid), else the sliders' typical plan."""
+        if doseNode is not None and doseNode.GetImageData() is not None:
+            from doseai.mrml import dose_on_grid
+
+            return dose_on_grid(doseNode, case.geometry, "dose being edited")
+        report("Predicting the typical plan the edit starts from", 40)
+        slider, _ = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report)
+        self._waitForWorker()
+        return slider.predict(0.0, 0.0)
+
+    def _dvhRequest(self, ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions, editedStructures,
+                    weights, report) -> "_DVHRequest":
+        """On the calling thread: the DVH model with the case, the desired DVH checked and in the model's
+        layout, and the structures to show as edited."""
+        predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
+        structures, present = predictor.structures, self._presentStructures(predictor, case)
+
+        def check_names(names, what):
+            for name in names:
+                if name not in structures:
+                    raise DesiredDVHError(f"{what}: the DVH model does not know the structure '{name}' (it reads: "
+                                          f"{', '.join(structures)})")
+                if name not in present:
+                    raise DesiredDVHError(f"{what}: {name} is not in the segmentation (or is empty on the CT grid)")
+
+        if isinstance(desiredDVH, Mapping):
+            if not desiredDVH:
+                raise DesiredDVHError("the desired DVH has no curve")
+            check_names(desiredDVH, "desired DVH")
+            curves = {name: check_curve(name, *curve) for name, curve in desiredDVH.items()}
+            base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
+            vector, edited = predictor.desired_from_curves(curves, base)
+        else:
+            vector = check_desired_vector(desiredDVH, structures, predictor.card["dvh"]["n_points"])
+            edited = present
+        if editedStructures is not None:
+            check_names(editedStructures, "edited structures")
+            edited = [name for name in structures if name in set(editedStructures)]
+        return _DVHRequest(predictor, case, vector, list(edited))
+
+    def _showDVHPrediction(self, request, done, start, ctNode, segNode, doseNode, overrides, chartNode,
+                           metricsTableNode) -> PredictionResult:
+        dose, predictSeconds, distances = done
+        predictor = request.predictor
+        result = self._showPrediction(
+            request.case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
+            metricsTableNode, predictor.card,
+            {"DoseAI.Model": _modelName(predictor), "DoseAI.DesiredDVH": ", ".join(request.edited) or "-"},
+            reference=predictor.as_dvhs(request.vector, request.edited), referenceLabel="desired")
+        result.desiredDVH, result.editedStructures, result.dvhDistancePct = request.vector, request.edited, distances
+        return result
+
+    # --- the desired-DVH curve the user drags --------------------------------------------------------
+    def desiredDVHTableNode(self, chartNode, session: DVHEditSession, structure: str, segNode=None,
+                            overrides: Mapping[str, str | None] | None = None):
+        """The desired curve of ``structure`` (from ``session``) as a table node (columns ``Dose [Gy]``,
+        ``Volume [%]``) with a dashed series with markers in ``chartNode``, in the segment's colour: a plot
+        view in move-points mode (:meth:`setDVHEditMode`) drags its points. One per chart: showing another
+        structure reuses the nodes. Returns the table node (its attribute ``DoseAI.EditedStructure`` names
+        the structure); :meth:`applyDesiredCurve` reads it back."""
+        from doseai.mrml import editable_curve, segment_colors
+
+        dose, volume = session.curve(structure)
+        color = segment_colors(segNode, overrides).get(structure) if segNode is not None else None
+        return editable_curve(chartNode.GetScene(), chartNode, structure, dose, volume, color)
+
+    @staticmethod
+    def readDesiredCurve(tableNode) -> tuple[str, object, object]:
+        """``(structure, dose_gy, volume_pct)`` of a table made by :meth:`desiredDVHTableNode` (as dragged)."""
+        from doseai.mrml import EDIT_ATTRIBUTE, read_curve
+
+        structure = tableNode.GetAttribute(EDIT_ATTRIBUTE) if tableNode is not None else None
+        if not structure:
+            raise DesiredDVHError("the table is not a desired-DVH curve (made by desiredDVHTableNode)")
+        dose, volume = read_curve(tableNode)
+        return structure, dose, volume
+
+    def applyDesiredCurve(self, session: DVHEditSession, tableNode) -> bool:
+        """Put the (dragged) curve of ``tableNode`` into ``session``; True when the desired DVH changed. The
+        table then shows the curve as taken (clamped to 0..100 %, non-increasing, at the model's doses)."""
+        from doseai.mrml import editable_curve
+
+        structure, dose, volume = self.readDesiredCurve(tableNode)
+        changed = session.setCurvePoints(structure, dose, volume)
+        taken_dose, taken_volume = session.curve(structure)
+        if dose.shape != taken_dose.shape or not (np.allclose(dose, taken_dose) and np.allclose(volume, taken_volume)):
+            chart = self._chartOf(tableNode)
+            if chart is not None:
+                editable_curve(tableNode.GetScene(), chart, structure, taken_dose, taken_volume)
+        return changed
+
+    @staticmethod
+    def _chartOf(tableNode):
+        """The DVH chart that shows the draggable curve of ``tableNode``."""
+        from doseai.mrml import editable_curve_table
+
+        charts = tableNode.GetScene().GetNodesByClass("vtkMRMLPlotChartNode")
+        for index in range(charts.GetNumberOfItems()):
+            if editable_curve_table(charts.GetItemAsObject(index)) is tableNode:
+                return charts.GetItemAsObject(index)
+        return None
+
+    @staticmethod
+    def removeDesiredDVHCurve(chartNode) -> None:
+        """Take the draggable curve out of the chart (the desired curves of a prediction stay, dashed)."""
+        from doseai.mrml import remove_editable_curve
+
+        remove_editable_curve(chartNode)
+
+    @staticmethod
+    def setDVHEditMode(chartNode, enabled: bool) -> int:
+        """Plot views showing ``chartNode`` in move-points mode, points moving along the volume axis only
+        (``enabled``), or back to pan-view mode. Returns how many plot views showed the chart."""
+        from doseai.mrml import set_point_dragging
+
+        return set_point_dragging(chartNode, enabled)
+
+    # --- shared by both predictions -------------------------------------------------------------------
+    _worker = None  # the thread pool of the asynchronous predictions, shared like the predictors
+
+    def _submit(self, run: Callable, show: Callable) -> "PendingPrediction":
+        """``run()`` on the worker thread; ``show(its result)`` by ``finish()`` on the main thread."""
+        import concurrent.futures
+
+        if DosePreferenceLogic._worker is None:  # one worker: predictions never run side by side
+            DosePreferenceLogic._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="DoseAI")
+        return PendingPrediction(DosePreferenceLogic._worker.submit(run), show)
 
     @staticmethod
     def _waitForWorker() -> None:
         if DosePreferenceLogic._worker is not None:
             DosePreferenceLogic._worker.submit(lambda: None).result()
 
-    def _prepareCase(self, ctNode, segNode, doseNode, overrides, prescriptions, report):
-        """The cached predictor, with the case built from the nodes (again only when they changed)."""
+    def _prepareCase(self, ctNode, segNode, doseNode, overrides, prescriptions, report, loadPredictor=None):
+        """The cached predictor (``loadPredictor()``, default :meth:`predictor`) with the case built from the
+        nodes (again only when they changed; one case shared by both models)."""
         from doseai.errors import DoseAIError
         from doseai.mrml import case_from_nodes
 
@@ -317,42 +601,61 @@ class DosePreferenceLogic:
             raise DoseAIError("Select the CT volume and the segmentation")
         if self.outputProblem(doseNode):
             raise DoseAIError(self.outputProblem(doseNode))
-        if DosePreferenceLogic._predictor is None:
-            report("Loading the dose prediction model", 5)
-        predictor = self.predictor()
+        if loadPredictor is None:
+            if DosePreferenceLogic._predictor is None:
+                report("Loading the dose prediction model", 5)
+            loadPredictor = self.predictor
+        predictor = loadPredictor()
         key = (ctNode.GetID(), ctNode.GetMTime(), ctNode.GetImageData().GetMTime() if ctNode.GetImageData() else 0,
                segNode.GetID(), segNode.GetSegmentation().GetMTime(), repr(overrides), repr(prescriptions))
-        cache = DosePreferenceLogic  # the case cache describes the shared predictor, so it is shared too
-        if key != cache._caseKey or predictor is not cache._casePredictor:
+        cache = DosePreferenceLogic  # the case cache describes the shared predictors, so it is shared too
+        if key != cache._caseKey:
             report("Preparing the case (structures on the CT grid, model inputs)", 20)
-            self._waitForWorker()  # a running slider update must not see the case change
-            case = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
-            predictor.set_case(case)
-            cache._caseKey, cache._case, cache._casePredictor = key, case, predictor
+            self._waitForWorker()  # a running update must not see the case change
+            cache._caseKey, cache._case, cache._casePredictors = None, None, []
+            cache._case = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
+            cache._caseKey = key
+        if not any(prepared is predictor for prepared in cache._casePredictors):
+            self._waitForWorker()
+            predictor.set_case(cache._case)
+            cache._casePredictors = [p for p in cache._casePredictors if p is cache._predictor or
+                                     p is cache._dvhPredictor] + [predictor]
         return predictor, cache._case
 
-    def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, oarSparing, homogeneity,
-                        doseNode, overrides, chartNode, metricsTableNode, referenceDoseNode) -> PredictionResult:
-        """Put a predicted dose into the dose node (created when None) and show its DVH."""
+    def _showSliderPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, oarSparing, homogeneity,
+                              doseNode, overrides, chartNode, metricsTableNode, referenceDoseNode) -> PredictionResult:
+        predictor = self.predictor()
+        return self._showPrediction(
+            case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
+            predictor.card, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
+                             "DoseAI.Model": _modelName(predictor)}, referenceDoseNode=referenceDoseNode)
+
+    def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
+                        metricsTableNode, card, attributes: Mapping[str, str], referenceDoseNode=None,
+                        reference=None, referenceLabel: str = "reference") -> PredictionResult:
+        """Put a predicted dose into the dose node (created when None), tagged with ``attributes`` (how it
+        was steered), and show its DVH (dashed: ``reference`` DVHs, else those of ``referenceDoseNode``)."""
         from doseai.mrml import create_or_update_dose_node
 
-        predictor = self.predictor()
         shown_at = time.time()
         name = doseNode.GetName() if doseNode is not None else f"{ctNode.GetName()} predicted dose"
         doseNode = create_or_update_dose_node(ctNode.GetScene(), dose, case.geometry, name, ctNode=ctNode,
                                               node=doseNode, display_max_gy=1.1 * case.max_prescription)
-        doseNode.SetAttribute("DoseAI.OarSparing", f"{oarSparing:g}")
-        doseNode.SetAttribute("DoseAI.Homogeneity", f"{homogeneity:g}")
-        doseNode.SetAttribute("DoseAI.Model", predictor.card["name"])
-        dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode)
-        missing = case.missing(model_oars(predictor.card))
+        for key in PREDICTION_ATTRIBUTES:
+            if key not in attributes and doseNode.GetAttribute(key) is not None:
+                doseNode.RemoveAttribute(key)
+        for key, value in attributes.items():
+            doseNode.SetAttribute(key, value)
+        dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode,
+                            reference, referenceLabel)
+        missing = case.missing(model_oars(card))
         logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
         return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing)
 
-    # the case the cached predictor holds, and the inputs it was made from
+    # the case the cached predictors hold, the inputs it was made from, and the predictors set to it
     _caseKey = None
     _case = None
-    _casePredictor = None
+    _casePredictors: list = []
 
     # --- display ---------------------------------------------------------------------------------
     @staticmethod
@@ -422,6 +725,8 @@ class DosePreferenceLogic:
         model = doseNode.GetAttribute("DoseAI.Model")
         if not model:
             return doseNode.GetName()[:64]
+        if doseNode.GetAttribute("DoseAI.DesiredDVH"):
+            return f"DoseAI {model} DVH {doseNode.GetAttribute('DoseAI.DesiredDVH')}"[:64]
         oar = float(doseNode.GetAttribute("DoseAI.OarSparing") or 0)
         hi = float(doseNode.GetAttribute("DoseAI.Homogeneity") or 0)
         return f"DoseAI {model} OAR {oar:+.2f} HI {hi:+.2f}"[:64]

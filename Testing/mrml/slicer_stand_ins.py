@@ -49,12 +49,18 @@ class Widget(Connectable):
     def __init__(self, name=""):
         super().__init__()
         self.objectName, self.enabled, self.toolTip, self.text, self.visible = name, True, "", "", True
+        self.checked = False
 
     def setMRMLScene(self, scene):
         pass
 
     def click(self):
         self.emit("clicked(bool)", False)
+
+    def toggle(self):
+        """What a user's click on a checkable button does."""
+        self.checked = not self.checked
+        self.emit("toggled(bool)", self.checked)
 
 
 class Item:
@@ -74,14 +80,23 @@ class Item:
         self._flags = flags
 
 
-class ComboBox(Connectable):
-    def __init__(self):
-        super().__init__()
+class ComboBox(Widget):
+    def __init__(self, name=""):
+        super().__init__(name)
         self._items, self._index = [], -1
 
     def addItems(self, items):
         self._items += list(items)
-        self._index = max(self._index, 0)
+        if self._index < 0 and self._items:
+            self.setCurrentIndex(0)
+
+    def clear(self):
+        self._items = []
+        self.setCurrentIndex(-1)
+
+    @property
+    def count(self):
+        return len(self._items)
 
     def setCurrentIndex(self, index):
         changed = index != self._index
@@ -91,7 +106,11 @@ class ComboBox(Connectable):
 
     @property
     def currentText(self):
-        return self._items[self._index]
+        return self._items[self._index] if self._index >= 0 else ""
+
+    @property
+    def items(self):
+        return list(self._items)
 
 
 class Header:
@@ -294,7 +313,8 @@ def application(module_name: str, answers: list, calls: list):
     """``(ui widgets by name, slicer.util functions, slicer.app)``: confirm dialogs answer from
     ``answers`` (and are recorded in ``calls``, as are progress dialogs, views and pip)."""
     widgets = ui_widgets(REPO_ROOT / module_name / f"Resources/UI/{module_name}.ui")
-    ui = {name: (Table(name) if w.get("class") == "QTableWidget" else Widget(name)) for name, w in widgets.items()}
+    kinds = {"QTableWidget": Table, "QComboBox": ComboBox}
+    ui = {name: kinds.get(w.get("class"), Widget)(name) for name, w in widgets.items()}
 
     @contextlib.contextmanager
     def tryWithErrorDisplay(message=None, show=True, waitCursor=False):

@@ -139,16 +139,19 @@ def test_dosepreference_ui_matches_module_file():
     for slider in ("oarSparingSlider", "homogeneitySlider"):  # range [-1, 1], step 0.05
         assert {k: float(v) for k, v in properties(slider).items() if k in ("minimum", "maximum", "singleStep")} == \
             {"minimum": -1.0, "maximum": 1.0, "singleStep": 0.05}
-    for button in ("predictButton", "exportButton"):  # enabled by the Widget only when there is something to do
+    # enabled by the Widget only when there is something to do
+    for button in ("predictButton", "exportButton", "dvhEditButton", "dvhUndoButton", "dvhResetButton"):
         assert properties(button)["enabled"] == "false"
     buttons = ("QPushButton", "QToolButton", "ctkPushButton")
     push_buttons = [name for name, w in widgets.items() if w.get("class") in buttons]
-    assert push_buttons == ["predictButton", "resetButton", "exportButton"]
-    # each button is connected to a handler that exists
+    assert push_buttons == ["predictButton", "resetButton", "dvhEditButton", "dvhUndoButton", "dvhResetButton",
+                            "exportButton"]
+    # each button is connected to a handler that exists (a checkable one through toggled)
     source = module_file.read_text()
     for name in push_buttons:
         handler = "on" + name[0].upper() + name[1:]
-        assert f'self.ui.{name}.connect("clicked(bool)", self.{handler})' in source and f"def {handler}(" in source
+        signal = "toggled(bool)" if properties(name).get("checkable") == "true" else "clicked(bool)"
+        assert f'self.ui.{name}.connect("{signal}", self.{handler})' in source and f"def {handler}(" in source
     root = ET.parse(MODULES["DosePreference"] / "Resources/UI/DosePreference.ui").getroot()
     receivers = {c.findtext("receiver") for c in root.iter("connection")}
     selectors = {name for name, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}

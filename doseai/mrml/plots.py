@@ -1,6 +1,7 @@
 """DVH curves and metrics as table, plot series and chart nodes (one table + series per structure
 in one chart, as SlicerRT's DVH module does), and :func:`show_case_dvh`, the DVH display both modules
-use: a dose's curves solid, a reference dose's (clinical plan, desired dose) dashed, and a metrics table."""
+use: a dose's curves solid, a reference dose's (clinical plan, desired dose) dashed, and a metrics table;
+and the draggable curve of DVH editing (:func:`editable_curve`, :func:`read_curve`, :func:`set_point_dragging`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ STRUCTURE_ATTRIBUTE = "DoseAI.Structure"  # on DVH series and tables: the struct
 REFERENCE_ATTRIBUTE = "DoseAI.ReferenceStructure"  # the same, on the dashed curves of a reference dose
 CHART_ATTRIBUTE = "DoseAI.DVHChart"  # on DVH charts: the name_prefix they were made with
 METRICS_ATTRIBUTE = "DoseAI.MetricsTable"
+EDIT_ATTRIBUTE = "DoseAI.EditedStructure"  # on the draggable desired-DVH curve of a chart (table and series)
 
 
 def _double_column(name: str, values) -> vtk.vtkDoubleArray:
@@ -120,11 +122,13 @@ def _sync_series(scene, chartNode, dvhs, colors, name_prefix, attribute, suffix,
         if table is None:
             table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name_prefix} {name}{suffix} table")
             table.SetAttribute(attribute, name)
+        table.SetName(f"{name_prefix} {name}{suffix} table")  # the label may change (reference -> desired)
         _fill_dvh_table(table, dvh)
         if series is None:
             series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name_prefix} {name}{suffix}")
             series.SetAttribute(attribute, name)
             chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        series.SetName(f"{name_prefix} {name}{suffix}")
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName(DOSE_COLUMN)
         series.SetYColumnName(VOLUME_PCT_COLUMN)
@@ -133,6 +137,124 @@ def _sync_series(scene, chartNode, dvhs, colors, name_prefix, attribute, suffix,
         series.SetLineStyle(line_style)
         series.SetLineWidth(2)
         series.SetColor(*[float(c) for c in tuple(colors.get(name, structure_color(name)))[:3]])
+
+
+def _edit_series(chartNode):
+    for index in range(chartNode.GetNumberOfPlotSeriesNodes()):
+        node = chartNode.GetNthPlotSeriesNode(index)
+        if node is not None and node.GetAttribute(EDIT_ATTRIBUTE) is not None:
+            return node
+    return None
+
+
+def editable_curve(scene, chartNode, structure: str, dose_gy, volume_pct, color=None,
+                   label: str = "drag to edit"):
+    """A curve of ``chartNode`` whose points a plot view in move-points mode can drag: a table node (columns
+    ``Dose [Gy]``, ``Volume [%]``) and a dashed series with markers, both tagged ``EDIT_ATTRIBUTE`` =
+    ``structure``. A chart has one: called again it shows the new curve in the same nodes (values written in
+    place when the number of points is unchanged, so a drag in progress keeps its table); without ``color`` it
+    keeps its colour (a new one gets the structure's fixed colour). Returns the table."""
+    series = _edit_series(chartNode)
+    table = series.GetTableNode() if series is not None else None
+    prefix = chartNode.GetAttribute(CHART_ATTRIBUTE) or "DVH"
+    name = f"{prefix} {structure} ({label})"
+    dose = np.ascontiguousarray(dose_gy, dtype=np.float64)
+    volume = np.ascontiguousarray(volume_pct, dtype=np.float64)
+    if table is None:
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+    was_modifying = table.StartModify()
+    table.SetName(f"{name} table")
+    table.SetAttribute(EDIT_ATTRIBUTE, structure)
+    data = table.GetTable()
+    columns = [data.GetColumnByName(c) for c in (DOSE_COLUMN, VOLUME_PCT_COLUMN)] if data is not None else []
+    if len(columns) == 2 and all(isinstance(c, vtk.vtkDataArray) and c.GetNumberOfTuples() == dose.size
+                                 for c in columns):
+        for column, values in zip(columns, (dose, volume)):
+            numpy_support.vtk_to_numpy(column)[:] = values
+            column.Modified()
+        data.Modified()
+    else:
+        new_table = vtk.vtkTable()
+        new_table.AddColumn(_double_column(DOSE_COLUMN, dose))
+        new_table.AddColumn(_double_column(VOLUME_PCT_COLUMN, volume))
+        table.SetAndObserveTable(new_table)
+        table.SetColumnUnitLabel(DOSE_COLUMN, "Gy")
+        table.SetColumnUnitLabel(VOLUME_PCT_COLUMN, "%")
+        table.SetUseColumnTitleAsColumnHeader(True)
+    table.Modified()
+    table.EndModify(was_modifying)
+    if series is None:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+        chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        color = structure_color(structure) if color is None else color
+    series.SetName(name)
+    series.SetAttribute(EDIT_ATTRIBUTE, structure)
+    series.SetAndObserveTableNodeID(table.GetID())
+    series.SetXColumnName(DOSE_COLUMN)
+    series.SetYColumnName(VOLUME_PCT_COLUMN)
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+    series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+    series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+    series.SetMarkerSize(9)
+    series.SetLineWidth(2)
+    if color is not None:  # else the colour it has
+        series.SetColor(*[float(c) for c in tuple(color)[:3]])
+    return table
+
+
+def editable_curve_table(chartNode):
+    """The table of the chart's draggable curve (see :func:`editable_curve`), or None."""
+    series = _edit_series(chartNode) if chartNode is not None else None
+    return series.GetTableNode() if series is not None else None
+
+
+def remove_editable_curve(chartNode) -> None:
+    """Take the draggable curve (series and table) out of the chart and the scene."""
+    series = _edit_series(chartNode) if chartNode is not None else None
+    if series is None:
+        return
+    scene, table = chartNode.GetScene(), series.GetTableNode()
+    chartNode.RemovePlotSeriesNodeID(series.GetID())
+    scene.RemoveNode(series)
+    if table is not None and table.GetAttribute(EDIT_ATTRIBUTE) is not None:
+        scene.RemoveNode(table)
+
+
+def read_curve(tableNode) -> tuple[np.ndarray, np.ndarray]:
+    """The ``Dose [Gy]`` and ``Volume [%]`` columns of a DVH table node (e.g. after points were dragged)."""
+    table = tableNode.GetTable() if tableNode is not None else None
+    columns = [table.GetColumnByName(c) for c in (DOSE_COLUMN, VOLUME_PCT_COLUMN)] if table is not None else [None]
+    if any(column is None for column in columns):
+        from doseai.errors import DoseAIError
+
+        raise DoseAIError(f"table '{tableNode.GetName() if tableNode else None}' has no '{DOSE_COLUMN}' and "
+                          f"'{VOLUME_PCT_COLUMN}' columns")
+    return tuple(np.array(numpy_support.vtk_to_numpy(column), dtype=np.float64) if isinstance(column, vtk.vtkDataArray)
+                 else np.array([column.GetVariantValue(i).ToDouble() for i in range(column.GetNumberOfTuples())])
+                 for column in columns)
+
+
+def set_point_dragging(chartNode, enabled: bool) -> int:
+    """Plot views showing ``chartNode`` drag points of its curves vertically (``enabled``; doses stay where
+    they are) or pan (not ``enabled``, the default mode). Returns how many plot views were switched."""
+    was_modifying = chartNode.StartModify()
+    chartNode.SetEnablePointMoveAlongX(not enabled)
+    chartNode.SetEnablePointMoveAlongY(True)
+    chartNode.EndModify(was_modifying)
+    views = chartNode.GetScene().GetNodesByClass("vtkMRMLPlotViewNode")
+    switched = 0
+    for index in range(views.GetNumberOfItems()):
+        view = views.GetItemAsObject(index)
+        if view.GetPlotChartNodeID() != chartNode.GetID():
+            continue
+        was_modifying = view.StartModify()
+        view.SetEnablePointMoveAlongX(not enabled)
+        view.SetEnablePointMoveAlongY(True)
+        view.SetInteractionMode(slicer.vtkMRMLPlotViewNode.InteractionModeMovePoints if enabled
+                                else slicer.vtkMRMLPlotViewNode.InteractionModePanView)
+        view.EndModify(was_modifying)
+        switched += 1
+    return switched
 
 
 def _unit(metric: str) -> str:
