@@ -478,6 +478,16 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         return result
 
+    def _startSliderPrediction(self, overrides, prescriptions) -> None:
+        """The sliders' dose on the worker thread (``self._pending``), remembering which values it is for."""
+        parameters = self._parameterNode
+        self._pending = self.logic.predictAsync(
+            parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
+            doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+            chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
+            referenceDoseNode=parameters.referenceDose)
+        self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+
     def onSliderTimeout(self) -> None:
         """Live update after a slider rested: the network runs on a worker thread so the GUI never stalls;
         values that change meanwhile are predicted as soon as it is free (only the latest counts)."""
@@ -489,13 +499,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._sliderMovedWhileBusy = True
             return
         try:
-            overrides, prescriptions = self._mappingArguments()
-            self._pending = self.logic.predictAsync(
-                parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
-                doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
-                chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
-                referenceDoseNode=parameters.referenceDose)
-            self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+            self._startSliderPrediction(*self._mappingArguments())
             self.ui.statusLabel.text = "Updating the dose..."
             self._pollTimer.start()
         except Exception as error:  # shown, not raised: a dialog per slider step would be unusable
@@ -683,12 +687,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     editedStructures=sorted(session.edited))
                 self._pendingSliders = None
             else:
-                self._pending = self.logic.predictAsync(
-                    parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
-                    doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
-                    chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
-                    referenceDoseNode=parameters.referenceDose)
-                self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+                self._startSliderPrediction(overrides, prescriptions)
             self.ui.statusLabel.text = "Updating the dose from the desired DVH..."
             self._pollTimer.start()
         except Exception as error:

@@ -31,20 +31,29 @@ def _commit() -> str:
         return "unknown"
 
 
-def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
-    """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
+def _write_half_weights(checkpoint: Path, out: Path, force: bool) -> tuple[dict, Path]:
+    """The checkpoint's state, and its model weights written to ``out`` in fp16 (half the file size);
+    never overwrites without ``force``."""
     out = Path(out)
     refuse_overwrite(out, force)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}, out)
+    return state, out
+
+
+def _card_header(out: Path, task: str) -> dict:
+    return {"name": out.stem, "created": datetime.date.today().isoformat(), "commit": _commit(), "task": task}
+
+
+def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
+    """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
+    state, out = _write_half_weights(checkpoint, out, force)
+    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
     semantics = state["semantics"]
     card = {
-        "name": out.stem,
-        "created": datetime.date.today().isoformat(),
-        "commit": _commit(),
-        "task": "head-and-neck IMRT dose prediction steerable by preference sliders (OAR sparing, PTV homogeneity)",
+        **_card_header(out, "head-and-neck IMRT dose prediction steerable by preference sliders (OAR sparing, "
+                            "PTV homogeneity)"),
         "inputs": {
             "channels": state["channels"],
             "ct": "HU clipped to [-1000, 1500] / 1000 (a water-equivalent body is used when the case has no CT)",
@@ -87,17 +96,10 @@ def record_validation(weights: Path, results: dict) -> None:
 
 def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
     """Ship the DVH-conditioned network (``doseai train dvh``): fp16 weights + its model card."""
-    out = Path(out)
-    refuse_overwrite(out, force)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}, out)
+    state, out = _write_half_weights(checkpoint, out, force)
     layout = state["layout"]
     card = {
-        "name": out.stem,
-        "created": datetime.date.today().isoformat(),
-        "commit": _commit(),
-        "task": "head-and-neck IMRT dose prediction conditioned on a desired DVH (DVH editing)",
+        **_card_header(out, "head-and-neck IMRT dose prediction conditioned on a desired DVH (DVH editing)"),
         "inputs": {"channels": state["channels"],
                    "note": "the same anatomy channels, grid and placement as the preference model it starts from"},
         "grid": {**state["grid"], "direction": "identity (LPS)",
