@@ -139,3 +139,13 @@ def test_cli_predict_from_a_desired_dvh(tmp_path, tiny_dvh_model, capsys):
     unknown.write_text("dose_gy,Liver_volume_pct\n0,100\n10,0\n")
     assert main(["predict", "--case", str(case_path), "--desired-dvh", str(unknown), "--dvh-weights",
                  str(tiny_dvh_model), "--out", str(tmp_path / "x.nrrd")]) == 2
+
+
+def test_demo_dvh_edit_writes_an_editable_csv(tmp_path, tiny_dvh_model, small_case, capsys):
+    from doseai.cli import _demo_dvh_edit
+
+    _demo_dvh_edit(small_case, tmp_path, "cpu", False, weights=tiny_dvh_model)
+    curves = read_dvh_csv(tmp_path / "desired_dvh.csv")  # the format predict --desired-dvh reads back
+    assert len(curves) == 1 and next(iter(curves)).startswith("Parotid")
+    assert (tmp_path / "dvh_vs_desired.png").is_file()
+    assert "curve moved to 80 % of its doses" in capsys.readouterr().out

@@ -170,9 +170,47 @@ def _cmd_demo(args) -> int:
     save_case(case, out / "nrrd", "nrrd", force=args.force)
     print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
     _report(case, case.dose, out / "report", force=args.force)
+    _demo_dvh_edit(case, out / "dvh_edit", args.device, args.force)
     if not args.no_plan:
         _demo_plan(case, out / "plan", args.force)
     return 0
+
+
+def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | None = None) -> None:
+    """A DVH edit with the DVH-conditioned model: the more exposed parotid's curve moved to 80 % of its doses."""
+    from doseai.dvh import dose_at_volume_pct
+    from doseai.predict import DEFAULT_DVH_MODEL, DVHDosePredictor
+    from doseai.report import case_dvhs, plot_dvhs, write_dvh_csv
+    from doseai.train.train_dvh import stretch_curve
+
+    weights = weights or DEFAULT_DVH_MODEL
+    if not weights.is_file():
+        print(f"note: no DVH edit: {weights} not found (doseai train dvh / export-dvh)", file=sys.stderr)
+        return
+    predictor = DVHDosePredictor(weights, device=device)
+    predictor.set_case(case)
+    parotids = [n for n in ("Parotid_L", "Parotid_R") if n in case.structures and case.structures[n].any()]
+    if not parotids:
+        print("note: no DVH edit: the case has no parotid", file=sys.stderr)
+        return
+    parotid = max(parotids, key=lambda n: case.dose[case.structures[n]].mean())
+    desired = predictor.dvh_vector(case.dose)
+    row = predictor.structures.index(parotid)
+    desired[row] = stretch_curve(desired[row], 0.8)
+    edited = predictor.predict(desired)
+    target = case.structures[max(case.prescriptions, key=case.prescriptions.get)]
+    mask = case.structures[parotid]
+    seconds = predictor.timings["condition_network_s"] + predictor.timings["resample_back_s"]
+    print(f"DVH edit with {predictor.card.get('name', predictor.weights.stem)} ({seconds:.2f} s): "
+          f"{parotid} curve moved to 80 % of its doses -> its mean {case.dose[mask].mean():.1f} -> "
+          f"{edited[mask].mean():.1f} Gy; top PTV D95 {dose_at_volume_pct(case.dose[target], 95):.1f} -> "
+          f"{dose_at_volume_pct(edited[target], 95):.1f} Gy")
+    for name in ("desired_dvh.csv", "dvh_vs_desired.png"):
+        refuse_overwrite(out / name, force)
+    write_dvh_csv(predictor.as_dvhs(desired, [parotid]), out / "desired_dvh.csv", force=force)
+    plot_dvhs(case_dvhs(case, edited), out / "dvh_vs_desired.png", reference=predictor.as_dvhs(desired, [parotid]),
+              title=f"{case.patient_id}: after the DVH edit", reference_label="desired", force=force)
+    print(f"wrote {out / 'desired_dvh.csv'} (input format of predict --desired-dvh) and {out / 'dvh_vs_desired.png'}")
 
 
 def _demo_plan(case, out: Path, force: bool) -> None:
