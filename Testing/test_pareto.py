@@ -80,3 +80,14 @@ def test_generation_skips_a_failing_patient_and_keeps_the_reason(tmp_path, monke
     assert np.load(folder / "pt_2.npz")["doses"].shape[0] == 2
     pareto.generate_pareto("t", n_plans=2)  # resumed: neither patient is planned again
     assert len(calls) == 2
+
+
+def test_pareto_plans_need_a_body():
+    from doseai.sample import make_sample_case
+    from doseai.train.pareto import pareto_plans
+
+    case = make_sample_case(seed=3, shape=(24, 48, 48))
+    case.structures.pop("External", None)
+    case.possible_dose_mask = None
+    with pytest.raises(ValueError, match="no body"):
+        pareto_plans(case, n_plans=2)

@@ -72,7 +72,11 @@ def pareto_plans(case: PlanningCase, n_plans: int = 10, bixel_width_mm: float = 
     from doseai.optimize.fluence import optimize_fluence
     from doseai.optimize.plan import PlanSettings, case_dose, make_engine
 
+    from doseai.engine.working_grid import body_mask
+
     case.require_target()
+    if body_mask(case) is None:  # without a body term the optimizer parks dose anywhere (seen: 4580 Gy)
+        raise ValueError(f"{case.patient_id}: no body (External or possible-dose mask) to keep the dose in")
     settings = PlanSettings(n_beams=n_beams, bixel_width_mm=bixel_width_mm)
     engine = make_engine(settings)
     influence = engine.compute(case, default_beams(case, n_beams=n_beams, bixel_width_mm=bixel_width_mm),

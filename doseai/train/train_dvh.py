@@ -34,6 +34,7 @@ from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everythin
 CHANNELS = channel_names()
 BODY = CHANNELS.index("body")
 SWAP_CHANNELS = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
+MIN_BODY_VOXELS = 1000
 
 
 @dataclass
@@ -58,6 +59,11 @@ def load_pareto_patients(pareto_folder: Path, split: str, spec: GridSpec, norm_g
             continue
         plans = np.load(path)
         features = np.load(features_folder / f"{pid}.npz")["features"]
+        if np.count_nonzero(features[BODY] > 0.5) < MIN_BODY_VOXELS:
+            # no body on the model grid (an empty possible-dose mask): the plans had no body term and the
+            # voxel loss would be undefined
+            print(f"{pid}: left out (empty body mask)")
+            continue
         patients[pid] = ParetoPatient(pid, features, (plans["doses"].astype(np.float32) / norm_gy).astype(np.float16),
                                       plans["dvh_vectors"].astype(np.float32))
     return patients
@@ -184,6 +190,9 @@ def train_dvh(
             y = torch.from_numpy(dose[np.newaxis].astype(np.float32)).to(torch_device)
             condition = torch.from_numpy(desired.reshape(1, -1)).to(torch_device)
             loss, parts = dose_loss(net, x, y, condition)
+            if not torch.isfinite(loss):  # never let one bad sample move the weights; counted in the log
+                totals.setdefault("skipped", []).append(1.0)
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -191,7 +200,7 @@ def train_dvh(
             for key, value in parts.items():
                 totals.setdefault(key, []).append(value)
         record = {"epoch": epoch, "patients": len(ids), "seconds": time.perf_counter() - start,
-                  **{key: float(np.mean(values)) for key, values in totals.items()},
+                  **{key: float(np.sum(values) if key == "skipped" else np.mean(values)) for key, values in totals.items()},
                   "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy)}
         log.write(**record)
         print(json.dumps(record))
