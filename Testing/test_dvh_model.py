@@ -149,3 +149,17 @@ def test_demo_dvh_edit_writes_an_editable_csv(tmp_path, tiny_dvh_model, small_ca
     assert len(curves) == 1 and next(iter(curves)).startswith("Parotid")
     assert (tmp_path / "dvh_vs_desired.png").is_file()
     assert "curve moved to 80 % of its doses" in capsys.readouterr().out
+
+
+def test_shipped_dvh_model_matches_its_card(small_case):
+    from doseai.models.dvh_conditioned import DEFAULT_DVH_LAYOUT
+    from doseai.predict import DEFAULT_DVH_MODEL
+
+    if not DEFAULT_DVH_MODEL.is_file():
+        pytest.skip(f"{DEFAULT_DVH_MODEL} not shipped")
+    predictor = DVHDosePredictor()
+    assert predictor.card["dvh"]["structures"] == DEFAULT_DVH_LAYOUT["structures"]
+    assert set(predictor.card["validation"]) >= {"accuracy", "responsiveness", "latency_s"}
+    predictor.set_case(small_case)
+    dose = predictor.predict(predictor.dvh_vector(small_case.dose))
+    assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0

@@ -194,7 +194,9 @@ def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | No
         print("note: no DVH edit: the case has no parotid", file=sys.stderr)
         return
     parotid = max(parotids, key=lambda n: case.dose[case.structures[n]].mean())
-    desired = predictor.dvh_vector(case.dose)
+    unedited = predictor.dvh_vector(case.dose)
+    before = predictor.predict(unedited)  # the same model from the unedited DVH: the change is the edit's alone
+    desired = unedited.copy()
     row = predictor.structures.index(parotid)
     desired[row] = stretch_curve(desired[row], 0.8)
     edited = predictor.predict(desired)
@@ -202,9 +204,9 @@ def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | No
     mask = case.structures[parotid]
     seconds = predictor.timings["condition_network_s"] + predictor.timings["resample_back_s"]
     print(f"DVH edit with {predictor.card.get('name', predictor.weights.stem)} ({seconds:.2f} s): "
-          f"{parotid} curve moved to 80 % of its doses -> its mean {case.dose[mask].mean():.1f} -> "
-          f"{edited[mask].mean():.1f} Gy; top PTV D95 {dose_at_volume_pct(case.dose[target], 95):.1f} -> "
-          f"{dose_at_volume_pct(edited[target], 95):.1f} Gy")
+          f"{parotid} curve moved to 80 % of its doses -> its mean {before[mask].mean():.1f} -> "
+          f"{edited[mask].mean():.1f} Gy; top PTV D95 {dose_at_volume_pct(before[target], 95):.1f} -> "
+          f"{dose_at_volume_pct(edited[target], 95):.1f} Gy (DVH model, from the slider dose's DVH and edited)")
     for name in ("desired_dvh.csv", "dvh_vs_desired.png"):
         refuse_overwrite(out / name, force)
     write_dvh_csv(predictor.as_dvhs(desired, [parotid]), out / "desired_dvh.csv", force=force)
