@@ -141,3 +141,19 @@ def plan_engine():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def slider_model(monkeypatch):
+    """The shipped preference (slider) model, loaded into the logic's shared predictor for the test only
+    (``DOSEAI_TEST_WEIGHTS`` points at another model, e.g. a throwaway one while it trains)."""
+    import os
+
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from DosePreferenceLib import DosePreferenceLogic
+
+    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v1_1.pt")
+    if not weights.is_file():
+        pytest.skip(f"model weights not found at {weights}")
+    monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
+    return DosePreferenceLogic.predictor(weights=weights, device="cpu")

@@ -8,8 +8,6 @@ business, measured by Testing/benchmarks/bench_dvh_edit.py)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,20 +284,7 @@ def test_desired_curve_table_round_trip_and_move_points_mode(scene, sample, dvh_
         logic.readDesiredCurve(first.dvh.metricsTableNode)
 
 
-# --- with the shipped preference (slider) model too -----------------------------------------------------
-SLIDER_WEIGHTS = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or
-                      Path(__file__).resolve().parents[2] / "Resources/Models/dose_preference_v1_1.pt")
-
-
-@pytest.fixture
-def slider_model(monkeypatch):
-    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    if not SLIDER_WEIGHTS.is_file():
-        pytest.skip(f"model weights not found at {SLIDER_WEIGHTS}")
-    monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
-    return DosePreferenceLogic.predictor(weights=SLIDER_WEIGHTS, device="cpu")
-
-
+# --- with the shipped preference (slider) model too (fixture slider_model in conftest.py) ------------
 def test_curves_without_a_dose_start_from_the_typical_plan(scene, sample, dvh_model, slider_model):
     ct_node, seg_node, _ = nodes_from_case(scene, sample)
     logic = DosePreferenceLogic()

@@ -8,7 +8,6 @@ application (the module's self test ``DosePreferenceTest.test_Widget`` covers th
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -122,19 +121,7 @@ def test_segments_added_later_refresh_the_table(gui, scene, sample):
 
 
 # --- with the model ------------------------------------------------------------------------------------
-WEIGHTS = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or MODULE_DIR.parent / "Resources/Models/dose_preference_v1_1.pt")
-
-
-@pytest.fixture
-def model(monkeypatch):
-    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    if not WEIGHTS.is_file():
-        pytest.skip(f"model weights not found at {WEIGHTS}")
-    monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
-    return DosePreferenceLogic.predictor(weights=WEIGHTS, device="cpu")
-
-
-def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, model, tmp_path, monkeypatch):
+def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slider_model, tmp_path, monkeypatch):
     ct_node, seg_node, reference_node = nodes_from_case(scene, sample)
     widget = gui.make_widget()
     parameters, ui = widget._parameterNode, widget.ui
@@ -146,7 +133,7 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, mode
 
     ui.predictButton.click()
     dose_node = parameters.outputDose
-    assert dose_node is not None and dose_node.GetAttribute("DoseAI.Model") == model.card["name"]
+    assert dose_node is not None and dose_node.GetAttribute("DoseAI.Model") == slider_model.card["name"]
     assert len(predictions) == 1 and predictions[0]["progress"] is not None and ("progress",) in gui.calls
     assert ("layers", {"background": ct_node, "foreground": dose_node, "foregroundOpacity": 0.4}) in gui.calls
     chart = parameters.dvhChart
@@ -226,7 +213,7 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, mode
     assert len(predictions) == 5 and widget._pending is None and dose_node.GetAttribute("DoseAI.Homogeneity") == "0"
 
 
-def test_scene_close_forgets_the_prediction(gui, scene, sample, model):
+def test_scene_close_forgets_the_prediction(gui, scene, sample, slider_model):
     nodes_from_case(scene, sample)
     widget = gui.make_widget()
     widget.ui.predictButton.click()
