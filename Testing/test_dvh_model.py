@@ -15,7 +15,8 @@ from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, as_condition, bui
 from doseai.models.preference import PreferenceDoseNet
 from doseai.predict import DVHDosePredictor
 from doseai.report import read_dvh_csv
-from doseai.train.train_dvh import nearest_plan, sample_desired_dvh, stretch_curve
+from doseai.train.train_dvh import (CHANNELS, EDIT_EMPHASIS, nearest_plan, sample_desired_dvh, stretch_curve,
+                                    structure_masks, structure_metric_loss)
 
 SMALL = {"down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4}
 SMALL_PRIOR = {"channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
@@ -58,10 +59,26 @@ def test_training_pairs_project_onto_the_pareto_set():
     assert nearest_plan(plans, plans[1]) == 1
     assert nearest_plan(plans, plans[2] - 0.01) == 2
     for _ in range(50):
-        desired = sample_desired_dvh(plans, rng)
+        desired, weights = sample_desired_dvh(plans, rng)
         assert desired.shape == plans.shape[1:] and desired.dtype == np.float32
         assert np.all(np.diff(desired, axis=1) <= 1e-6)  # still cumulative DVHs
-        assert 0 <= nearest_plan(plans, desired) < 3
+        assert weights.shape == (4,) and set(np.unique(weights)) <= {1.0, EDIT_EMPHASIS}
+        assert 0 <= nearest_plan(plans, desired, weights) < 3
+
+
+def test_single_curve_edit_projects_onto_the_plan_that_follows_the_edit():
+    levels = np.linspace(1, 0, 32, dtype=np.float32)
+    unedited = np.stack([levels] * 4)
+    spares_row_0 = unedited.copy()
+    spares_row_0[0] = stretch_curve(levels, 0.7)
+    spares_row_0[1:] = stretch_curve(levels, 1.1)  # the other curves pay for it
+    plans = np.stack([unedited, spares_row_0])
+    desired = unedited.copy()
+    desired[0] = stretch_curve(levels, 0.75)
+    assert nearest_plan(plans, desired) == 0  # plain l1: the other three curves outvote the edit
+    weights = np.ones(4, np.float32)
+    weights[0] = EDIT_EMPHASIS
+    assert nearest_plan(plans, desired, weights) == 1
     curve = np.linspace(1, 0, 32).astype(np.float32)
     np.testing.assert_allclose(stretch_curve(curve, 1.0), curve)
     assert np.all(stretch_curve(curve, 0.8) <= curve + 1e-6)  # squeezed toward lower doses: less volume
@@ -163,3 +180,16 @@ def test_shipped_dvh_model_matches_its_card(small_case):
     predictor.set_case(small_case)
     dose = predictor.predict(predictor.dvh_vector(small_case.dose))
     assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
+
+
+def test_structure_metric_loss_sees_mean_and_near_max_errors():
+    norm_gy = 70.0
+    x = torch.zeros(1, len(CHANNELS), 8, 8, 8)
+    x[0, CHANNELS.index("target_dose"), :4] = 70.0 / norm_gy
+    x[0, CHANNELS.index("Parotid_R"), 4:] = 1.0
+    masks = structure_masks(x, ["PTV_70", "PTV_63", "Parotid_R"], norm_gy)
+    assert len(masks) == 2  # no PTV_63 voxels: left out
+    assert int(masks[0].sum()) == 256 and bool(masks[1][5].all())
+    y = torch.rand(1, 1, 8, 8, 8)
+    assert float(structure_metric_loss(y, y, masks)) == 0.0
+    assert float(structure_metric_loss(y + 0.1, y, masks)) == pytest.approx(0.1 * (1.0 + 0.5), rel=1e-4)

@@ -6,8 +6,12 @@ Each step draws a training patient and a desired DVH near its Pareto front:
 - 30 %: one plan's vector with one structure's curve stretched along the dose axis by 0.8-1.2 (an edit of a
   single curve, as a user makes in the editor).
 The target is the **projection onto the Pareto set**: the patient's plan whose DVH vector is nearest (l1) to
-the desired one. The loss is the voxel L1 in the body (+ 0.1 x everywhere) to that plan's dose, with the
-frozen decoder's own output held to it too, as in the preference model. The network starts from the
+the desired one. For a single-curve edit the edited curve weighs ``EDIT_EMPHASIS`` times the others in that
+distance: with a plain l1 over all 10 curves the nearest plan to a one-curve edit is nearly always the
+unedited plan, which taught the first model (dose_dvh_v1) to ignore single-curve edits. The loss is the
+voxel L1 in the body (+ 0.1 x everywhere) to that plan's dose, with the frozen decoder's own output held to
+it too, as in the preference model, plus each structure's mean and near-max (top 2 %) dose against the
+plan's (the quantities the user reads off the DVH). The network starts from the
 shipped preference weights (anatomy encoder, up path, refinement head, frozen prior); only the FiLM input
 layers are new, zero-initialised so that training starts from the preference model at neutral sliders. New Pareto patients that appear in the run folder join at the next epoch, so training can
 start while plans are still being generated. Resumable from ``<cache>/runs/<name>/last.pt``.
@@ -35,6 +39,9 @@ CHANNELS = channel_names()
 BODY = CHANNELS.index("body")
 SWAP_CHANNELS = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
 MIN_BODY_VOXELS = 1000
+EDIT_EMPHASIS = 10.0  # weight of the edited curve in the projection of a single-curve edit
+MEAN_DOSE_WEIGHT, NEAR_MAX_WEIGHT = 1.0, 0.5  # structure-metric loss terms (doses normalised by norm_gy)
+NEAR_MAX_FRACTION = 0.02
 
 
 @dataclass
@@ -75,25 +82,31 @@ def stretch_curve(curve: np.ndarray, factor: float) -> np.ndarray:
     return np.interp(points / factor, points, curve, right=0.0).astype(np.float32)
 
 
-def sample_desired_dvh(dvh: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A desired DVH near the patient's Pareto front (see the module docstring)."""
+def sample_desired_dvh(dvh: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A desired DVH near the patient's Pareto front (see the module docstring) and the per-curve weights of
+    its projection (``EDIT_EMPHASIS`` on a single edited curve, 1 elsewhere)."""
+    weights = np.ones(dvh.shape[1], np.float32)
     kind = rng.random()
     first = dvh[rng.integers(len(dvh))]
     if kind < 0.3:
-        return first.copy()
-    if kind < 0.7:
+        return first.copy(), weights
+    if kind < 0.6:
         weight = rng.random()
-        return (weight * first + (1 - weight) * dvh[rng.integers(len(dvh))]).astype(np.float32)
+        return (weight * first + (1 - weight) * dvh[rng.integers(len(dvh))]).astype(np.float32), weights
     desired = first.copy()
     present = np.flatnonzero(desired[:, 0] > 0)
     row = rng.choice(present) if present.size else 0
-    desired[row] = stretch_curve(desired[row], rng.uniform(0.8, 1.2))
-    return desired
+    desired[row] = stretch_curve(desired[row], rng.uniform(0.7, 1.2))
+    weights[row] = EDIT_EMPHASIS
+    return desired, weights
 
 
-def nearest_plan(dvh: np.ndarray, desired: np.ndarray) -> int:
-    """Projection onto the Pareto set: the plan whose DVH vector is nearest to ``desired`` in l1."""
-    return int(np.abs(dvh - desired[np.newaxis]).sum(axis=(1, 2)).argmin())
+def nearest_plan(dvh: np.ndarray, desired: np.ndarray, curve_weights: np.ndarray | None = None) -> int:
+    """Projection onto the Pareto set: the plan whose DVH vector is nearest to ``desired`` in (curve-weighted) l1."""
+    distance = np.abs(dvh - desired[np.newaxis]).sum(axis=2)
+    if curve_weights is not None:
+        distance = distance * curve_weights[np.newaxis]
+    return int(distance.sum(axis=1).argmin())
 
 
 def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, structures: list[str],
@@ -109,14 +122,42 @@ def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, structu
     return np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1)), desired
 
 
-def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def structure_masks(x: torch.Tensor, structures: list[str], norm_gy: float) -> list[torch.Tensor]:
+    """Boolean masks (z, y, x) of the DVH structures present in the input channels: OARs from their occupancy,
+    PTV_<Rx> from the target-dose channel (highest prescription wins, as in the features)."""
+    masks = []
+    for name in structures:
+        if name in CHANNELS:
+            masks.append(x[0, CHANNELS.index(name)] > 0.5)
+        elif name.startswith("PTV_"):
+            masks.append((x[0, CHANNELS.index("target_dose")] - float(name[4:]) / norm_gy).abs() < 0.25 / norm_gy)
+    return [mask for mask in masks if int(mask.sum()) >= 10]
+
+
+def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over structures of |mean dose error| x MEAN_DOSE_WEIGHT + |near-max (top 2 %) error| x NEAR_MAX_WEIGHT."""
+    if not masks:
+        return prediction.sum() * 0.0
+    terms = []
+    for mask in masks:
+        predicted, target = prediction[0, 0][mask], y[0, 0][mask]
+        k = max(2, int(NEAR_MAX_FRACTION * predicted.numel()))
+        terms.append(MEAN_DOSE_WEIGHT * (predicted.mean() - target.mean()).abs()
+                     + NEAR_MAX_WEIGHT * (predicted.topk(k).values.mean() - target.topk(k).values.mean()).abs())
+    return torch.stack(terms).mean()
+
+
+def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
+              masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     latent = net.latent(net.encode_anatomy(x), condition)
     coarse, prediction = net.decode_parts(latent, x, condition)
     body = x[:, BODY:BODY + 1] > 0.5
     error = (prediction - y).abs()
     voxel = error[body].mean() + 0.1 * error.mean()
     coarse_voxel = (coarse - y).abs()[body].mean()
-    return voxel + 0.5 * coarse_voxel, {"voxel": voxel.item(), "coarse": coarse_voxel.item()}
+    metrics = structure_metric_loss(prediction, y, masks or [])
+    return voxel + 0.5 * coarse_voxel + metrics, {"voxel": voxel.item(), "coarse": coarse_voxel.item(),
+                                                  "structure_metrics": metrics.item()}
 
 
 @torch.no_grad()
@@ -183,13 +224,13 @@ def train_dvh(
         for index in tqdm(rng.permutation(len(ids)), desc=f"DVH epoch {epoch + 1}/{epochs}", unit="patient",
                           leave=False):
             patient = patients[ids[index]]
-            desired = sample_desired_dvh(patient.dvh, rng)
-            target = patient.doses[nearest_plan(patient.dvh, desired)]
+            desired, curve_weights = sample_desired_dvh(patient.dvh, rng)
+            target = patient.doses[nearest_plan(patient.dvh, desired, curve_weights)]
             features, dose, desired = augment(patient.features, target[np.newaxis], desired, layout["structures"], rng)
             x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(torch_device)
             y = torch.from_numpy(dose[np.newaxis].astype(np.float32)).to(torch_device)
             condition = torch.from_numpy(desired.reshape(1, -1)).to(torch_device)
-            loss, parts = dose_loss(net, x, y, condition)
+            loss, parts = dose_loss(net, x, y, condition, structure_masks(x, layout["structures"], norm_gy))
             if not torch.isfinite(loss):  # never let one bad sample move the weights; counted in the log
                 totals.setdefault("skipped", []).append(1.0)
                 continue
