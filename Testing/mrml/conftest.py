@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from doseai.structures import OPENKBP_OARS
+
 try:
     import slicer  # noqa: F401 - the slicer-core meta-package
     from slicer import vtkMRMLScene  # noqa: F401
@@ -157,3 +159,22 @@ def slider_model(monkeypatch):
         pytest.skip(f"model weights not found at {weights}")
     monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
     return DosePreferenceLogic.predictor(weights=weights, device="cpu")
+
+
+PREFERENCE_CARD = {"name": "card", "inputs": {"channels": ["ct", "target_dose", *OPENKBP_OARS, "body", "beam_plate"]},
+                   "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1, 1],
+                                  "text": "oar_sparing = w in [-1, 1] spares; homogeneity = h in [-1, 1] evens. "
+                                          "0 = typical."}}
+
+
+@pytest.fixture
+def preference_gui(monkeypatch, scene):
+    """The DosePreference module loaded with the GUI stand-ins (make_widget, answers, calls) on a fresh scene."""
+    from DosePreferenceLib import DosePreferenceLogic
+    from slicer_stand_ins import ModuleGui
+
+    # the card the Widget reads for tooltips and the model's OARs (the model itself may differ)
+    monkeypatch.setattr(DosePreferenceLogic, "modelCard", classmethod(lambda cls, weights=None: PREFERENCE_CARD))
+    gui = ModuleGui(monkeypatch, scene, "DosePreference")
+    yield gui
+    gui.close()

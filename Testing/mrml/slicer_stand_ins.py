@@ -395,3 +395,10 @@ def run_self_test(test_class) -> unittest.TestResult:
     """Run a module's ScriptedLoadableModuleTest class (every test_ method) quietly."""
     return unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
         unittest.defaultTestLoader.loadTestsFromTestCase(test_class))
+
+
+def finish_worker_update(widget):
+    """Let the widget's worker thread finish, then its poll timer picks the result up on the 'main thread'."""
+    assert widget._pollTimer.active and widget._pending is not None
+    widget._pending._future.result(timeout=60)
+    widget._pollTimer.fire()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import vtk
 from DosePreferenceLib import DesiredDVHError, DosePreferenceLogic, DVHEditSession
-from slicer_stand_ins import ModuleGui
+from slicer_stand_ins import finish_worker_update
 from vtk.util import numpy_support
 
 from doseai.errors import DoseAIError, UnreadableInputError
@@ -25,7 +25,6 @@ from doseai.mrml import (
     nodes_from_case,
     volume_array,
 )
-from doseai.structures import OPENKBP_OARS
 
 pytestmark = pytest.mark.mrml
 
@@ -303,24 +302,6 @@ def test_curves_without_a_dose_start_from_the_typical_plan(scene, sample, dvh_mo
     assert result.doseNode.GetAttribute("DoseAI.OarSparing") == "0.5"
 
 
-CARD = {"name": "card", "inputs": {"channels": ["ct", "target_dose", *OPENKBP_OARS, "body", "beam_plate"]},
-        "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1, 1], "text": "0 = typical."}}
-
-
-@pytest.fixture
-def gui(monkeypatch, scene):
-    monkeypatch.setattr(DosePreferenceLogic, "modelCard", classmethod(lambda cls, weights=None: CARD))
-    gui = ModuleGui(monkeypatch, scene, "DosePreference")
-    yield gui
-    gui.close()
-
-
-def _finish_update(widget):
-    assert widget._pollTimer.active and widget._pending is not None
-    widget._pending._future.result(timeout=60)
-    widget._pollTimer.fire()
-
-
 def _drag(table, scale):
     """What a plot view in move-points mode does: volumes change in the table, which reports Modified."""
     column = numpy_support.vtk_to_numpy(table.GetTable().GetColumnByName("Volume [%]"))
@@ -332,9 +313,9 @@ def _table_volumes(widget):
     return DosePreferenceLogic.readDesiredCurve(widget._dvhTable)[2]
 
 
-def test_widget_edit_undo_reset_drive_the_session(gui, scene, sample, dvh_model, slider_model):
+def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample, dvh_model, slider_model):
     ct_node, seg_node, _ = nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     parameters, ui = widget._parameterNode, widget.ui
     assert not ui.dvhEditButton.enabled and ui.dvhEditButton.toolTip == "Predict a dose first"
     ui.predictButton.click()
@@ -347,7 +328,8 @@ def test_widget_edit_undo_reset_drive_the_session(gui, scene, sample, dvh_model,
     session = widget._dvhSession
     assert widget._dvhEditing and ui.dvhStructureComboBox.items == session.editable
     assert ui.dvhStructureComboBox.currentText == "Parotid_R"  # the first parotid: the usual thing to spare
-    assert view.GetInteractionMode() == view.InteractionModeMovePoints and ("chart", chart.GetID()) in gui.calls
+    assert view.GetInteractionMode() == view.InteractionModeMovePoints
+    assert ("chart", chart.GetID()) in preference_gui.calls
     table = widget._dvhTable
     assert table.GetAttribute(EDIT_ATTRIBUTE) == "Parotid_R" and "Drag the markers" in ui.dvhStatusLabel.text
     ui.dvhStructureComboBox.setCurrentIndex(session.editable.index("Parotid_L"))
@@ -361,7 +343,7 @@ def test_widget_edit_undo_reset_drive_the_session(gui, scene, sample, dvh_model,
     widget._dvhTimer.fire()
     assert session.edited == {"Parotid_L"} and widget._pending is not None and widget._pendingSliders is None
     assert ui.statusLabel.text == "Updating the dose from the desired DVH..."
-    _finish_update(widget)
+    finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.DesiredDVH") == "Parotid_L" and parameters.outputDose is dose_node
     assert not np.array_equal(volume_array(dose_node), slider_dose)
     assert "Edited: Parotid_L." in ui.dvhStatusLabel.text and "Parotid_L" in widget._result.dvhDistancePct
@@ -375,25 +357,25 @@ def test_widget_edit_undo_reset_drive_the_session(gui, scene, sample, dvh_model,
     _drag(table, 0.8)
     widget._dvhTimer.fire()
     assert widget._pending is first and widget._dvhChangedWhileBusy
-    _finish_update(widget)
+    finish_worker_update(widget)
     assert widget._pending is not first and not widget._dvhChangedWhileBusy
-    _finish_update(widget)
+    finish_worker_update(widget)
     edited_twice = session.desiredVector()
 
     # undo: the desired DVH before the last drag, shown in the table and predicted again
     ui.dvhUndoButton.click()
     assert not np.array_equal(session.desiredVector(), edited_twice)
     np.testing.assert_allclose(_table_volumes(widget), session.curve("Parotid_L")[1], atol=1e-4)
-    _finish_update(widget)
+    finish_worker_update(widget)
     # reset: no edits left -> the dose before editing (the sliders' prediction) again
     ui.dvhResetButton.click()
     assert session.edited == set() and widget._pendingSliders == (0.0, 0.0)
-    _finish_update(widget)
+    finish_worker_update(widget)
     np.testing.assert_array_equal(volume_array(dose_node), slider_dose)
     assert dose_node.GetAttribute("DoseAI.DesiredDVH") is None and not ui.dvhResetButton.enabled
     ui.dvhUndoButton.click()  # the reset undone: the edits are back
     assert session.edited == {"Parotid_L"}
-    _finish_update(widget)
+    finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.DesiredDVH") == "Parotid_L"
 
     # Edit off: the plot view pans, the draggable curve goes, the edits stay
@@ -408,18 +390,18 @@ def test_widget_edit_undo_reset_drive_the_session(gui, scene, sample, dvh_model,
     widget._sliderTimer.fire()
     assert widget._dvhSession is None and not widget._dvhEditing and not _series(chart, EDIT_ATTRIBUTE)
     assert "DVH edits discarded" in ui.dvhStatusLabel.text
-    _finish_update(widget)
+    finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0.5" and dose_node.GetAttribute("DoseAI.DesiredDVH") is None
 
 
-def test_widget_says_why_dvh_editing_is_unavailable(gui, scene, sample, slider_model, monkeypatch, tmp_path):
+def test_widget_says_why_dvh_editing_is_unavailable(preference_gui, scene, sample, slider_model, monkeypatch, tmp_path):
     """No DVH model: the Edit button is disabled with the reason; forced, the status line says it."""
     from doseai import predict
 
     monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", None)
     monkeypatch.setattr(predict, "DEFAULT_DVH_MODEL", tmp_path / "dose_dvh_v1.pt")
     nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     widget.ui.predictButton.click()
     assert not widget.ui.dvhEditButton.enabled and "DVH model is not found" in widget.ui.dvhEditButton.toolTip
     widget.ui.dvhEditButton.toggle()

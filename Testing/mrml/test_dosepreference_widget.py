@@ -15,37 +15,14 @@ from pathlib import Path
 import pytest
 import slicer
 import vtk
-from DosePreferenceLib import DosePreferenceLogic, rows_from_json
-from slicer_stand_ins import ModuleGui, Qt, process_events
+from DosePreferenceLib import rows_from_json
+from slicer_stand_ins import Qt, finish_worker_update, process_events
 
 from doseai.mrml import REFERENCE_ATTRIBUTE, isodose_levels, nodes_from_case
-from doseai.structures import OPENKBP_OARS
 
 pytestmark = pytest.mark.mrml
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "DosePreference"
-
-
-def _finish_slider_update(widget):
-    """Let the worker thread finish, then the poll timer picks its dose up on the 'main thread'."""
-    assert widget._pollTimer.active and widget._pending is not None
-    widget._pending._future.result(timeout=60)
-    widget._pollTimer.fire()
-
-
-CARD = {"name": "card", "inputs": {"channels": ["ct", "target_dose", *OPENKBP_OARS, "body", "beam_plate"]},
-        "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1, 1],
-                       "text": "oar_sparing = w in [-1, 1] spares; homogeneity = h in [-1, 1] evens. 0 = typical."}}
-
-
-@pytest.fixture
-def gui(monkeypatch, scene):
-    """The module loaded with the GUI stand-ins (make_widget, answers, calls) on a fresh scene."""
-    # the card the Widget reads for tooltips and the model's OARs (the model itself may differ)
-    monkeypatch.setattr(DosePreferenceLogic, "modelCard", classmethod(lambda cls, weights=None: CARD))
-    gui = ModuleGui(monkeypatch, scene, "DosePreference")
-    yield gui
-    gui.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +33,9 @@ def sample():
 
 
 # --- without a model -----------------------------------------------------------------------------------
-def test_mapping_table_round_trip_and_predict_gating(gui, scene, sample):
+def test_mapping_table_round_trip_and_predict_gating(preference_gui, scene, sample):
     ct_node, seg_node, dose_node = nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     parameters, ui = widget._parameterNode, widget.ui
     # obvious inputs picked; the clinical dose becomes the reference, without computing anything yet
     assert (parameters.ctVolume, parameters.segmentation, parameters.referenceDose) == (ct_node, seg_node, dose_node)
@@ -113,17 +90,18 @@ def test_mapping_table_round_trip_and_predict_gating(gui, scene, sample):
     assert not ui.predictButton.enabled and "holds other data" in ui.predictButton.toolTip
 
 
-def test_segments_added_later_refresh_the_table(gui, scene, sample):
+def test_segments_added_later_refresh_the_table(preference_gui, scene, sample):
     _, seg_node, _ = nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     seg_node.GetSegmentation().AddEmptySegment("", "z_ring")
     assert widget.ui.mappingTable.rowCount == len(sample.structures) + 1
 
 
 # --- with the model ------------------------------------------------------------------------------------
-def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slider_model, tmp_path, monkeypatch):
+def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, sample, slider_model, tmp_path,
+                                                        monkeypatch):
     ct_node, seg_node, reference_node = nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     parameters, ui = widget._parameterNode, widget.ui
     predictions = []
     original, original_async = widget.logic.predict, widget.logic.predictAsync
@@ -134,8 +112,9 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slid
     ui.predictButton.click()
     dose_node = parameters.outputDose
     assert dose_node is not None and dose_node.GetAttribute("DoseAI.Model") == slider_model.card["name"]
-    assert len(predictions) == 1 and predictions[0]["progress"] is not None and ("progress",) in gui.calls
-    assert ("layers", {"background": ct_node, "foreground": dose_node, "foregroundOpacity": 0.4}) in gui.calls
+    assert len(predictions) == 1 and predictions[0]["progress"] is not None and ("progress",) in preference_gui.calls
+    layers = {"background": ct_node, "foreground": dose_node, "foregroundOpacity": 0.4}
+    assert ("layers", layers) in preference_gui.calls
     chart = parameters.dvhChart
     assert chart.GetNumberOfPlotSeriesNodes() == 2 * len(sample.structures)  # prediction + dashed reference
     assert parameters.metricsTable.GetNumberOfRows() == len(sample.structures)
@@ -152,7 +131,7 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slid
     timer.fire()
     assert len(predictions) == 2 and predictions[1]["async"] == (0.5, 0.0)  # live: on the worker thread
     assert ui.statusLabel.text == "Updating the dose..." and dose_node.GetAttribute("DoseAI.OarSparing") == "0"
-    _finish_slider_update(widget)
+    finish_worker_update(widget)
     assert not widget._pollTimer.active and widget._pending is None
     assert ui.statusLabel.text.startswith("Predicted in")
     assert parameters.outputDose is dose_node and dose_node.GetAttribute("DoseAI.OarSparing") == "0.5"
@@ -166,15 +145,15 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slid
     parameters.oarSparing = 0.9
     timer.fire()
     assert len(predictions) == 3 and widget._sliderMovedWhileBusy
-    _finish_slider_update(widget)  # 0.7 shown, 0.9 started at once
+    finish_worker_update(widget)  # 0.7 shown, 0.9 started at once
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0.7" and predictions[-1]["async"] == (0.9, 0.0)
-    _finish_slider_update(widget)
+    finish_worker_update(widget)
     assert len(predictions) == 4 and dose_node.GetAttribute("DoseAI.OarSparing") == "0.9"
 
     ui.resetButton.click()
     assert (parameters.oarSparing, parameters.homogeneity) == (0.0, 0.0)
     timer.fire()
-    _finish_slider_update(widget)
+    finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0" and not ui.resetButton.enabled
 
     # the reference: removed -> dashed curves go; back -> they return
@@ -198,11 +177,11 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slid
     files = sorted(tmp_path.iterdir())
     assert len(files) == 3 and "Exported" in ui.statusLabel.text
     stamps = [f.stat().st_mtime_ns for f in files]
-    gui.answers.append(False)
+    preference_gui.answers.append(False)
     ui.exportButton.click()
-    assert gui.calls[-1][0] == "confirm" and "Overwrite" in gui.calls[-1][1]
+    assert preference_gui.calls[-1][0] == "confirm" and "Overwrite" in preference_gui.calls[-1][1]
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    gui.answers.append(True)
+    preference_gui.answers.append(True)
     ui.exportButton.click()
     assert [f.stat().st_mtime_ns for f in files] != stamps
 
@@ -213,20 +192,20 @@ def test_predict_sliders_reset_reference_isodose_export(gui, scene, sample, slid
     assert len(predictions) == 5 and widget._pending is None and dose_node.GetAttribute("DoseAI.Homogeneity") == "0"
 
 
-def test_scene_close_forgets_the_prediction(gui, scene, sample, slider_model):
+def test_scene_close_forgets_the_prediction(preference_gui, scene, sample, slider_model):
     nodes_from_case(scene, sample)
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     widget.ui.predictButton.click()
     assert widget._result is not None
     widget.onSceneStartClose(None, vtk.vtkCommand.ModifiedEvent)
     assert widget._result is None and widget._parameterNode is None
 
 
-def test_packages_are_installed_on_first_use_torch_first(gui, scene, monkeypatch):
+def test_packages_are_installed_on_first_use_torch_first(preference_gui, scene, monkeypatch):
     """Missing torch and MONAI: torch through the PyTorch extension (it asks), then MONAI with pip after asking."""
     import DosePreferenceLib
 
-    widget = gui.make_widget()
+    widget = preference_gui.make_widget()
     missing = [["torch>=2.2", "monai>=1.4"], []]
     monkeypatch.setattr(DosePreferenceLib, "missing_packages_for", lambda task: missing[0])
     torch_calls = []
@@ -240,16 +219,17 @@ def test_packages_are_installed_on_first_use_torch_first(gui, scene, monkeypatch
             return types.ModuleType("torch")
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    gui.answers.append(False)  # "install monai?" -> no
+    preference_gui.answers.append(False)  # "install monai?" -> no
     assert widget._installPackages("predict") is False
-    assert torch_calls == [(True, ">=2.2")] and not any(call[0] == "pip" for call in gui.calls)
+    assert torch_calls == [(True, ">=2.2")] and not any(call[0] == "pip" for call in preference_gui.calls)
 
-    gui.answers.append(True)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (gui.calls.append(("pip", requirements)),
+    preference_gui.answers.append(True)
+    calls = preference_gui.calls
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (calls.append(("pip", requirements)),
                                                                           missing.pop(0)))
     assert widget._installPackages("predict") is True
-    assert ("pip", "monai>=1.4") in gui.calls
+    assert ("pip", "monai>=1.4") in preference_gui.calls
 
     # nothing missing: nothing asked
-    asked = len(gui.calls)
-    assert widget._installPackages("export") is True and len(gui.calls) == asked
+    asked = len(preference_gui.calls)
+    assert widget._installPackages("export") is True and len(preference_gui.calls) == asked
