@@ -836,7 +836,8 @@ class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePre
 
 class DosePreferenceTest(ScriptedLoadableModuleTest):
     """The whole workflow on the synthetic sample case of ``doseai``: mapping, predict, slider change,
-    isodose lines, reference DVH, export (and, in the Slicer application, the same through the GUI)."""
+    isodose lines, reference DVH, export, a DVH edit (and, in the Slicer application, the same through the
+    GUI)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -844,6 +845,8 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_PredictSlidersExport()
+        self.setUp()
+        self.test_DVHEdit()
         if in_slicer_application():
             self.setUp()
             self.test_Widget()
@@ -904,6 +907,38 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
             logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions)
         logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions, force=True)
         self.delayDisplay("Test passed")
+
+    def test_DVHEdit(self):
+        """Lower the left parotid's DVH curve of a predicted dose, predict from the edited DVH, undo."""
+        import numpy as np
+
+        from doseai.mrml import volume_array
+
+        logic = DosePreferenceLogic()
+        problem = logic.dvhModelProblem()
+        if problem:
+            self.skipTest(problem)
+        case, (ctNode, segNode, _) = self._sampleNodes()
+        self.delayDisplay("Predicting the dose to edit")
+        doseNode = logic.predict(ctNode, segNode).doseNode
+        session = logic.dvhEditSession(ctNode, segNode, doseNode)
+        self.assertIn("Parotid_L", session.editable)
+        doses, volumes = session.curve("Parotid_L")
+        self.assertTrue(session.setCurvePoints("Parotid_L", 0.8 * doses, volumes))  # 20 % lower doses
+        self.assertEqual(session.edited, {"Parotid_L"})
+
+        self.delayDisplay("Predicting from the edited DVH")
+        before = volume_array(doseNode).copy()
+        result = logic.predictFromDVH(ctNode, segNode, session.desiredVector(), doseNode=doseNode,
+                                      editedStructures=sorted(session.edited))
+        self.assertIs(result.doseNode, doseNode)
+        self.assertIsNotNone(doseNode.GetAttribute("DoseAI.DesiredDVH"))
+        self.assertIsNone(doseNode.GetAttribute("DoseAI.OarSparing"))
+        self.assertEqual(list(result.dvhDistancePct), ["Parotid_L"])
+        self.assertFalse(np.array_equal(volume_array(doseNode), before))
+        self.assertTrue(session.undo())
+        self.assertEqual(session.edited, set())
+        self.delayDisplay("DVH edit test passed")
 
     def test_Widget(self):
         """Predict, a slider move (debounced live update) and export through the module GUI."""

@@ -210,15 +210,16 @@ def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene
 
 
 def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene):
-    """The self test's logic workflow (predict, slider, isodose, export) with the shipped model; its GUI
+    """The self test's logic workflow (predict, slider, isodose, export, DVH edit) with the shipped models; its GUI
     part needs the Slicer application and is left out here."""
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
     weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v1_1.pt")
     if not weights.is_file():
         pytest.skip(f"model weights not found at {weights}")
     monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
+    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", DosePreferenceLogic._dvhPredictor)
     DosePreferenceLogic.predictor(weights=weights, device="cpu")
     module = load_module_file(monkeypatch, scene, "DosePreference")
     outcome = run_self_test(module.DosePreferenceTest)
     assert outcome.wasSuccessful(), outcome.errors + outcome.failures
-    assert outcome.testsRun == 2 and [test._testMethodName for test, _ in outcome.skipped] == ["test_Widget"]
+    assert outcome.testsRun == 3 and [test._testMethodName for test, _ in outcome.skipped] == ["test_Widget"]
