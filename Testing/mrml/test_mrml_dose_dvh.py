@@ -20,7 +20,7 @@ from doseai.mrml import (
     structure_color,
     volume_array,
 )
-from doseai.mrml.plots import DOSE_COLUMN, VOLUME_CC_COLUMN, VOLUME_PCT_COLUMN
+from doseai.mrml.plots import DOSE_COLUMN, EDIT_ATTRIBUTE, VOLUME_CC_COLUMN, VOLUME_PCT_COLUMN, editable_curve
 
 pytestmark = pytest.mark.mrml
 
@@ -138,6 +138,19 @@ def test_show_dvh_again_updates_without_duplicates(scene, mrml_case):
 
     other = show_dvh(scene, fewer, name_prefix="Predicted DVH")  # a second chart to compare with
     assert other is not chart and _count(scene, "vtkMRMLPlotChartNode") == 2
+
+
+def test_draggable_curve_stays_the_last_series(scene, mrml_case):
+    """A plot view grabs the point of the last series under the mouse; the dashed desired curve of the edited
+    structure lies under the draggable one, so the draggable one must stay last when curves are added."""
+    dvhs = _dvhs(mrml_case)
+    chart = show_dvh(scene, dvhs)
+    parotid = dvhs["Parotid_L"]
+    editable_curve(scene, chart, "Parotid_L", parotid.dose_gy, parotid.volume_pct)
+    show_dvh(scene, dvhs, chartNode=chart, reference={"Parotid_L": parotid}, reference_label="desired")
+    last = chart.GetNthPlotSeriesNode(chart.GetNumberOfPlotSeriesNodes() - 1)
+    assert last.GetAttribute(EDIT_ATTRIBUTE) == "Parotid_L"
+    assert chart.GetNumberOfPlotSeriesNodes() == len(dvhs) + 2  # solid curves, one dashed, the draggable one
 
 
 def test_metrics_table(scene, mrml_case):

@@ -101,6 +101,7 @@ def show_dvh(
                  slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
     _sync_series(scene, chartNode, reference or {}, colors, name_prefix, REFERENCE_ATTRIBUTE, f" ({reference_label})",
                  slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+    _keep_editable_curve_last(chartNode)
     chartNode.EndModify(was_modifying)
     return chartNode
 
@@ -147,6 +148,17 @@ def _edit_series(chartNode):
     return None
 
 
+def _keep_editable_curve_last(chartNode) -> None:
+    """Put the draggable curve at the end of the chart's series. VTK's chart grabs the point of the last plot
+    under the mouse, and the dashed desired curve of the edited structure lies exactly under the draggable
+    one: were it later in the chart, a drag would move the dashed curve's points and the edit would be lost."""
+    series = _edit_series(chartNode)
+    count = chartNode.GetNumberOfPlotSeriesNodes()
+    if series is not None and chartNode.GetNthPlotSeriesNode(count - 1) is not series:
+        chartNode.RemovePlotSeriesNodeID(series.GetID())
+        chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+
+
 def editable_curve(scene, chartNode, structure: str, dose_gy, volume_pct, color=None,
                    label: str = "drag to edit"):
     """A curve of ``chartNode`` whose points a plot view in move-points mode can drag: a table node (columns
@@ -187,6 +199,7 @@ def editable_curve(scene, chartNode, structure: str, dose_gy, volume_pct, color=
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
         chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
         color = structure_color(structure) if color is None else color
+    _keep_editable_curve_last(chartNode)
     series.SetName(name)
     series.SetAttribute(EDIT_ATTRIBUTE, structure)
     series.SetAndObserveTableNodeID(table.GetID())
