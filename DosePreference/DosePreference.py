@@ -92,7 +92,8 @@ structures as in the dose before editing), on the worker thread; the chart shows
 the desired curves of the edited structures dashed, and the status line how far apart they are.
 <i>Undo</i> takes the last change back, <i>Reset</i> drops every edit (the dose before editing again).
 Releasing <i>Edit DVH</i> returns the plot view to panning; moving a slider or <i>Predict dose</i>
-discards the edits.</li>
+discards the edits. Only the curve with markers is read: the plot view lets the solid curves be dragged
+too, but such a move is ignored and redrawn at the next prediction.</li>
 <li><b>Display and DVH</b>: isodose lines at the given percentages of the highest prescription
 (default 30, 50, 70, 80, 90, 95, 100, 105&nbsp;%), drawn as outlines of an isodose segmentation.
 The DVH chart (one curve per structure, in segment colours) and the metrics table (volume, Dmean,
