@@ -42,6 +42,9 @@ MIN_BODY_VOXELS = 1000
 EDIT_EMPHASIS = 10.0  # weight of the edited curve in the projection of a single-curve edit
 MEAN_DOSE_WEIGHT, NEAR_MAX_WEIGHT = 1.0, 0.5  # structure-metric loss terms (doses normalised by norm_gy)
 NEAR_MAX_FRACTION = 0.02
+LOSS_TEXT = (f"voxel L1 in the body (+0.1 x everywhere) and 0.5 x on the frozen decoder's output, + per structure "
+             f"{MEAN_DOSE_WEIGHT} x |mean dose error| + {NEAR_MAX_WEIGHT} x |near-max (top {NEAR_MAX_FRACTION:.0%}) "
+             "dose error|, averaged over the structures (doses / norm_gy)")
 
 
 @dataclass
@@ -249,5 +252,6 @@ def train_dvh(
                           "config": DEFAULT_DVH_NET_CONFIG,
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
-                          "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run})
+                          "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
+                          "loss": LOSS_TEXT})
     return checkpoints.path
