@@ -15,8 +15,9 @@ from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, as_condition, bui
 from doseai.models.preference import PreferenceDoseNet
 from doseai.predict import DVHDosePredictor
 from doseai.report import read_dvh_csv
-from doseai.train.train_dvh import (CHANNELS, EDIT_EMPHASIS, nearest_plan, sample_desired_dvh, stretch_curve,
-                                    structure_masks, structure_metric_loss)
+from doseai.train.train_dvh import (CHANNELS, EDIT_EMPHASIS, ParetoPatient, nearest_mix, nearest_plan,
+                                    projection_target, sample_desired_dvh, stretch_curve, structure_masks,
+                                    structure_metric_loss)
 
 SMALL = {"down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4}
 SMALL_PRIOR = {"channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
@@ -180,6 +181,22 @@ def test_shipped_dvh_model_matches_its_card(small_case):
     predictor.set_case(small_case)
     dose = predictor.predict(predictor.dvh_vector(small_case.dose))
     assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
+
+
+def test_projection_onto_mixes_of_two_plans():
+    levels = np.linspace(1, 0, 32, dtype=np.float32)
+    plans = np.stack([np.stack([stretch_curve(levels, f)] * 3) for f in (0.6, 1.0, 1.2)])  # 3 plans, 3 curves
+    assert nearest_mix(plans, plans[2]) in {(0, 2, 0.0), (1, 2, 0.0)}  # a plan itself: mix weight 0 on the other
+    i, j, a = nearest_mix(plans, 0.3 * plans[0] + 0.7 * plans[1])
+    assert (i, j) == (0, 1) and a == pytest.approx(0.3)
+    doses = np.stack([np.full((2, 2, 2), value, np.float16) for value in (0.2, 0.5, 0.9)])
+    patient = ParetoPatient("pt", np.zeros((1, 2, 2, 2), np.float16), doses, plans)
+    np.testing.assert_allclose(projection_target(patient, 0.3 * plans[0] + 0.7 * plans[1], np.ones(3), "mixes"),
+                               0.3 * 0.2 + 0.7 * 0.5, atol=1e-3)
+    np.testing.assert_allclose(projection_target(patient, 0.3 * plans[0] + 0.7 * plans[1], np.ones(3), "plans"),
+                               0.5, atol=1e-3)
+    with pytest.raises(ValueError, match="targets"):
+        projection_target(patient, plans[0], np.ones(3), "nearest")
 
 
 def test_structure_metric_loss_sees_mean_and_near_max_errors():

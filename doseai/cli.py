@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     dvh.add_argument("--lr", type=float, default=5e-4)
     dvh.add_argument("--device", default="auto")
     dvh.add_argument("--threads", type=int)
+    dvh.add_argument("--targets", choices=("mixes", "plans"), default="mixes",
+                     help="projection onto the Pareto set: the nearest mix of two plans (default) or plan")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v1.pt"))
@@ -481,8 +483,8 @@ def _cmd_train(args) -> int:
 
         from doseai.predict import DEFAULT_MODEL
 
-        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs, args.lr, device=args.device,
-                         threads=args.threads)
+        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs,
+                         args.lr, device=args.device, threads=args.threads, targets=args.targets)
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model
 

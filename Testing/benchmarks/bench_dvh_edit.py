@@ -9,7 +9,8 @@ trained on). Per patient and plan, the model predicts from that plan's own DVH v
   responsiveness  per patient and OAR: the desired DVH of the middle sweep plan with that OAR's curve moved
                   to 80 % of its doses; the predicted OAR mean must go down by more than 0.1 % of the
                   prescription (vs the prediction from the plan's own DVH) while PTV_70 D95 stays within 2 %
-                  of the prescription
+                  of the prescription; beside it, how often the training target of that edit (its projection
+                  onto the patient's plans: nearest plan, or nearest mix of two) lowers the OAR at all
   latency         one DVH edit -> dose on the case grid (the conditioned half of the network + resampling)
   spread          the spread of the training Pareto sets: per structure, the range across a patient's plans of
                   the mean dose (from the DVH vectors), averaged over patients; and a plot of one patient's plans
@@ -37,7 +38,8 @@ from doseai.models.features import DEFAULT_GRID, model_geometry
 from doseai.paths import cache_root, openkbp_root
 from doseai.predict import DEFAULT_DVH_MODEL, DVHDosePredictor
 from doseai.resample import resample_to
-from doseai.train.train_dvh import stretch_curve
+from doseai.models.dvh_conditioned import DEFAULT_DVH_LAYOUT
+from doseai.train.train_dvh import EDIT_EMPHASIS, nearest_mix, nearest_plan, stretch_curve
 
 EDIT_FACTOR = 0.8
 DOWN_PCT_RX = -0.1  # a change smaller than this is noise, not a response
@@ -46,6 +48,23 @@ DOWN_PCT_RX = -0.1  # a change smaller than this is noise, not a response
 def _mean_max(dose, mask, voxel_cc) -> tuple[float, float]:
     values = dose[mask]
     return float(values.mean()), dose_at_volume_cc(values, 0.1, voxel_cc)
+
+
+def _mean_from_curve(curve: np.ndarray) -> float:
+    """Mean dose in % of the prescription from a DVH-vector row (cumulative, 0..max_relative_dose x Rx)."""
+    step = DEFAULT_DVH_LAYOUT["max_relative_dose"] / (curve.size - 1)
+    return 100.0 * float(np.trapezoid(curve, dx=step))
+
+
+def _projection_changes(vectors: np.ndarray, middle: int, desired: np.ndarray, row: int) -> dict[str, float]:
+    """What the training targets ask for this edit: the OAR's mean-dose change (% Rx, from the DVH vectors) of
+    the projection onto the patient's plans, as nearest plan and as nearest mix of two plans."""
+    weights = np.ones(vectors.shape[1], np.float32)
+    weights[row] = EDIT_EMPHASIS
+    before = _mean_from_curve(vectors[middle, row])
+    i, j, a = nearest_mix(vectors, desired, weights)
+    return {"plans": _mean_from_curve(vectors[nearest_plan(vectors, desired, weights), row]) - before,
+            "mixes": _mean_from_curve(a * vectors[i, row] + (1 - a) * vectors[j, row]) - before}
 
 
 def _sweep_middle(plans) -> int:
@@ -99,7 +118,9 @@ def run(weights: Path, pareto_run: str, limit: int | None, threads: int | None) 
             d95_change = (100 * abs(dose_at_volume_pct(edited[ptv], 95.0) - base_d95) / rx) if base_d95 else 0.0
             responses.append({"patient": path.stem, "oar": name,
                               "mean_change_pct_rx": 100 * float(edited[mask].mean() - base[mask].mean()) / rx,
-                              "ptv_d95_change_pct_rx": d95_change})
+                              "ptv_d95_change_pct_rx": d95_change,
+                              "projection_change_pct_rx": _projection_changes(plans["dvh_vectors"],
+                                                                              _sweep_middle(plans), desired, row)})
     per_structure = {name: {"mean_error_pct_rx": float(np.mean(e["mean"])), "max_error_pct_rx": float(np.mean(e["max"])),
                             "cases": len(e["mean"])} for name, e in errors.items()}
     down = [r["mean_change_pct_rx"] < DOWN_PCT_RX for r in responses]
@@ -115,6 +136,9 @@ def run(weights: Path, pareto_run: str, limit: int | None, threads: int | None) 
                            "down_and_ptv_d95_within_2pct_fraction": float(np.mean(held)) if held else float("nan"),
                            "median_oar_mean_change_pct_rx": float(np.median([r["mean_change_pct_rx"] for r in responses])),
                            "max_ptv_d95_change_pct_rx": float(max(r["ptv_d95_change_pct_rx"] for r in responses)),
+                           "projection_down_fraction": {
+                               kind: float(np.mean([r["projection_change_pct_rx"][kind] < DOWN_PCT_RX for r in responses]))
+                               for kind in ("plans", "mixes")},
                            "rows": responses},
         "latency_s": {"dvh_edit_median": statistics.median(latencies),
                       "dvh_edit_p90": float(np.percentile(latencies, 90))},
@@ -173,6 +197,9 @@ def print_table(result: dict) -> None:
     print(f"responsiveness ({r['cases']} OAR edits): OAR mean down {r['oar_mean_down_fraction']:.1%}, "
           f"down with PTV D95 within 2 % {r['down_and_ptv_d95_within_2pct_fraction']:.1%} (bar 90 %), "
           f"median change {r['median_oar_mean_change_pct_rx']:+.2f} %Rx")
+    projection = r["projection_down_fraction"]
+    print(f"  what the training targets ask (OAR mean down in the projection onto the plans): nearest plan "
+          f"{projection['plans']:.1%}, nearest mix of two plans {projection['mixes']:.1%}")
     print(f"latency of a DVH edit ({result['device']}): median {t['dvh_edit_median']:.3f} s, p90 {t['dvh_edit_p90']:.3f} s")
     if "spread" in result:
         spread = result["spread"]
