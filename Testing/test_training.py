@@ -95,3 +95,25 @@ def test_refine_film_starts_neutral_and_needs_sliders():
             with_film.decode(latent, x)
         torch.nn.init.normal_(with_film.refine_film[0].mlp[-1].weight, std=0.5)
         assert not torch.allclose(with_film.decode(latent, x, sliders), with_film.decode(latent, x, -sliders))
+
+
+def test_cached_refinement_anatomy_term_gives_the_same_dose():
+    """The predictors cache the refinement head's anatomy part once per case; the dose must not change."""
+    from doseai.models.preference import PreferenceDoseNet
+
+    torch.manual_seed(1)
+    net = PreferenceDoseNet(11, config={"refine_film": True}).eval()
+    torch.nn.init.normal_(net.refine[-1].weight, std=0.1)
+    torch.nn.init.normal_(net.refine_film[0].mlp[-1].weight, std=0.5)
+    x = torch.rand(1, 11, 32, 32, 32)
+    sliders = torch.tensor([[0.5, -0.5]])
+    with torch.no_grad():
+        latent = net.latent(net.encode_anatomy(x), sliders)
+        coarse = net.prior.decode(latent)
+        whole = net._refinement(x, coarse, sliders)  # the correction before the final ReLU
+        assert whole.abs().mean() > 1e-3
+        assert torch.allclose(whole, net._refinement(x, coarse, sliders, net.refinement_anatomy_term(x)), atol=1e-5)
+        assert not torch.allclose(whole, net._refinement(x, coarse, sliders, net.refinement_anatomy_term(x * 0.5)),
+                                  atol=1e-5)
+        assert torch.allclose(net.decode(latent, x, sliders), net.decode(latent, x, sliders,
+                                                                         net.refinement_anatomy_term(x)), atol=1e-5)

@@ -39,6 +39,7 @@ class _Prepared:
     body: np.ndarray
     norm_gy: float
     timings: dict = field(default_factory=dict)
+    refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
 
 
 class _ModelPredictor:
@@ -83,8 +84,10 @@ class _ModelPredictor:
         with self._torch.no_grad():
             x = self._torch.from_numpy(channels[np.newaxis]).to(self.device)
             features = self.net.encode_anatomy(x)
+            refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
         self._prepared = _Prepared(case, grid, x, features, body_mask(case), norm_gy,
-                                   {"features_s": prepared_at - start, "encoder_s": time.perf_counter() - prepared_at})
+                                   {"features_s": prepared_at - start, "encoder_s": time.perf_counter() - prepared_at},
+                                   refinement)
 
     def _require_case(self) -> _Prepared:
         if self._prepared is None:
@@ -100,7 +103,8 @@ class _ModelPredictor:
         condition = condition.to(self.device)
         with self._torch.no_grad():
             latent = self.net.latent(p.features, condition)
-            dose_model_grid = self.net.decode(latent, p.anatomy, condition)[0, 0].float().cpu().numpy()
+            dose_model_grid = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy)
+            dose_model_grid = dose_model_grid[0, 0].float().cpu().numpy()
         network_at = time.perf_counter()
         dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
         dose = np.clip(dose, 0.0, None) * p.body

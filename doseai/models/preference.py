@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
@@ -122,9 +123,24 @@ class PreferenceDoseNet(nn.Module):
             x = block(x, skip, sliders)
         return self.latent_head(x)
 
-    def _refinement(self, inputs: torch.Tensor, sliders: torch.Tensor | None) -> torch.Tensor:
+    def refinement_anatomy_term(self, anatomy: torch.Tensor) -> torch.Tensor:
+        """The refinement head's first convolution applied to the anatomy channels alone (with its bias). A
+        convolution is linear in its input channels, so this part does not depend on the condition: a
+        predictor computes it once per case, and each slider or DVH change convolves only the decoded dose
+        (the anatomy is 11 of its 12 input channels)."""
+        conv_in = self.refine[0]
+        channels = anatomy.shape[1]
+        return F.conv3d(anatomy.to(conv_in.weight.dtype), conv_in.weight[:, :channels], conv_in.bias,
+                        padding=conv_in.padding)
+
+    def _refinement(self, anatomy: torch.Tensor, coarse: torch.Tensor, sliders: torch.Tensor | None,
+                    anatomy_term: torch.Tensor | None = None) -> torch.Tensor:
         conv_in, act_in, conv_mid, act_mid, conv_out = self.refine
-        hidden = conv_in(inputs)
+        if anatomy_term is None:
+            hidden = conv_in(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1))
+        else:
+            dose_weights = conv_in.weight[:, anatomy.shape[1]:]
+            hidden = anatomy_term + F.conv3d(coarse, dose_weights, None, padding=conv_in.padding)
         if self.refine_film is not None:
             hidden = self.refine_film[0](hidden, sliders)
         hidden = conv_mid(act_in(hidden))
@@ -133,20 +149,22 @@ class PreferenceDoseNet(nn.Module):
         return conv_out(act_mid(hidden))
 
     def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
-                     sliders: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the frozen decoder's dose, the final dose after the refinement head's correction)."""
+                     sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the frozen decoder's dose, the final dose after the refinement head's correction);
+        ``anatomy_term``: :meth:`refinement_anatomy_term` of ``anatomy``, when cached."""
         coarse = self.prior.decode(latent)
         dose = coarse
         if self.refine is not None and anatomy is not None:
             if self.refine_film is not None and sliders is None:
                 raise ValueError("this model's refinement head needs the slider values")
-            dose = coarse + self._refinement(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1), sliders)
+            dose = coarse + self._refinement(anatomy, coarse, sliders, anatomy_term)
         return coarse, torch.relu(dose)
 
     def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
-               sliders: torch.Tensor | None = None) -> torch.Tensor:
+               sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None) -> torch.Tensor:
         """Dose from a latent; with the input ``anatomy`` the refinement head adds its correction."""
-        return self.decode_parts(latent, anatomy, sliders)[1]
+        return self.decode_parts(latent, anatomy, sliders, anatomy_term)[1]
 
     def forward(self, x: torch.Tensor, sliders: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latent(self.encode_anatomy(x), sliders), x, sliders)
