@@ -103,7 +103,8 @@ def run(weights: Path, pareto_run: str, limit: int | None, threads: int | None) 
                 entry = errors.setdefault(name, {"mean": [], "max": []})
                 entry["mean"].append(100 * abs(pm - tm) / rx)
                 entry["max"].append(100 * abs(px - tx) / rx)
-        middle = plans["dvh_vectors"][_sweep_middle(plans)]
+        middle_index = _sweep_middle(plans)
+        middle = plans["dvh_vectors"][middle_index]
         base = predictor.predict(middle)
         ptv = case.structures.get("PTV_70")
         base_d95 = dose_at_volume_pct(base[ptv], 95.0) if ptv is not None and ptv.any() else None
@@ -119,8 +120,8 @@ def run(weights: Path, pareto_run: str, limit: int | None, threads: int | None) 
             responses.append({"patient": path.stem, "oar": name,
                               "mean_change_pct_rx": 100 * float(edited[mask].mean() - base[mask].mean()) / rx,
                               "ptv_d95_change_pct_rx": d95_change,
-                              "projection_change_pct_rx": _projection_changes(plans["dvh_vectors"],
-                                                                              _sweep_middle(plans), desired, row)})
+                              "projection_change_pct_rx": _projection_changes(plans["dvh_vectors"], middle_index,
+                                                                              desired, row)})
     per_structure = {name: {"mean_error_pct_rx": float(np.mean(e["mean"])), "max_error_pct_rx": float(np.mean(e["max"])),
                             "cases": len(e["mean"])} for name, e in errors.items()}
     down = [r["mean_change_pct_rx"] < DOWN_PCT_RX for r in responses]

@@ -12,7 +12,6 @@ to run the module's self test on slicer-core.
 from __future__ import annotations
 
 import ast
-import os
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -209,16 +208,10 @@ def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene
     assert result.chartNode.GetNumberOfPlotSeriesNodes() == len(mrml_case.structures)
 
 
-def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene):
+def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene, slider_model):
     """The self test's logic workflow (predict, slider, isodose, export, DVH edit) with the shipped models; its GUI
     part needs the Slicer application and is left out here."""
-    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v1_1.pt")
-    if not weights.is_file():
-        pytest.skip(f"model weights not found at {weights}")
-    monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
-    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", DosePreferenceLogic._dvhPredictor)
-    DosePreferenceLogic.predictor(weights=weights, device="cpu")
+    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", DosePreferenceLogic._dvhPredictor)  # restored afterwards
     module = load_module_file(monkeypatch, scene, "DosePreference")
     outcome = run_self_test(module.DosePreferenceTest)
     assert outcome.wasSuccessful(), outcome.errors + outcome.failures

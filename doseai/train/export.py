@@ -124,8 +124,9 @@ def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
                      "pairs": "desired DVH near a patient's Pareto front -> " + (
                          "the nearest (l1) mix of two of its Pareto plans (a x plan_i + (1 - a) x plan_j)"
                          if state.get("targets") == "mixes" else "its nearest (l1) Pareto plan")
-                         + f"; for a one-curve edit the edited curve weighs {state.get('edit_emphasis', 10):g}x in "
-                           "that distance (doseai/train/train_dvh.py)",
+                         + (f"; for a one-curve edit the edited curve weighs {state['edit_emphasis']:g}x in that "
+                            "distance" if "edit_emphasis" in state else "; edit weighting not recorded in the checkpoint")
+                         + " (doseai/train/train_dvh.py)",
                      "loss": state.get("loss", "not recorded in the checkpoint: see doseai/train/train_dvh.py "
                                                "at the commit that trained it")},
         "validation": {},
