@@ -5,7 +5,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (pip install -e
 
 from doseai.geometry import ImageGeometry  # noqa: E402
 from doseai.models.features import GridSpec, beam_plate, case_features, channel_names, model_geometry  # noqa: E402
-from doseai.train.preference_loss import DEFAULT_SEMANTICS, plan_metrics, preference_gap  # noqa: E402
+from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap  # noqa: E402
 
 SMALL_GRID = GridSpec(shape=(16, 24, 32), spacing=(6.0, 6.0, 5.0))
 
@@ -67,3 +67,37 @@ def test_plan_metrics_and_preference_gap():
     assert preference_gap(metrics, metrics, sparing) == pytest.approx(expected)
     lowered = plan_metrics(dose * torch.where(oars[:, :1], 0.8, 1.0), oars, ptv)
     assert preference_gap(lowered, metrics, sparing) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dvh_metric_loss_sees_oar_and_target_errors():
+    reference = torch.rand(1, 1, 8, 8, 8)
+    oars = torch.zeros(1, 7, 8, 8, 8, dtype=torch.bool)
+    oars[0, 0, :3] = True  # one OAR; the other six are absent and must not count
+    levels = torch.zeros(1, 1, 8, 8, 8)
+    levels[0, 0, 4:6] = 1.0  # two targets at two prescription levels
+    levels[0, 0, 6:] = 0.9
+    assert float(dvh_metric_loss(reference, reference, oars, levels)) == 0.0
+    # a uniform shift moves every stand-in by the shift: OAR mean + hottest 1 % (2 terms), each target's
+    # coldest 5 %, hottest 1 % and mean (3 terms); averaged over the 3 structures
+    shifted = dvh_metric_loss(reference + 0.1, reference, oars, levels)
+    assert float(shifted) == pytest.approx(0.1 * (2 + 3 + 3) / 3, rel=1e-4)
+    # an error confined to one target's coldest voxels is seen (the voxel-averaged L1 would dilute it)
+    cold = reference.clone()
+    target = levels[0, 0] == 0.9
+    cold[0, 0][target & (reference[0, 0] < 0.1)] -= 0.05
+    assert float(dvh_metric_loss(cold, reference, oars, levels)) > 0.0
+    assert float(dvh_metric_loss(reference, reference, oars, torch.zeros_like(levels))) == 0.0
+
+
+@pytest.mark.parametrize("neutral_fraction", [0.4, 0.6])
+def test_slider_sampling_follows_the_neutral_fraction(neutral_fraction):
+    from doseai.train.train_preference import sample_sliders
+
+    rng = np.random.default_rng(0)
+    draws = np.array([sample_sliders(rng, neutral_fraction) for _ in range(4000)])
+    neutral = (draws == 0).all(axis=1)
+    assert neutral.mean() == pytest.approx(neutral_fraction, abs=0.03)
+    moved = draws[~neutral]
+    only_oar = (moved[:, 0] != 0) & (moved[:, 1] == 0)
+    assert only_oar.mean() == pytest.approx(5 / 12, abs=0.04)
+    assert np.abs(draws).max() <= 1.0

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
     preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
     preference.add_argument("--refine-film", action="store_true", help="let the sliders modulate the refinement head")
+    preference.add_argument("--neutral-fraction", type=float, default=0.4,
+                            help="share of steps at neutral sliders, trained toward the reference dose "
+                                 "(default: %(default)s)")
+    preference.add_argument("--metric-weight", type=float, default=0.0,
+                            help="weight of the DVH-metric loss at neutral sliders: per structure, OAR mean and "
+                                 "hottest 1 %%, target coldest 5 %%, hottest 1 %% and mean (default: %(default)s)")
     pareto = train_sub.add_parser("pareto", help="Pareto plans (coverage vs OAR sparing) per training patient, "
                                                  "for the DVH-conditioned network; resumable")
     pareto.add_argument("--run", required=True, help="run name (plans in <cache>/pareto/<run>)")
@@ -477,7 +483,8 @@ def _cmd_train(args) -> int:
         path = train_preference(spec, Path(args.prior) if args.prior else None, args.run, args.epochs, args.lr,
                                 freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
                                 init_weights=Path(args.init) if args.init else None,
-                                config={"refine_film": True} if args.refine_film else None)
+                                config={"refine_film": True} if args.refine_film else None,
+                                neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh
 

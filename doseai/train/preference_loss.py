@@ -63,3 +63,38 @@ def preference_gap(predicted: PlanMetrics, reference: PlanMetrics, sliders: torc
     d95_gap = (predicted.ptv_d95 - reference.ptv_d95).abs()
     mean_gap = (predicted.ptv_mean - reference.ptv_mean).abs()
     return (oar_gap + hi_gap + d95_gap + mean_gap).mean()
+
+
+# OpenKBP's DVH score compares, per structure, OAR mean and D_0.1cc and target D99, D95, D1. The tails stand
+# in for those quantiles (a tail mean has a gradient on every voxel of the tail, a quantile on one).
+LOW_TAIL, HIGH_TAIL, MIN_STRUCTURE_VOXELS = 0.05, 0.01, 10
+
+
+def _tail_means(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = values.numel()
+    low = -(-values).topk(max(2, int(LOW_TAIL * n))).values.mean()
+    high = values.topk(max(2, int(HIGH_TAIL * n))).values.mean()
+    return low, high
+
+
+def dvh_metric_loss(prediction: torch.Tensor, reference: torch.Tensor, oar_masks: torch.Tensor,
+                    target_levels: torch.Tensor) -> torch.Tensor:
+    """Mean over structures of the absolute error in each DVH-score metric's stand-in (batch of one).
+
+    OARs (``oar_masks`` [1, n, z, y, x] bool): mean dose and the hottest 1 %. Targets (``target_levels``
+    [1, 1, z, y, x], the prescription channel, one structure per distinct level): the coldest 5 % (D95, D99),
+    the hottest 1 % (D1) and the mean."""
+    predicted, wanted = prediction[0, 0].float(), reference[0, 0].float()
+    terms = []
+    for mask in oar_masks[0]:
+        if int(mask.sum()) >= MIN_STRUCTURE_VOXELS:
+            p, r = predicted[mask], wanted[mask]
+            terms.append((p.mean() - r.mean()).abs() + (_tail_means(p)[1] - _tail_means(r)[1]).abs())
+    levels = target_levels[0, 0]
+    for level in torch.unique(levels[levels > 0]):
+        mask = levels == level
+        if int(mask.sum()) >= MIN_STRUCTURE_VOXELS:
+            p, r = predicted[mask], wanted[mask]
+            (p_low, p_high), (r_low, r_high) = _tail_means(p), _tail_means(r)
+            terms.append((p_low - r_low).abs() + (p_high - r_high).abs() + (p.mean() - r.mean()).abs())
+    return torch.stack(terms).mean() if terms else predicted.sum() * 0.0

@@ -23,7 +23,7 @@ from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNe
 from doseai.paths import cache_root
 from doseai.train.dataset import load_split
 from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
-from doseai.train.preference_loss import DEFAULT_SEMANTICS, plan_metrics, preference_gap
+from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap
 
 CHANNELS = channel_names()
 OAR_SLICE = slice(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1)
@@ -42,13 +42,16 @@ def augment(features: np.ndarray, dose: np.ndarray, rng: np.random.Generator) ->
     return np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1))
 
 
-def sample_sliders(rng: np.random.Generator) -> np.ndarray:
+def sample_sliders(rng: np.random.Generator, neutral_fraction: float = 0.4) -> np.ndarray:
+    """Neutral in ``neutral_fraction`` of the steps; of the rest, 5/12 move only OAR sparing, 5/12 only
+    homogeneity, 1/6 both (0.25 / 0.25 / 0.1 at the v1 default of 0.4 neutral)."""
     kind = rng.random()
-    if kind < 0.4:
+    if kind < neutral_fraction:
         return np.zeros(2, np.float32)
-    if kind < 0.65:
+    kind = (kind - neutral_fraction) / (1.0 - neutral_fraction)
+    if kind < 5 / 12:
         return np.array([rng.uniform(-1, 1), 0.0], np.float32)
-    if kind < 0.9:
+    if kind < 10 / 12:
         return np.array([0.0, rng.uniform(-1, 1)], np.float32)
     return rng.uniform(-1, 1, size=2).astype(np.float32)
 
@@ -62,8 +65,10 @@ def structure_masks(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders: torch.Tensor,
-              semantics: dict, use_bf16: bool, device, latent_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
-    """``latent_weight`` 0 for the ablation without Stage I (no pretrained latent space to match)."""
+              semantics: dict, use_bf16: bool, device, latent_weight: float = 0.1,
+              metric_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """``latent_weight`` 0 for the ablation without Stage I (no pretrained latent space to match);
+    ``metric_weight`` weighs the DVH-metric loss (``dvh_metric_loss``) at neutral sliders (0 in v1)."""
     oars, top_ptv, ptvs = structure_masks(x)
     with autocast(device, use_bf16):
         features = net.encode_anatomy(x)
@@ -89,9 +94,10 @@ def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders:
             with torch.no_grad(), autocast(device, use_bf16):
                 target_latent = net.prior.encode_stage_2_inputs(y).float()
             latent_error = (latent.float() - target_latent).pow(2).mean() / target_latent.pow(2).mean().clamp(min=1e-8)
-        loss = voxel + 0.5 * coarse_voxel + latent_weight * latent_error + 0.1 * gap
+        metrics = dvh_metric_loss(prediction, y, oars, x[:, TARGET:TARGET + 1]) if metric_weight else gap * 0.0
+        loss = voxel + 0.5 * coarse_voxel + latent_weight * latent_error + 0.1 * gap + metric_weight * metrics
         return loss, {"voxel": voxel.item(), "coarse": coarse_voxel.item(), "latent": latent_error.item(),
-                      "gap0": gap.item()}
+                      "gap0": gap.item(), "dvh_metrics": metrics.item()}
     anchor_region = ptvs if sliders[0, 1] == 0 else (~ptvs if sliders[0, 0] == 0 else torch.zeros_like(ptvs))
     anchor_region = anchor_region & body
     anchor = (error * anchor_region).sum() / anchor_region.sum().clamp(min=1)
@@ -128,6 +134,8 @@ def train_preference(
     seed: int = 0,
     threads: int | None = None,
     init_weights: Path | None = None,
+    neutral_fraction: float = 0.4,
+    metric_weight: float = 0.0,
 ) -> Path:
     """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
     (shipped weights) starts a new run from an earlier model, so training can go on across sessions."""
@@ -171,9 +179,9 @@ def train_preference(
             features, dose = augment(train.features[index:index + 1], train.doses[index:index + 1], rng)
             x = torch.from_numpy(features.astype(np.float32)).to(torch_device)
             y = torch.from_numpy(dose.astype(np.float32)).to(torch_device)
-            sliders = torch.from_numpy(sample_sliders(rng)[np.newaxis]).to(torch_device)
+            sliders = torch.from_numpy(sample_sliders(rng, neutral_fraction)[np.newaxis]).to(torch_device)
             loss, parts = step_loss(net, x, y, sliders, semantics, use_bf16, torch_device,
-                                    latent_weight=0.1 if freeze_prior else 0.0)
+                                    latent_weight=0.1 if freeze_prior else 0.0, metric_weight=metric_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -190,5 +198,6 @@ def train_preference(
                           "config": config, "prior_config": prior_config, "semantics": semantics,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
-                          "freeze_prior": freeze_prior})
+                          "freeze_prior": freeze_prior,
+                          "loss": {"neutral_fraction": neutral_fraction, "metric_weight": metric_weight}})
     return checkpoints.path
