@@ -50,7 +50,8 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     assert "resuming tiny_prior at epoch 1" in capsys.readouterr().out
     assert _log_epochs(prior.parent / "log.jsonl") == [0, 1]
 
-    checkpoint = train_preference(TINY, prior, "tiny_preference", epochs=1, threads=1)
+    checkpoint = train_preference(TINY, prior, "tiny_preference", epochs=1, threads=1, neutral_fraction=0.6,
+                                  metric_weight=1.0)
     state = torch.load(checkpoint, weights_only=False)
     prior_state = torch.load(prior, weights_only=False)
     frozen = {k[len("prior."):]: v for k, v in state["model"].items() if k.startswith("prior.")}
@@ -60,6 +61,7 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     weights = export_model(checkpoint, prior, tmp_path / "models" / "tiny.pt")
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["grid"]["shape_zyx"] == list(TINY.shape) and card["preference"]["sliders"] == ["oar_sparing", "homogeneity"]
+    assert card["training"]["loss"].startswith("60% of the steps") and "1 x DVH-metric loss" in card["training"]["loss"]
     with pytest.raises(DoseAIError, match="exists"):
         export_model(checkpoint, prior, weights)
 
