@@ -210,3 +210,62 @@ def test_structure_metric_loss_sees_mean_and_near_max_errors():
     y = torch.rand(1, 1, 8, 8, 8)
     assert float(structure_metric_loss(y, y, masks)) == 0.0
     assert float(structure_metric_loss(y + 0.1, y, masks)) == pytest.approx(0.1 * (1.0 + 0.5), rel=1e-4)
+
+
+def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path):
+    """``train_dvh`` on two tiny Pareto sets (scaled copies of the sample dose), resumed, exported with its
+    card, and loaded by the predictor: the plumbing from training to a dose on the case grid."""
+    import json
+
+    import doseai.train.train_dvh as train_module
+    from doseai.dvh import dvh_vector
+    from doseai.models.features import GridSpec, case_features
+    from doseai.predict import DEFAULT_MODEL
+    from doseai.resample import resample_to
+    from doseai.train.export import export_dvh_model
+
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip(f"{DEFAULT_MODEL} (the preference weights DVH training starts from) not shipped")
+    monkeypatch.setenv("DOSEAI_CACHE", str(tmp_path / "cache"))
+    tiny = GridSpec(shape=(32, 32, 32), spacing=(6.0, 6.0, 3.0))
+    features, grid = case_features(small_case, tiny)
+    rx = max(small_case.prescriptions.values())
+    scales = (0.8, 1.0, 1.1)
+    plans = [small_case.dose * s for s in scales]
+    dvh = np.stack([dvh_vector(d, small_case.structures, DEFAULT_DVH_LAYOUT["structures"], rx) for d in plans])
+    doses = np.stack([resample_to(d, small_case.geometry, grid) / 70.0 for d in plans]).astype(np.float16)
+    patient = ParetoPatient("pt_1", features.astype(np.float16), doses, dvh.astype(np.float32))
+    loaded = []
+
+    def load_pareto_patients(folder, split, spec, norm_gy, known=None):
+        assert spec == tiny
+        loaded.append(split)
+        return {"pt_1": patient}
+
+    monkeypatch.setattr(train_module, "load_pareto_patients", load_pareto_patients)
+    checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1)
+    assert loaded == ["validation", "train"]
+    train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1)  # resumes at epoch 2
+    log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
+
+    weights = export_dvh_model(checkpoint, tmp_path / "models" / "tiny_dvh.pt")
+    with pytest.raises(DoseAIError, match="exists"):
+        export_dvh_model(checkpoint, weights)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["network"]["config"]["n_sliders"] == condition_size(DEFAULT_DVH_LAYOUT)
+    assert card["network"]["epochs"] == 2 and card["grid"]["shape_zyx"] == [32, 32, 32]
+    assert f"weighs {EDIT_EMPHASIS:g}x" in card["training"]["pairs"] and "mix of two" in card["training"]["pairs"]
+
+    predictor = DVHDosePredictor(weights, device="cpu", threads=1)
+    predictor.set_case(small_case)
+    dose = predictor.predict(predictor.dvh_vector(small_case.dose))
+    assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
+    # the shipped fp16 weights are the trained ones, rounded
+    trained = torch.load(checkpoint, weights_only=False)["model"]
+    shipped = torch.load(weights, weights_only=True)
+    assert shipped.keys() == trained.keys()
+    for key, value in trained.items():
+        if value.is_floating_point():
+            assert shipped[key].dtype == torch.float16
+            torch.testing.assert_close(shipped[key].float(), value, rtol=1e-3, atol=1e-4)
