@@ -52,6 +52,7 @@ class _ModelPredictor:
         import torch
 
         from doseai.models.features import GridSpec
+        from doseai.models.onednn import route_convolutions_to_onednn
         from doseai.train.loop import pick_device
 
         self.weights = Path(weights) if weights else self.default_weights
@@ -67,6 +68,7 @@ class _ModelPredictor:
         self.net.load_state_dict({k: v.float() for k, v in state.items()})
         self.net.freeze_prior()
         self.net.eval().to(self.device)
+        route_convolutions_to_onednn(self.net)
         self._torch = torch
         self._prepared: _Prepared | None = None
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
 from doseai.models.dose_prior import build_dose_prior, latent_downsampling
+from doseai.models.onednn import conv3d
 
 DEFAULT_PREFERENCE_CONFIG = {"down_channels": [24, 48, 96, 128], "n_sliders": 2, "film_hidden": 32,
                              "refine_channels": 16, "refine_film": False}
@@ -130,8 +130,8 @@ class PreferenceDoseNet(nn.Module):
         (the anatomy is 11 of its 12 input channels)."""
         conv_in = self.refine[0]
         channels = anatomy.shape[1]
-        return F.conv3d(anatomy.to(conv_in.weight.dtype), conv_in.weight[:, :channels], conv_in.bias,
-                        padding=conv_in.padding)
+        return conv3d(anatomy.to(conv_in.weight.dtype), conv_in.weight[:, :channels], conv_in.bias,
+                      padding=conv_in.padding)
 
     def _refinement(self, anatomy: torch.Tensor, coarse: torch.Tensor, sliders: torch.Tensor | None,
                     anatomy_term: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,7 +140,7 @@ class PreferenceDoseNet(nn.Module):
             hidden = conv_in(torch.cat([anatomy.to(coarse.dtype), coarse], dim=1))
         else:
             dose_weights = conv_in.weight[:, anatomy.shape[1]:]
-            hidden = anatomy_term + F.conv3d(coarse, dose_weights, None, padding=conv_in.padding)
+            hidden = anatomy_term + conv3d(coarse, dose_weights, None, padding=conv_in.padding)
         if self.refine_film is not None:
             hidden = self.refine_film[0](hidden, sliders)
         hidden = conv_mid(act_in(hidden))

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, build_dvh_net,
                                            load_matching_weights)
 from doseai.models.features import GridSpec, channel_names
+from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.paths import cache_root
 from doseai.train.dataset import cache_folder, prepare_split
 from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everything
@@ -245,7 +246,7 @@ def train_dvh(
     net = build_dvh_net(len(CHANNELS), prior_config, layout, DEFAULT_DVH_NET_CONFIG)
     fresh = load_matching_weights(net, shipped)
     net.freeze_prior()
-    net = net.to(torch_device)
+    net = route_convolutions_to_onednn(net.to(torch_device))
     pareto_root = cache_root() / "pareto" / pareto_run
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)

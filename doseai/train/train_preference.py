@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from doseai.models.features import GridSpec, channel_names
+from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
 from doseai.paths import cache_root
 from doseai.train.dataset import load_split
@@ -157,7 +158,7 @@ def train_preference(
             raise ValueError(f"{init_weights} does not fit this network (missing {missing}, unexpected {unexpected})")
     if freeze_prior:
         net.freeze_prior()
-    net = net.to(torch_device)
+    net = route_convolutions_to_onednn(net.to(torch_device))
     train = load_split("train", spec, norm_gy, need_dose=True, need_ct=True)
     validation = load_split("validation", spec, norm_gy, need_dose=True, need_ct=True)
     trainable = [p for p in net.parameters() if p.requires_grad]

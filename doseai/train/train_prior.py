@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG, build_dose_prior
 from doseai.models.features import GridSpec
+from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.paths import cache_root
 from doseai.train.dataset import load_split
 from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
@@ -62,7 +63,7 @@ def train_dose_prior(
     config = {**DEFAULT_PRIOR_CONFIG, **(config or {})}
     train = load_split("train", spec, norm_gy, need_dose=True)
     validation = load_split("validation", spec, norm_gy, need_dose=True)
-    model = build_dose_prior(config).to(torch_device)
+    model = route_convolutions_to_onednn(build_dose_prior(config).to(torch_device))
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     folder = cache_root() / "runs" / run_name
     checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
