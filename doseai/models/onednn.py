@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu"))  # autocast (bf16 hosts) keeps PyTorch's own dispatch
+            and not _cpu_autocast_enabled())  # autocast (bf16 hosts) keeps PyTorch's own dispatch
 
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding=(0, 0, 0)) -> torch.Tensor:
