@@ -205,11 +205,14 @@ def test_structure_metric_loss_sees_mean_and_near_max_errors():
     x[0, CHANNELS.index("target_dose"), :4] = 70.0 / norm_gy
     x[0, CHANNELS.index("Parotid_R"), 4:] = 1.0
     masks = structure_masks(x, ["PTV_70", "PTV_63", "Parotid_R"], norm_gy)
-    assert len(masks) == 2  # no PTV_63 voxels: left out
-    assert int(masks[0].sum()) == 256 and bool(masks[1][5].all())
+    assert [index for index, _ in masks] == [0, 2]  # no PTV_63 voxels: left out
+    assert int(masks[0][1].sum()) == 256 and bool(masks[1][1][5].all())
     y = torch.rand(1, 1, 8, 8, 8)
     assert float(structure_metric_loss(y, y, masks)) == 0.0
     assert float(structure_metric_loss(y + 0.1, y, masks)) == pytest.approx(0.1 * (1.0 + 0.5), rel=1e-4)
+    # an edited Parotid_R counting 10x: (1 x PTV_70 + 10 x Parotid_R) / 2 structures
+    weights = np.array([1.0, 1.0, 10.0])
+    assert float(structure_metric_loss(y + 0.1, y, masks, weights)) == pytest.approx(0.1 * 1.5 * 11 / 2, rel=1e-4)
 
 
 def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path):
@@ -243,9 +246,11 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
         return {"pt_1": patient}
 
     monkeypatch.setattr(train_module, "load_pareto_patients", load_pareto_patients)
-    checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1)
+    checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1,
+                                        edit_metric_weight=10.0)
     assert loaded == ["validation", "train"]
-    train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1)  # resumes at epoch 2
+    train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1,
+                           edit_metric_weight=10.0)  # resumes at epoch 2
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
 
@@ -256,6 +261,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     assert card["network"]["config"]["n_sliders"] == condition_size(DEFAULT_DVH_LAYOUT)
     assert card["network"]["epochs"] == 2 and card["grid"]["shape_zyx"] == [32, 32, 32]
     assert f"weighs {EDIT_EMPHASIS:g}x" in card["training"]["pairs"] and "mix of two" in card["training"]["pairs"]
+    assert "edited structure's term counts 10x" in card["training"]["loss"]
 
     predictor = DVHDosePredictor(weights, device="cpu", threads=1)
     predictor.set_case(small_case)
@@ -269,3 +275,29 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
         if value.is_floating_point():
             assert shipped[key].dtype == torch.float16
             torch.testing.assert_close(shipped[key].float(), value, rtol=1e-3, atol=1e-4)
+
+
+def test_mirroring_swaps_the_parotid_rows_and_their_weights():
+    from doseai.train.train_dvh import augment
+
+    class MirrorNoShift:  # an rng that always mirrors and never shifts
+        def random(self):
+            return 0.0
+
+        def integers(self, low, high, size):
+            return np.zeros(size, int)
+
+    structures = DEFAULT_DVH_LAYOUT["structures"]
+    right, left = structures.index("Parotid_R"), structures.index("Parotid_L")
+    features = np.random.default_rng(0).random((len(CHANNELS), 2, 3, 4)).astype(np.float32)
+    dose = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    desired = np.random.default_rng(1).random((len(structures), 32)).astype(np.float32)
+    weights = np.ones(len(structures), np.float32)
+    weights[right] = EDIT_EMPHASIS
+    new_features, new_dose, new_desired, new_weights = augment(features, dose, desired, weights, structures,
+                                                               MirrorNoShift())
+    np.testing.assert_array_equal(new_dose, dose[..., ::-1])
+    np.testing.assert_array_equal(new_features[CHANNELS.index("Parotid_L")], features[CHANNELS.index("Parotid_R"), ..., ::-1])
+    np.testing.assert_array_equal(new_desired[left], desired[right])
+    assert new_weights[left] == EDIT_EMPHASIS and new_weights[right] == 1.0
+    assert weights[right] == EDIT_EMPHASIS  # the caller's arrays are left as they were

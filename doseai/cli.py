@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     dvh.add_argument("--threads", type=int)
     dvh.add_argument("--targets", choices=("mixes", "plans"), default="mixes",
                      help="projection onto the Pareto set: the nearest mix of two plans (default) or plan")
+    dvh.add_argument("--edit-metric-weight", type=float, default=1.0,
+                     help="in a one-curve edit, how much the edited structure's mean/near-max loss term counts "
+                          "(default: %(default)s, like every other structure)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v2.pt"))
@@ -491,7 +494,8 @@ def _cmd_train(args) -> int:
         from doseai.predict import DEFAULT_MODEL
 
         path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs,
-                         args.lr, device=args.device, threads=args.threads, targets=args.targets)
+                         args.lr, device=args.device, threads=args.threads, targets=args.targets,
+                         edit_metric_weight=args.edit_metric_weight)
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model
 
