@@ -64,6 +64,11 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     assert card["training"]["loss"].startswith("60% of the steps") and "1 x DVH-metric loss" in card["training"]["loss"]
     with pytest.raises(DoseAIError, match="exists"):
         export_model(checkpoint, prior, weights)
+    # a prior taken out of shipped weights (config and weights only, no training record) still exports
+    bare_prior = tmp_path / "bare_prior.pt"
+    torch.save({"config": prior_state["config"], "model": prior_state["model"]}, bare_prior)
+    bare = json.loads(export_model(checkpoint, bare_prior, tmp_path / "bare.pt").with_suffix(".json").read_text())
+    assert bare["dose_prior"]["pretrained"] and "epochs" not in bare["dose_prior"]
 
     predictor = DosePredictor(weights, device="cpu", threads=1)
     with pytest.raises(DoseAIError, match="set_case"):

@@ -83,9 +83,11 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
                                                   hi=semantics["hi_change_at_plus1"])},
         "dose_prior": {"kind": "MONAI VQVAE", "config": state["prior_config"] or DEFAULT_PRIOR_CONFIG,
                        "frozen": state["freeze_prior"], "pretrained": prior_state is not None,
+                       # a prior extracted from shipped weights carries no training record
                        **({"epochs": prior_state["epoch"] + 1,
                            "validation_reconstruction_mae_gy": prior_state.get("val_mae_gy"),
-                           "training_doses": len(prior_state["train_ids"])} if prior_state else {})},
+                           "training_doses": len(prior_state["train_ids"])} if prior_state and "epoch" in prior_state
+                          else {})},
         "network": {"kind": "PreferenceDoseNet (doseai/models/preference.py)", "config": state["config"],
                     "epochs": state["epoch"] + 1},
         "training": {"data": "OpenKBP train split (pt_1-200); Stage I: every training dose, Stage II: training "
