@@ -46,19 +46,10 @@ def _card_header(out: Path, task: str) -> dict:
     return {"name": out.stem, "created": datetime.date.today().isoformat(), "commit": _commit(), "task": task}
 
 
-def _preference_loss_text(loss: dict | None) -> str:
-    if loss is None:
-        return "not recorded in the checkpoint (v1 training: 40 % neutral steps, no DVH-metric loss)"
-    return (f"{loss['neutral_fraction']:.0%} of the steps at neutral sliders: voxel L1 to the reference in the body "
-            "(+0.1 x everywhere), 0.5 x on the frozen decoder's output, 0.1 x latent match, 0.1 x preference gap"
-            + (f", {loss['metric_weight']:g} x DVH-metric loss (per structure: OAR mean and hottest 1 %, target "
-               "coldest 5 %, hottest 1 % and mean)" if loss["metric_weight"] else "")
-            + "; other steps: preference gap + 0.3 x L1 anchor where the slider should not act "
-              "(doseai/train/train_preference.py)")
-
-
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
     """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
+    from doseai.train.train_preference import loss_text as preference_loss_text
+
     state, out = _write_half_weights(checkpoint, out, force)
     prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
     semantics = state["semantics"]
@@ -93,7 +84,7 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
         "training": {"data": "OpenKBP train split (pt_1-200); Stage I: every training dose, Stage II: training "
                              "patients with CT and dose; validation never used for training",
                      "stage_ii_patients": len(state["train_ids"]),
-                     "loss": _preference_loss_text(state.get("loss"))},
+                     "loss": preference_loss_text(state.get("loss"))},
         "validation": {},
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))

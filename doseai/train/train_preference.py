@@ -106,6 +106,18 @@ def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders:
     return loss, {"gap": gap.item()}
 
 
+def loss_text(loss: dict | None) -> str:
+    """The model card's account of ``step_loss`` for a checkpoint's ``loss`` record (None: before it was kept)."""
+    if loss is None:
+        return "not recorded in the checkpoint (v1 training: 40 % neutral steps, no DVH-metric loss)"
+    return (f"{loss['neutral_fraction']:.0%} of the steps at neutral sliders: voxel L1 to the reference in the body "
+            "(+0.1 x everywhere), 0.5 x on the frozen decoder's output, 0.1 x latent match, 0.1 x preference gap"
+            + (f", {loss['metric_weight']:g} x DVH-metric loss (per structure: OAR mean and hottest 1 %, target "
+               "coldest 5 %, hottest 1 % and mean)" if loss["metric_weight"] else "")
+            + "; other steps: preference gap + 0.3 x L1 anchor where the slider should not act "
+              "(doseai/train/train_preference.py)")
+
+
 @torch.no_grad()
 def validation_mae_gy(net, data, device, use_bf16, norm_gy, limit: int = 12) -> float:
     """Monitoring only (never used for training): dose MAE in the body on the model grid, neutral sliders."""
