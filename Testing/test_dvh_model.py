@@ -15,9 +15,10 @@ from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, as_condition, bui
 from doseai.models.preference import PreferenceDoseNet
 from doseai.predict import DVHDosePredictor
 from doseai.report import read_dvh_csv
-from doseai.train.train_dvh import (CHANNELS, EDIT_EMPHASIS, ParetoPatient, nearest_mix, nearest_plan,
-                                    projection_target, sample_desired_dvh, stretch_curve, structure_masks,
-                                    structure_metric_loss)
+from doseai.train.train_dvh import (CHANNELS, EDIT_EMPHASIS, ParetoPatient, difference_loss, dose_loss,
+                                    nearest_mix, nearest_plan, projection_target, reference_plan,
+                                    sample_desired_dvh, stretch_curve, structure_masks, structure_metric_loss,
+                                    training_step_loss)
 
 SMALL = {"down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4}
 SMALL_PRIOR = {"channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
@@ -60,11 +61,15 @@ def test_training_pairs_project_onto_the_pareto_set():
     assert nearest_plan(plans, plans[1]) == 1
     assert nearest_plan(plans, plans[2] - 0.01) == 2
     for _ in range(50):
-        desired, weights = sample_desired_dvh(plans, rng)
+        desired, weights, start = sample_desired_dvh(plans, rng)
         assert desired.shape == plans.shape[1:] and desired.dtype == np.float32
         assert np.all(np.diff(desired, axis=1) <= 1e-6)  # still cumulative DVHs
         assert weights.shape == (4,) and set(np.unique(weights)) <= {1.0, EDIT_EMPHASIS}
         assert 0 <= nearest_plan(plans, desired, weights) < 3
+        reference = reference_plan(plans, desired, start, rng)
+        if EDIT_EMPHASIS in weights:  # an edit is paired with the plan it edits
+            assert reference == start
+        assert not np.array_equal(plans[reference], desired)  # a pair never differs by nothing
 
 
 def test_single_curve_edit_projects_onto_the_plan_that_follows_the_edit():
@@ -215,6 +220,51 @@ def test_structure_metric_loss_sees_mean_and_near_max_errors():
     assert float(structure_metric_loss(y + 0.1, y, masks, weights)) == pytest.approx(0.1 * 1.5 * 11 / 2, rel=1e-4)
 
 
+def test_difference_loss_sees_only_how_the_dose_follows_the_condition():
+    norm_gy = 70.0
+    x = torch.zeros(1, len(CHANNELS), 8, 8, 8)
+    x[0, CHANNELS.index("target_dose"), :4] = 70.0 / norm_gy
+    x[0, CHANNELS.index("Parotid_R"), 4:] = 1.0
+    x[0, CHANNELS.index("body")] = 1.0
+    masks = structure_masks(x, ["PTV_70", "Parotid_R"], norm_gy)
+    body = x[:, CHANNELS.index("body"):CHANNELS.index("body") + 1] > 0.5
+    target_change = torch.zeros(1, 1, 8, 8, 8)
+    target_change[..., 4:, :, :] = -0.05  # the edit lowers the parotid
+    # both predictions off by the same anatomy error: their difference is exact, no loss
+    anatomy_error = torch.rand(1, 1, 8, 8, 8)
+    unedited = torch.rand(1, 1, 8, 8, 8)
+    exact = (unedited + target_change + anatomy_error) - (unedited + anatomy_error)
+    assert float(difference_loss(exact, target_change, body, masks)) == pytest.approx(0.0, abs=1e-6)
+    # a prediction that ignores the edit: voxel term 0.05 on half the body + mean term 0.05 on one of two structures
+    ignored = torch.zeros_like(target_change)
+    assert float(difference_loss(ignored, target_change, body, masks)) == pytest.approx(0.025 + 0.05 / 2, rel=1e-4)
+    weights = np.array([1.0, 10.0])
+    assert float(difference_loss(ignored, target_change, body, masks, weights)) == pytest.approx(0.025 + 0.5 / 2,
+                                                                                                rel=1e-4)
+
+
+def test_training_step_loss_pairs_a_sample_with_its_reference():
+    torch.manual_seed(0)
+    net = build_dvh_net(len(CHANNELS), SMALL_PRIOR, DEFAULT_DVH_LAYOUT, SMALL)
+    x = torch.rand(1, len(CHANNELS), 32, 32, 32)
+    y = torch.rand(1, 1, 32, 32, 32)
+    condition = torch.rand(1, condition_size(DEFAULT_DVH_LAYOUT))
+    weights = np.ones(len(DEFAULT_DVH_LAYOUT["structures"]))
+    single, parts = training_step_loss(net, x, y, condition, [], weights, pair_weight=1.0)
+    assert single.item() == pytest.approx(dose_loss(net, x, y, condition)[0].item(), rel=1e-5)
+    assert "difference" not in parts
+    # a pair of identical samples: no difference loss, the same loss as one sample
+    paired, parts = training_step_loss(net, x, y.repeat(2, 1, 1, 1, 1), condition.repeat(2, 1), [], weights, 1.0)
+    assert parts["difference"] == pytest.approx(0.0, abs=1e-6) and paired.item() == pytest.approx(single.item(), rel=1e-5)
+    # a pair whose targets differ: the difference loss counts and gradients reach the condition layers
+    other = torch.cat([y, y * 0.5])
+    paired, parts = training_step_loss(net, x, other, torch.cat([condition, condition * 0.5]), [], weights, 1.0)
+    assert parts["difference"] > 0
+    paired.backward()
+    film = [p.grad for name, p in net.named_parameters() if ".mlp." in name]  # the condition's FiLM layers
+    assert film and any(g is not None and g.abs().sum() > 0 for g in film)
+
+
 def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path):
     """``train_dvh`` on two tiny Pareto sets (scaled copies of the sample dose), resumed, exported with its
     card, and loaded by the predictor: the plumbing from training to a dose on the case grid."""
@@ -247,12 +297,13 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
 
     monkeypatch.setattr(train_module, "load_pareto_patients", load_pareto_patients)
     checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1,
-                                        edit_metric_weight=10.0)
+                                        edit_metric_weight=10.0, pair_weight=1.0)
     assert loaded == ["validation", "train"]
     train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1,
-                           edit_metric_weight=10.0)  # resumes at epoch 2
+                           edit_metric_weight=10.0, pair_weight=1.0)  # resumes at epoch 2
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
+    assert all(np.isfinite(r["difference"]) for r in log)
 
     weights = export_dvh_model(checkpoint, tmp_path / "models" / "tiny_dvh.pt")
     with pytest.raises(DoseAIError, match="exists"):
@@ -262,6 +313,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     assert card["network"]["epochs"] == 2 and card["grid"]["shape_zyx"] == [32, 32, 32]
     assert f"weighs {EDIT_EMPHASIS:g}x" in card["training"]["pairs"] and "mix of two" in card["training"]["pairs"]
     assert "edited structure's term counts 10x" in card["training"]["loss"]
+    assert "1 x the difference loss" in card["training"]["loss"]
 
     predictor = DVHDosePredictor(weights, device="cpu", threads=1)
     predictor.set_case(small_case)
@@ -301,3 +353,9 @@ def test_mirroring_swaps_the_parotid_rows_and_their_weights():
     np.testing.assert_array_equal(new_desired[left], desired[right])
     assert new_weights[left] == EDIT_EMPHASIS and new_weights[right] == 1.0
     assert weights[right] == EDIT_EMPHASIS  # the caller's arrays are left as they were
+    # a stack of DVH vectors (a sample and its reference plan) is mirrored row by row
+    stack = np.stack([desired, desired[::-1]])
+    mirrored = augment(features, np.concatenate([dose, dose]), stack, weights, structures, MirrorNoShift())[2]
+    for one, original in zip(mirrored, stack):
+        np.testing.assert_array_equal(one[left], original[right])
+        np.testing.assert_array_equal(one[right], original[left])

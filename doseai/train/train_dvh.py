@@ -20,7 +20,10 @@ plain l1 the other nine curves outvote the edit). The loss is the voxel L1 in th
 the target dose, with the frozen decoder's own output held to it too, as in the preference model, plus each
 structure's mean and near-max (top 2 %) dose against the target's (the quantities the user reads off the DVH);
 in a one-curve edit the edited structure's term may count more (``edit_metric_weight``): the shipped model moved
-an edited OAR's mean by a median 21 % of what its target asked.
+an edited OAR's mean by a median 21 % of what its target asked. With ``pair_weight`` > 0 each step also predicts
+a reference plan of the same patient (the unedited plan of an edit) and penalises the gap between the change
+of the two predictions and the change of their targets (:func:`difference_loss`): the error that anatomy alone
+explains cancels in that difference, which leaves the response to the condition.
 The network starts from the shipped preference weights (anatomy encoder, up path, refinement head, frozen
 prior); only the FiLM input layers are new, zero-initialised so that training starts from the preference model
 at neutral sliders. New Pareto patients that appear in the run folder join at the next epoch, so training can
@@ -59,12 +62,16 @@ MEAN_DOSE_WEIGHT, NEAR_MAX_WEIGHT = 1.0, 0.5  # structure-metric loss terms (dos
 NEAR_MAX_FRACTION = 0.02
 
 
-def loss_text(edit_metric_weight: float = 1.0) -> str:
+def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0) -> str:
     return (f"voxel L1 in the body (+0.1 x everywhere) and 0.5 x on the frozen decoder's output, + per structure "
             f"{MEAN_DOSE_WEIGHT} x |mean dose error| + {NEAR_MAX_WEIGHT} x |near-max (top {NEAR_MAX_FRACTION:.0%}) "
             "dose error|, averaged over the structures (doses / norm_gy)"
             + (f"; in a one-curve edit the edited structure's term counts {edit_metric_weight:g}x"
-               if edit_metric_weight != 1 else ""))
+               if edit_metric_weight != 1 else "")
+            + (f"; each sample is paired with a plan of its patient (the unedited plan of an edit), the mean of both "
+               f"losses + {pair_weight:g} x the difference loss (voxel L1 in the body of the change between the two "
+               f"predictions against the change between their targets, + {MEAN_DOSE_WEIGHT} x |its mean| per "
+               "structure)" if pair_weight > 0 else ""))
 
 
 @dataclass
@@ -105,23 +112,33 @@ def stretch_curve(curve: np.ndarray, factor: float) -> np.ndarray:
     return np.interp(points / factor, points, curve, right=0.0).astype(np.float32)
 
 
-def sample_desired_dvh(dvh: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A desired DVH near the patient's Pareto front (see the module docstring) and the per-curve weights of
-    its projection (``EDIT_EMPHASIS`` on a single edited curve, 1 elsewhere)."""
+def sample_desired_dvh(dvh: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """A desired DVH near the patient's Pareto front (see the module docstring), the per-curve weights of its
+    projection (``EDIT_EMPHASIS`` on a single edited curve, 1 elsewhere) and the index of the plan it was
+    drawn from (the unedited plan of an edit)."""
     weights = np.ones(dvh.shape[1], np.float32)
     kind = rng.random()
-    first = dvh[rng.integers(len(dvh))]
+    start = int(rng.integers(len(dvh)))
+    first = dvh[start]
     if kind < 0.3:
-        return first.copy(), weights
+        return first.copy(), weights, start
     if kind < 0.6:
         weight = rng.random()
-        return (weight * first + (1 - weight) * dvh[rng.integers(len(dvh))]).astype(np.float32), weights
+        return (weight * first + (1 - weight) * dvh[rng.integers(len(dvh))]).astype(np.float32), weights, start
     desired = first.copy()
     present = np.flatnonzero(desired[:, 0] > 0)
     row = rng.choice(present) if present.size else 0
     desired[row] = stretch_curve(desired[row], rng.uniform(0.7, 1.2))
     weights[row] = EDIT_EMPHASIS
-    return desired, weights
+    return desired, weights, start
+
+
+def reference_plan(dvh: np.ndarray, desired: np.ndarray, start: int, rng: np.random.Generator) -> int:
+    """The plan a sample is paired with in the difference loss: the plan it was drawn from, or another
+    plan when the sample is that plan itself (the difference would be zero)."""
+    if len(dvh) > 1 and np.array_equal(desired, dvh[start]):
+        return int((start + rng.integers(1, len(dvh))) % len(dvh))
+    return start
 
 
 def nearest_plan(dvh: np.ndarray, desired: np.ndarray, curve_weights: np.ndarray | None = None) -> int:
@@ -162,14 +179,15 @@ def projection_target(patient: "ParetoPatient", desired: np.ndarray, curve_weigh
 
 def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_weights: np.ndarray,
             structures: list[str], rng: np.random.Generator):
-    """Left-right mirror (parotid channels, DVH rows and their curve weights swapped) and small shifts."""
+    """Left-right mirror (parotid channels, DVH rows and their curve weights swapped) and small shifts;
+    ``dose`` (k, z, y, x) and ``desired`` (structures, points) or (k, structures, points) may hold several."""
     if rng.random() < 0.5:
         features, dose = features[..., ::-1].copy(), dose[..., ::-1]
         desired, curve_weights = desired.copy(), curve_weights.copy()
         a, b = SWAP_CHANNELS
         features[[a, b]] = features[[b, a]]
         ra, rb = structures.index("Parotid_R"), structures.index("Parotid_L")
-        desired[[ra, rb]] = desired[[rb, ra]]
+        desired[..., [ra, rb], :] = desired[..., [rb, ra], :]  # one DVH vector or a stack of them
         curve_weights[[ra, rb]] = curve_weights[[rb, ra]]
     shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
     return (np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1)), desired,
@@ -208,8 +226,10 @@ def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list
 
 def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
               masks: list[tuple[int, torch.Tensor]] | None = None,
-              structure_weights: np.ndarray | None = None) -> tuple[torch.Tensor, dict]:
-    latent = net.latent(net.encode_anatomy(x), condition)
+              structure_weights: np.ndarray | None = None,
+              features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """(loss, its parts, the prediction); ``features``: ``net.encode_anatomy(x)`` when already computed."""
+    latent = net.latent(net.encode_anatomy(x) if features is None else features, condition)
     coarse, prediction = net.decode_parts(latent, x, condition)
     body = x[:, BODY:BODY + 1] > 0.5
     error = (prediction - y).abs()
@@ -217,7 +237,38 @@ def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
     coarse_voxel = (coarse - y).abs()[body].mean()
     metrics = structure_metric_loss(prediction, y, masks or [], structure_weights)
     return voxel + 0.5 * coarse_voxel + metrics, {"voxel": voxel.item(), "coarse": coarse_voxel.item(),
-                                                  "structure_metrics": metrics.item()}
+                                                  "structure_metrics": metrics.item()}, prediction
+
+
+def difference_loss(predicted: torch.Tensor, target: torch.Tensor, body: torch.Tensor,
+                    masks: list[tuple[int, torch.Tensor]], structure_weights: np.ndarray | None = None
+                    ) -> torch.Tensor:
+    """How far the change between two predictions for one anatomy is from the change between their targets:
+    voxel L1 of (predicted - target) in the body, + per structure |mean of it| (weighted as in
+    :func:`structure_metric_loss`, averaged). The anatomy's common error cancels in a difference, so this term
+    sees only how the dose follows the condition, the signal a DVH edit needs."""
+    gap = predicted - target
+    terms = [(1.0 if structure_weights is None else float(structure_weights[index])) * gap[0, 0][mask].mean().abs()
+             for index, mask in masks]
+    structures = torch.stack(terms).sum() / len(terms) if terms else gap.sum() * 0.0
+    return gap.abs()[body].mean() + MEAN_DOSE_WEIGHT * structures
+
+
+def training_step_loss(net, x: torch.Tensor, y: torch.Tensor, conditions: torch.Tensor,
+                       masks: list[tuple[int, torch.Tensor]], structure_weights: np.ndarray,
+                       pair_weight: float) -> tuple[torch.Tensor, dict]:
+    """``y`` (k, 1, z, y, x) targets for the k ``conditions`` (k, condition size); the anatomy is encoded once.
+    k = 1: :func:`dose_loss`. k = 2 (a sample and its reference plan): the mean of both dose losses +
+    ``pair_weight`` x the :func:`difference_loss` of the two (the first counts ``structure_weights``)."""
+    features = net.encode_anatomy(x)
+    loss, parts, prediction = dose_loss(net, x, y[:1], conditions[:1], masks, structure_weights, features)
+    if len(conditions) == 1:
+        return loss, parts
+    reference_loss, reference_parts, reference = dose_loss(net, x, y[1:], conditions[1:], masks, None, features)
+    pair = difference_loss(prediction - reference, y[:1] - y[1:], x[:, BODY:BODY + 1] > 0.5, masks,
+                           structure_weights)
+    parts = {key: 0.5 * (value + reference_parts[key]) for key, value in parts.items()}
+    return 0.5 * (loss + reference_loss) + pair_weight * pair, {**parts, "difference": pair.item()}
 
 
 @torch.no_grad()
@@ -251,9 +302,12 @@ def train_dvh(
     held_out_split: str = "validation",
     targets: str = "mixes",
     edit_metric_weight: float = 1.0,
+    pair_weight: float = 0.0,
 ) -> Path:
     """``edit_metric_weight``: how much the edited structure's structure-metric term counts in a one-curve edit
-    (1: like the others, as in dose_dvh_v2)."""
+    (1: like the others, as in dose_dvh_v2). ``pair_weight`` > 0: every step also predicts the sample's
+    reference plan (:func:`reference_plan`) and adds the :func:`difference_loss` of the two predictions
+    (0: one prediction per step, as in dose_dvh_v2)."""
     if threads:
         torch.set_num_threads(threads)
     rng = seed_everything(seed)
@@ -288,15 +342,19 @@ def train_dvh(
         for index in tqdm(rng.permutation(len(ids)), desc=f"DVH epoch {epoch + 1}/{epochs}", unit="patient",
                           leave=False):
             patient = patients[ids[index]]
-            desired, curve_weights = sample_desired_dvh(patient.dvh, rng)
-            target = projection_target(patient, desired, curve_weights, targets)
-            features, dose, desired, curve_weights = augment(patient.features, target[np.newaxis], desired,
+            desired, curve_weights, start = sample_desired_dvh(patient.dvh, rng)
+            doses, conditions = [projection_target(patient, desired, curve_weights, targets)], [desired]
+            if pair_weight > 0:
+                reference = reference_plan(patient.dvh, desired, start, rng)
+                doses.append(patient.doses[reference].astype(np.float32))
+                conditions.append(patient.dvh[reference])
+            features, dose, desired, curve_weights = augment(patient.features, np.stack(doses), np.stack(conditions),
                                                              curve_weights, layout["structures"], rng)
             x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(torch_device)
-            y = torch.from_numpy(dose[np.newaxis].astype(np.float32)).to(torch_device)
-            condition = torch.from_numpy(desired.reshape(1, -1)).to(torch_device)
-            loss, parts = dose_loss(net, x, y, condition, structure_masks(x, layout["structures"], norm_gy),
-                                    np.where(curve_weights > 1, edit_metric_weight, 1.0))
+            y = torch.from_numpy(dose[:, np.newaxis].astype(np.float32)).to(torch_device)
+            condition = torch.from_numpy(desired.reshape(len(desired), -1)).to(torch_device)
+            loss, parts = training_step_loss(net, x, y, condition, structure_masks(x, layout["structures"], norm_gy),
+                                             np.where(curve_weights > 1, edit_metric_weight, 1.0), pair_weight)
             if not torch.isfinite(loss):  # never let one bad sample move the weights; counted in the log
                 totals.setdefault("skipped", []).append(1.0)
                 continue
@@ -316,5 +374,6 @@ def train_dvh(
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
-                          "loss": loss_text(edit_metric_weight), "targets": targets, "edit_emphasis": EDIT_EMPHASIS})
+                          "loss": loss_text(edit_metric_weight, pair_weight), "targets": targets,
+                          "edit_emphasis": EDIT_EMPHASIS})
     return checkpoints.path
