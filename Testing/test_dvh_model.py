@@ -43,6 +43,48 @@ def test_dvh_net_starts_as_the_preference_model_at_neutral_sliders():
     with pytest.raises(ValueError):
         load_matching_weights(build_dvh_net(11, SMALL_PRIOR, DEFAULT_DVH_LAYOUT, {**SMALL, "film_hidden": 4}),
                               preference.state_dict())
+    # with the mean-offset layer: its gains start at 0, so the network is still the preference model
+    with_offset = build_dvh_net(11, SMALL_PRIOR, DEFAULT_DVH_LAYOUT, {**SMALL, "mean_offset_sigma_zyx": [0.5, 0.6, 0.6]})
+    assert "offset.gain" in load_matching_weights(with_offset.eval(), preference.state_dict())
+    masks = structure_masks(x, DEFAULT_DVH_LAYOUT["structures"], 70.0)
+    assert masks
+    with torch.no_grad():
+        features = with_offset.encode_anatomy(x)
+        torch.testing.assert_close(with_offset.decode(with_offset.latent(features, dvh), x, dvh, masks=masks), expected)
+
+
+def test_mean_offset_moves_each_structure_toward_its_desired_mean():
+    from doseai.dvh import dvh_vector
+    from doseai.models.dvh_conditioned import MeanDoseOffset
+
+    layout = DEFAULT_DVH_LAYOUT
+    structures = layout["structures"]
+    shape = (12, 12, 24)
+    ptv, parotid = np.zeros(shape, bool), np.zeros(shape, bool)
+    ptv[3:9, 3:9, 2:8] = True
+    parotid[3:9, 3:9, 10:22] = True
+    parotid[3:9, 3:9, 6:10] = True  # partly inside the PTV: no sparing there
+    dose = np.zeros(shape, np.float32)
+    dose[ptv] = 1.0
+    dose[parotid & ~ptv] = 0.5
+    desired_dose = dose.copy()
+    desired_dose[parotid & ~ptv] = 0.3  # the user asks for less parotid dose
+    desired = dvh_vector(desired_dose, {"PTV_70": ptv, "Parotid_L": parotid}, structures, 1.0,
+                         layout["n_points"], layout["max_relative_dose"])
+    layer = MeanDoseOffset(layout)
+    condition = torch.from_numpy(desired.reshape(1, -1))
+    means = layer.desired_means(condition)
+    assert float(means[structures.index("Parotid_L")]) == pytest.approx(desired_dose[parotid].mean(), abs=0.02)
+    masks = [(structures.index("PTV_70"), torch.from_numpy(ptv)), (structures.index("Parotid_L"), torch.from_numpy(parotid))]
+    x = torch.from_numpy(dose)[None, None]
+    torch.testing.assert_close(layer(x, condition, masks), x)  # gains 0: unchanged
+    with torch.no_grad():
+        layer.gain.fill_(1.0)
+    moved = layer(x, condition, masks)[0, 0].detach().numpy()
+    assert moved[6, 6, 16] == pytest.approx(0.5 + (desired_dose[parotid].mean() - dose[parotid].mean()), abs=0.03)
+    assert moved[6, 6, 16] < 0.4  # well inside the parotid: lowered toward 0.3
+    assert moved[6, 6, 4] == pytest.approx(1.0, abs=0.02)  # the PTV was on its desired mean: kept
+    assert moved[0, 0, 0] == 0.0 and moved[6, 6, 23] < 0.1  # far outside: untouched; next to it: smoothed, small
 
 
 def test_condition_is_checked():
@@ -297,13 +339,14 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
 
     monkeypatch.setattr(train_module, "load_pareto_patients", load_pareto_patients)
     checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1,
-                                        edit_metric_weight=10.0, pair_weight=1.0)
+                                        edit_metric_weight=10.0, pair_weight=1.0, mean_offset=True)
     assert loaded == ["validation", "train"]
     train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1,
-                           edit_metric_weight=10.0, pair_weight=1.0)  # resumes at epoch 2
+                           edit_metric_weight=10.0, pair_weight=1.0, mean_offset=True)  # resumes at epoch 2
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
     assert all(np.isfinite(r["difference"]) for r in log)
+    assert any(g != 0 for g in log[-1]["offset_gains"])  # the mean-offset gains learn
 
     weights = export_dvh_model(checkpoint, tmp_path / "models" / "tiny_dvh.pt")
     with pytest.raises(DoseAIError, match="exists"):
@@ -315,8 +358,10 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     assert "edited structure's term counts 10x" in card["training"]["loss"]
     assert "1 x the difference loss" in card["training"]["loss"]
 
+    assert card["network"]["config"]["mean_offset_sigma_zyx"]
     predictor = DVHDosePredictor(weights, device="cpu", threads=1)
     predictor.set_case(small_case)
+    assert predictor.net.offset is not None and predictor._prepared.decode_extras["masks"]
     dose = predictor.predict(predictor.dvh_vector(small_case.dose))
     assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
     # the shipped fp16 weights are the trained ones, rounded

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     dvh.add_argument("--pair-weight", type=float, default=0.0,
                      help="> 0: pair each sample with a plan of its patient (the unedited plan of an edit) and add "
                           "this weight x the loss on the change between the two predictions (default: off)")
+    dvh.add_argument("--mean-offset", action="store_true",
+                     help="add the layer that moves each structure's mean dose toward its desired curve's "
+                          "(learned gains; doseai/models/dvh_conditioned.py)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v2.pt"))
@@ -498,7 +501,8 @@ def _cmd_train(args) -> int:
 
         path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs,
                          args.lr, device=args.device, threads=args.threads, targets=args.targets,
-                         edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight)
+                         edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
+                         mean_offset=args.mean_offset)
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model
 

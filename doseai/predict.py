@@ -40,6 +40,7 @@ class _Prepared:
     norm_gy: float
     timings: dict = field(default_factory=dict)
     refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
+    decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
 
 
 class _ModelPredictor:
@@ -105,7 +106,7 @@ class _ModelPredictor:
         condition = condition.to(self.device)
         with self._torch.no_grad():
             latent = self.net.latent(p.features, condition)
-            dose_model_grid = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy)
+            dose_model_grid = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, **p.decode_extras)
             dose_model_grid = dose_model_grid[0, 0].float().cpu().numpy()
         network_at = time.perf_counter()
         dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
@@ -160,6 +161,14 @@ class DVHDosePredictor(_ModelPredictor):
 
         return build_dvh_net(len(self.card["inputs"]["channels"]), self.card["dose_prior"]["config"],
                              self.card["dvh"], self.card["network"]["config"])
+
+    def set_case(self, case: PlanningCase) -> None:
+        from doseai.models.dvh_conditioned import structure_masks
+
+        super().set_case(case)
+        p = self._prepared
+        if self.net.offset is not None:  # the mean-offset layer's structures, once per case
+            p.decode_extras = {"masks": structure_masks(p.anatomy, self.structures, p.norm_gy)}
 
     @property
     def structures(self) -> list[str]:

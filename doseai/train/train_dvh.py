@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, build_dvh_net,
-                                           load_matching_weights)
+from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, MEAN_OFFSET_SIGMA_ZYX,
+                                           build_dvh_net, load_matching_weights, structure_masks)
 from doseai.models.features import GridSpec, channel_names
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.paths import cache_root
@@ -60,6 +60,7 @@ MIN_BODY_VOXELS = 1000
 EDIT_EMPHASIS = 30.0
 MEAN_DOSE_WEIGHT, NEAR_MAX_WEIGHT = 1.0, 0.5  # structure-metric loss terms (doses normalised by norm_gy)
 NEAR_MAX_FRACTION = 0.02
+OFFSET_LR_SCALE = 100.0  # MeanDoseOffset gains: ~0.04 per step at lr 4e-4, so they can reach ~1 in an epoch
 
 
 def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0) -> str:
@@ -194,20 +195,6 @@ def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_w
             curve_weights)
 
 
-def structure_masks(x: torch.Tensor, structures: list[str], norm_gy: float) -> list[tuple[int, torch.Tensor]]:
-    """(index in ``structures``, boolean mask (z, y, x)) of the DVH structures present in the input channels:
-    OARs from their occupancy, PTV_<Rx> from the target-dose channel (highest prescription wins, as in the
-    features)."""
-    masks = []
-    for index, name in enumerate(structures):
-        if name in CHANNELS:
-            masks.append((index, x[0, CHANNELS.index(name)] > 0.5))
-        elif name.startswith("PTV_"):
-            target = x[0, CHANNELS.index("target_dose")]
-            masks.append((index, (target - float(name[4:]) / norm_gy).abs() < 0.25 / norm_gy))
-    return [(index, mask) for index, mask in masks if int(mask.sum()) >= 10]
-
-
 def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list[tuple[int, torch.Tensor]],
                           structure_weights: np.ndarray | None = None) -> torch.Tensor:
     """Sum over structures of weight x (|mean dose error| x MEAN_DOSE_WEIGHT + |near-max (top 2 %) error| x
@@ -230,7 +217,7 @@ def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
               features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(loss, its parts, the prediction); ``features``: ``net.encode_anatomy(x)`` when already computed."""
     latent = net.latent(net.encode_anatomy(x) if features is None else features, condition)
-    coarse, prediction = net.decode_parts(latent, x, condition)
+    coarse, prediction = net.decode_parts(latent, x, condition, masks=masks or [])
     body = x[:, BODY:BODY + 1] > 0.5
     error = (prediction - y).abs()
     voxel = error[body].mean() + 0.1 * error.mean()
@@ -272,17 +259,19 @@ def training_step_loss(net, x: torch.Tensor, y: torch.Tensor, conditions: torch.
 
 
 @torch.no_grad()
-def held_out_mae_gy(net, patients: dict[str, ParetoPatient], device, norm_gy: float, plans_per_patient: int = 3) -> float:
+def held_out_mae_gy(net, patients: dict[str, ParetoPatient], device, norm_gy: float, plans_per_patient: int = 3,
+                    structures: list[str] | None = None) -> float:
     """Monitoring only (never trained on): body MAE between the prediction from a plan's own DVH and that plan."""
     net.eval()
     errors = []
     for patient in patients.values():
         x = torch.from_numpy(patient.features[np.newaxis].astype(np.float32)).to(device)
         features = net.encode_anatomy(x)
+        masks = structure_masks(x, structures or list(DEFAULT_DVH_LAYOUT["structures"]), norm_gy)
         body = patient.features[BODY] > 0.5
         for plan in np.linspace(0, len(patient.dvh) - 1, plans_per_patient).round().astype(int):
             condition = torch.from_numpy(patient.dvh[plan].reshape(1, -1)).to(device)
-            prediction = net.decode(net.latent(features, condition), x, condition)[0, 0].cpu().numpy()
+            prediction = net.decode(net.latent(features, condition), x, condition, masks=masks)[0, 0].cpu().numpy()
             errors.append(np.abs(prediction - patient.doses[plan].astype(np.float32))[body].mean() * norm_gy)
     net.train()
     return float(np.mean(errors)) if errors else float("nan")
@@ -303,11 +292,14 @@ def train_dvh(
     targets: str = "mixes",
     edit_metric_weight: float = 1.0,
     pair_weight: float = 0.0,
+    mean_offset: bool = False,
 ) -> Path:
     """``edit_metric_weight``: how much the edited structure's structure-metric term counts in a one-curve edit
     (1: like the others, as in dose_dvh_v2). ``pair_weight`` > 0: every step also predicts the sample's
     reference plan (:func:`reference_plan`) and adds the :func:`difference_loss` of the two predictions
-    (0: one prediction per step, as in dose_dvh_v2)."""
+    (0: one prediction per step, as in dose_dvh_v2). ``mean_offset``: add the
+    :class:`~doseai.models.dvh_conditioned.MeanDoseOffset` layer (its gains learn at ``OFFSET_LR_SCALE`` x the
+    learning rate: 10 scalars that start at 0)."""
     if threads:
         torch.set_num_threads(threads)
     rng = seed_everything(seed)
@@ -316,13 +308,18 @@ def train_dvh(
     shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
     card = json.loads(Path(init_weights).with_suffix(".json").read_text())
     prior_config = card["dose_prior"]["config"]
-    net = build_dvh_net(len(CHANNELS), prior_config, layout, DEFAULT_DVH_NET_CONFIG)
+    config = {**DEFAULT_DVH_NET_CONFIG, "mean_offset_sigma_zyx": list(MEAN_OFFSET_SIGMA_ZYX) if mean_offset else None}
+    net = build_dvh_net(len(CHANNELS), prior_config, layout, config)
     fresh = load_matching_weights(net, shipped)
     net.freeze_prior()
     net = route_convolutions_to_onednn(net.to(torch_device))
     pareto_root = cache_root() / "pareto" / pareto_run
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
+    gains = [p for name, p in net.named_parameters() if name.startswith("offset.")]
+    groups = [{"params": [p for p in trainable if all(p is not g for g in gains)], "lr_scale": 1.0}]
+    if gains:
+        groups.append({"params": gains, "lr_scale": OFFSET_LR_SCALE, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-4)
     folder = cache_root() / "runs" / run_name
     checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
     start_epoch = checkpoints.resume(net, optimizer)
@@ -335,7 +332,7 @@ def train_dvh(
         if not patients:
             raise FileNotFoundError(f"no Pareto plans under {pareto_root / 'train'}: run `doseai train pareto` first")
         for group in optimizer.param_groups:  # cosine decay per epoch (the number of steps grows with the data)
-            group["lr"] = learning_rate * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+            group["lr"] = group["lr_scale"] * learning_rate * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
         start = time.perf_counter()
         totals: dict[str, list[float]] = {}
         ids = list(patients)
@@ -366,11 +363,13 @@ def train_dvh(
                 totals.setdefault(key, []).append(value)
         record = {"epoch": epoch, "patients": len(ids), "seconds": time.perf_counter() - start,
                   **{key: float(np.sum(values) if key == "skipped" else np.mean(values)) for key, values in totals.items()},
-                  "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy)}
+                  "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy),
+                  **({"offset_gains": [round(g, 3) for g in net.offset.gain.detach().tolist()]}
+                     if net.offset is not None else {})}
         log.write(**record)
         print(json.dumps(record))
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "config": DEFAULT_DVH_NET_CONFIG,
+                          "config": config,
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
