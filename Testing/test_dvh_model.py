@@ -359,6 +359,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     assert "1 x the difference loss" in card["training"]["loss"]
 
     assert card["network"]["config"]["mean_offset_sigma_zyx"]
+    assert set(card["network"]["mean_offset"]["gains"]) == set(DEFAULT_DVH_LAYOUT["structures"])
     predictor = DVHDosePredictor(weights, device="cpu", threads=1)
     predictor.set_case(small_case)
     assert predictor.net.offset is not None and predictor._prepared.decode_extras["masks"]

@@ -136,5 +136,13 @@ def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
                                                "at the commit that trained it")},
         "validation": {},
     }
+    sigma = state["config"].get("mean_offset_sigma_zyx")
+    if sigma:
+        gains = state["model"]["offset.gain"].float().tolist()
+        card["network"]["mean_offset"] = {
+            "text": "last layer: per structure, gain x (mean dose of the desired curve - predicted mean dose) added "
+                    "to the structure's voxels (an OAR's only outside the targets), smoothed by a Gaussian of "
+                    f"sigma {sigma} voxels (z, y, x); the gains are learned",
+            "gains": {name: round(gain, 4) for name, gain in zip(layout["structures"], gains)}}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return out
