@@ -36,6 +36,27 @@ def test_model_grid_is_centred_on_targets_and_body(small_case):
     assert centre[2] == pytest.approx(ptv_z_centre)
 
 
+def test_snapped_model_grid_sits_on_the_case_lattice(small_case):
+    from doseai.resample import resample_to
+
+    spec = GridSpec(shape=(16, 25, 25), spacing=(4.0, 4.0, 6.0))  # the case's in-plane voxel, twice its slice
+    free = model_geometry(small_case, spec)
+    snapped = model_geometry(small_case, GridSpec(spec.shape, spec.spacing, snap_to_case=True))
+    offset = (np.array(snapped.origin) - np.array(free.origin)) / np.array(small_case.geometry.spacing)
+    assert np.all(np.abs(offset) <= 0.5) and np.any(offset != 0)  # the sample's free grid is off the lattice
+    index = small_case.geometry.physical_to_index(np.array([snapped.origin]))[0]
+    np.testing.assert_allclose(index, np.round(index), atol=1e-6)
+    # in-plane the grids now share voxel centres: a dose constant along z comes back exactly
+    dose = np.repeat(np.random.default_rng(0).random((1, 48, 48), dtype=np.float32), 24, axis=0)
+    inside = (slice(1, 23), slice(13, 35), slice(13, 35))  # within the model grid
+    back = resample_to(resample_to(dose, small_case.geometry, snapped), snapped, small_case.geometry)
+    np.testing.assert_allclose(back[inside], dose[inside], atol=1e-5)
+    blurred = resample_to(resample_to(dose, small_case.geometry, free), free, small_case.geometry)
+    assert np.abs(blurred[inside] - dose[inside]).mean() > 0.01  # what the snap saves
+    assert GridSpec.from_card({"grid": {"shape_zyx": [16, 24, 24], "spacing_xyz_mm": [4, 4, 6],
+                                        "snap_to_case_lattice": True}}).snap_to_case
+
+
 def test_case_features_channels(small_case):
     features, grid = case_features(small_case, SMALL_GRID, norm_gy=70.0)
     names = channel_names()

@@ -21,7 +21,8 @@ from doseai.resample import resample_to
 
 
 def _tag(spec: GridSpec, norm_gy: float) -> str:
-    key = json.dumps({"shape": spec.shape, "spacing": spec.spacing, "norm": norm_gy, "version": 1})
+    snapped = {"snap_to_case": True} if spec.snap_to_case else {}  # unsnapped caches keep their old tag
+    key = json.dumps({"shape": spec.shape, "spacing": spec.spacing, "norm": norm_gy, "version": 1, **snapped})
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
