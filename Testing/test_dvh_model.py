@@ -346,6 +346,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
     assert all(np.isfinite(r["difference"]) for r in log)
+    assert all(0 < r["seconds"] < 600 for r in log)  # the epoch's own time (a shadowed timer once logged hours)
     assert any(g != 0 for g in log[-1]["offset_gains"])  # the mean-offset gains learn
 
     weights = export_dvh_model(checkpoint, tmp_path / "models" / "tiny_dvh.pt")

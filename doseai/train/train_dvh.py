@@ -339,10 +339,10 @@ def train_dvh(
         for index in tqdm(rng.permutation(len(ids)), desc=f"DVH epoch {epoch + 1}/{epochs}", unit="patient",
                           leave=False):
             patient = patients[ids[index]]
-            desired, curve_weights, start = sample_desired_dvh(patient.dvh, rng)
+            desired, curve_weights, drawn_from = sample_desired_dvh(patient.dvh, rng)
             doses, conditions = [projection_target(patient, desired, curve_weights, targets)], [desired]
             if pair_weight > 0:
-                reference = reference_plan(patient.dvh, desired, start, rng)
+                reference = reference_plan(patient.dvh, desired, drawn_from, rng)
                 doses.append(patient.doses[reference].astype(np.float32))
                 conditions.append(patient.dvh[reference])
             features, dose, desired, curve_weights = augment(patient.features, np.stack(doses), np.stack(conditions),
