@@ -83,7 +83,7 @@ time the slider rests for 150&nbsp;ms (only the slider-dependent half of the net
 worker thread, so the views stay responsive while it computes).
 Their tooltips quote the model card. <i>Reset</i> sets both to 0.</li>
 <li><b>DVH editing</b>: shapes the dose by its DVH, with a second model that predicts the dose from a
-desired DVH (<code>Resources/Models/dose_dvh_v2.pt</code>, loaded on first use). Once a dose was predicted,
+desired DVH (<code>Resources/Models/dose_dvh_v3.pt</code>, loaded on first use). Once a dose was predicted,
 pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH chart, dashed with
 markers, and the plot view switches to moving points; drag the markers up or down (the doses stay
 where they are; the curve is kept between 0 and 100&nbsp;% and non-increasing). Each time the curve

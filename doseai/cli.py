@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1_1.pt)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
-    predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v2.pt)")
+    predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v3.pt)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(learned gains; doseai/models/dvh_conditioned.py)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
-    export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v2.pt"))
+    export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
     _add_force(export_dvh)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)

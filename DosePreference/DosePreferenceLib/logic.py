@@ -280,7 +280,7 @@ class DosePreferenceLogic:
     @classmethod
     def dvhPredictor(cls, weights=None, device: str = "auto"):
         """The cached :class:`doseai.predict.DVHDosePredictor` (default weights
-        ``Resources/Models/dose_dvh_v2.pt``), loaded on first use and again when ``weights`` change."""
+        ``Resources/Models/dose_dvh_v3.pt``), loaded on first use and again when ``weights`` change."""
         from doseai.errors import UnreadableInputError
         from doseai.predict import DVHDosePredictor
 
@@ -304,7 +304,7 @@ class DosePreferenceLogic:
         if path.is_file():
             return ""
         return (f"The DVH model is not found at {path}: DVH editing needs the DVH-conditioned model "
-                "(Resources/Models/dose_dvh_v2.pt; made with `doseai train dvh` and `doseai train export-dvh`)")
+                "(Resources/Models/dose_dvh_v3.pt; made with `doseai train dvh` and `doseai train export-dvh`)")
 
     @classmethod
     def modelCard(cls, weights=None) -> dict | None:

@@ -168,7 +168,7 @@ def test_predict_from_dvh_refuses_bad_input_clearly(scene, sample, dvh_model, tm
     good = _vector_of(predictor, sample, sample.dose)
     with pytest.raises(UnreadableInputError, match="DVH model is not found at .*absent.pt"):
         logic.predictFromDVH(ct_node, seg_node, good, weights=tmp_path / "absent.pt")
-    assert "dose_dvh_v2.pt" in logic.dvhModelProblem(tmp_path / "absent.pt")
+    assert "dose_dvh_v3.pt" in logic.dvhModelProblem(tmp_path / "absent.pt")
     bad = [
         (good[:3], r"shape \(3, 32\); the DVH model expects \(10, 32\)"),
         (np.where(np.arange(32) == 4, np.nan, good), "NaN or infinite values \\(rows: PTV_70"),
@@ -399,7 +399,7 @@ def test_widget_says_why_dvh_editing_is_unavailable(preference_gui, scene, sampl
     from doseai import predict
 
     monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", None)
-    monkeypatch.setattr(predict, "DEFAULT_DVH_MODEL", tmp_path / "dose_dvh_v2.pt")
+    monkeypatch.setattr(predict, "DEFAULT_DVH_MODEL", tmp_path / "dose_dvh_v3.pt")
     nodes_from_case(scene, sample)
     widget = preference_gui.make_widget()
     widget.ui.predictButton.click()
