@@ -124,3 +124,15 @@ def test_cached_refinement_anatomy_term_gives_the_same_dose():
                                   atol=1e-5)
         assert torch.allclose(net.decode(latent, x, sliders), net.decode(latent, x, sliders,
                                                                          net.refinement_anatomy_term(x)), atol=1e-5)
+
+
+def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data):
+    from doseai.train.train_preference import _epochs_within, train_preference
+
+    assert _epochs_within(600, 100, 0, 50) == 6  # the first epoch took 100 s: 5 more fit in the other 500 s
+    assert _epochs_within(600, 100, 0, 3) == 3  # never more than asked
+    assert _epochs_within(50, 100, 4, 50) == 5  # the first epoch alone overran the budget: stop after it
+    checkpoint = train_preference(TINY, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
+                                  time_budget_s=1e-3)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 0
+    assert _log_epochs(checkpoint.parent / "log.jsonl") == [0]

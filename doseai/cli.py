@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--metric-weight", type=float, default=0.0,
                             help="weight of the DVH-metric loss at neutral sliders: per structure, OAR mean and "
                                  "hottest 1 %%, target coldest 5 %%, hottest 1 %% and mean (default: %(default)s)")
+    preference.add_argument("--snap-to-case", action="store_true",
+                            help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
+    preference.add_argument("--time-budget-min", type=float,
+                            help="after the first epoch, cut --epochs to what fits in this many minutes (the "
+                                 "learning-rate schedule follows), e.g. for a GPU lent for a fixed time")
     pareto = train_sub.add_parser("pareto", help="Pareto plans (coverage vs OAR sparing) per training patient, "
                                                  "for the DVH-conditioned network; resumable")
     pareto.add_argument("--run", required=True, help="run name (plans in <cache>/pareto/<run>)")
@@ -485,7 +490,11 @@ def _cmd_train(args) -> int:
 
         path = train_dose_prior(spec, args.run, args.epochs, args.lr, device=args.device, threads=args.threads)
     elif args.stage == "preference":
+        from dataclasses import replace
+
         from doseai.train.train_preference import train_preference
+
+        spec = replace(spec, snap_to_case=args.snap_to_case)
 
         if not args.prior and not args.no_freeze:
             raise UnreadableInputError("--prior CHECKPOINT is required unless --no-freeze (the ablation)")
@@ -493,7 +502,8 @@ def _cmd_train(args) -> int:
                                 freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None,
-                                neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight)
+                                neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
+                                time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh
 
