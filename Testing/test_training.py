@@ -26,7 +26,7 @@ def tiny_data(small_case, monkeypatch, tmp_path):
                          np.stack([dose[None], dose[None, ..., ::-1]]).astype(np.float16), np.array([True, True]))
 
     def load_split(split, spec, norm_gy=70.0, need_dose=True, need_ct=False):
-        assert spec == TINY
+        assert (spec.shape, spec.spacing) == (TINY.shape, TINY.spacing)
         return data
 
     monkeypatch.setattr("doseai.train.train_prior.load_split", load_split)
@@ -126,13 +126,38 @@ def test_cached_refinement_anatomy_term_gives_the_same_dose():
                                                                          net.refinement_anatomy_term(x)), atol=1e-5)
 
 
-def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data):
+def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
+    from dataclasses import replace
+
+    from doseai.predict import DosePredictor
+    from doseai.train.export import export_model
     from doseai.train.train_preference import _epochs_within, train_preference
 
     assert _epochs_within(600, 100, 0, 50) == 6  # the first epoch took 100 s: 5 more fit in the other 500 s
     assert _epochs_within(600, 100, 0, 3) == 3  # never more than asked
     assert _epochs_within(50, 100, 4, 50) == 5  # the first epoch alone overran the budget: stop after it
-    checkpoint = train_preference(TINY, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
+    snapped = replace(TINY, snap_to_case=True)
+    checkpoint = train_preference(snapped, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
                                   time_budget_s=1e-3)
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 0
     assert _log_epochs(checkpoint.parent / "log.jsonl") == [0]
+    # trained on the snapped grid: the card says so and prediction uses the same placement
+    weights = export_model(checkpoint, None, tmp_path / "snapped.pt")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["grid"]["snap_to_case_lattice"] and "voxel centre" in card["grid"]["placement"]
+    assert DosePredictor(weights, device="cpu", threads=1).spec == snapped
+
+
+def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tmp_path):
+    from doseai.models.dose_prior import build_dose_prior
+    from doseai.paths import REPO_ROOT
+    from doseai.train.export import prior_from_weights
+
+    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2.pt"
+    out = prior_from_weights(weights, tmp_path / "prior.pt")
+    state = torch.load(out, weights_only=False)
+    build_dose_prior(state["config"]).load_state_dict(state["model"])  # strict: every weight of the prior, no more
+    card = json.loads(weights.with_suffix(".json").read_text())["dose_prior"]
+    assert state["epoch"] + 1 == card["epochs"] and state["training_doses"] == card["training_doses"]
+    with pytest.raises(DoseAIError, match="exists"):
+        prior_from_weights(weights, out)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v1_1.pt)")
+    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v2.pt)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
     predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v3.pt)")
@@ -132,10 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
     _add_force(export_dvh)
+    prior_out = train_sub.add_parser("prior-from-weights",
+                                     help="the Stage I prior inside shipped preference weights, as a --prior "
+                                          "checkpoint (to go on training from shipped weights)")
+    prior_out.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
+    prior_out.add_argument("--out", required=True)
+    _add_force(prior_out)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
-    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v1_1.pt"))
+    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
     _add_force(export)
 
     optimize = sub.add_parser("optimize", help="optimize beam fluences toward a desired (e.g. predicted) dose: "
@@ -517,6 +523,10 @@ def _cmd_train(args) -> int:
         from doseai.train.export import export_dvh_model
 
         path = export_dvh_model(Path(args.checkpoint), Path(args.out), force=args.force)
+    elif args.stage == "prior-from-weights":
+        from doseai.train.export import prior_from_weights
+
+        path = prior_from_weights(Path(args.weights), Path(args.out), force=args.force)
     elif args.stage == "pareto":
         from doseai.train.pareto import generate_pareto
 

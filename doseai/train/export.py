@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from doseai.errors import refuse_overwrite
+from doseai.errors import UnreadableInputError, refuse_overwrite
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
@@ -46,6 +46,13 @@ def _card_header(out: Path, task: str) -> dict:
     return {"name": out.stem, "created": datetime.date.today().isoformat(), "commit": _commit(), "task": task}
 
 
+def _placement(grid: dict) -> str:
+    text = "centred in-plane on the body bounding box and along z on the targets' bounding box"
+    if grid.get("snap_to_case_lattice"):
+        text += "; then the origin moves onto the nearest case voxel centre (in training and in prediction)"
+    return text
+
+
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
     """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
     from doseai.train.train_preference import loss_text as preference_loss_text
@@ -65,8 +72,7 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
             "beam_plate": f"fraction of {len(OPENKBP_GANTRY_DEG)} coplanar beams (gantry {list(OPENKBP_GANTRY_DEG)} deg) "
                           "whose target projection (+5 mm) covers the voxel",
         },
-        "grid": {**state["grid"], "direction": "identity (LPS)",
-                 "placement": "centred in-plane on the body bounding box and along z on the targets' bounding box"},
+        "grid": {**state["grid"], "direction": "identity (LPS)", "placement": _placement(state["grid"])},
         "normalization": {"dose": "network dose x highest prescription of the case = Gy",
                           "training_norm_gy": state["norm_gy"]},
         "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1.0, 1.0], "semantics": semantics,
@@ -77,7 +83,8 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
                        # a prior extracted from shipped weights carries no training record
                        **({"epochs": prior_state["epoch"] + 1,
                            "validation_reconstruction_mae_gy": prior_state.get("val_mae_gy"),
-                           "training_doses": len(prior_state["train_ids"])} if prior_state and "epoch" in prior_state
+                           "training_doses": prior_state.get("training_doses") or len(prior_state["train_ids"])}
+                          if prior_state and "epoch" in prior_state
                           else {})},
         "network": {"kind": "PreferenceDoseNet (doseai/models/preference.py)", "config": state["config"],
                     "epochs": state["epoch"] + 1},
@@ -88,6 +95,24 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
         "validation": {},
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
+
+
+def prior_from_weights(weights: Path, out: Path, force: bool = False) -> Path:
+    """The frozen Stage I prior inside shipped preference weights, written as a Stage I checkpoint (config,
+    weights and the training record its card gives), so that ``doseai train preference --prior`` can go on
+    from shipped weights without the original Stage I run."""
+    out = Path(out)
+    refuse_overwrite(out, force)
+    card = json.loads(Path(weights).with_suffix(".json").read_text())["dose_prior"]
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    prior = {key[len("prior."):]: value.float() for key, value in state.items() if key.startswith("prior.")}
+    if not prior:
+        raise UnreadableInputError(f"{weights}: no dose prior in these weights")
+    record = ({"epoch": card["epochs"] - 1, "val_mae_gy": card.get("validation_reconstruction_mae_gy"),
+               "training_doses": card.get("training_doses")} if "epochs" in card else {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": card["config"], "model": prior, **record}, out)
     return out
 
 
