@@ -260,6 +260,15 @@ def test_structure_metric_loss_sees_mean_and_near_max_errors():
     # an edited Parotid_R counting 10x: (1 x PTV_70 + 10 x Parotid_R) / 2 structures
     weights = np.array([1.0, 1.0, 10.0])
     assert float(structure_metric_loss(y + 0.1, y, masks, weights)) == pytest.approx(0.1 * 1.5 * 11 / 2, rel=1e-4)
+    # the near-max term alone: only the hottest voxels move, the means barely
+    hot = y.clone()
+    for _, mask in masks:
+        values = hot[0, 0][mask]
+        values[values.topk(max(2, int(0.02 * values.numel()))).indices] += 0.5
+        hot[0, 0][mask] = values
+    base, heavier = (float(structure_metric_loss(hot, y, masks, near_max_weight=w)) for w in (0.5, 2.0))
+    mean_part = float(structure_metric_loss(hot, y, masks, near_max_weight=0.0))
+    assert heavier - mean_part == pytest.approx(4 * (base - mean_part), rel=1e-4) and base - mean_part > 0.2
 
 
 def test_difference_loss_sees_only_how_the_dose_follows_the_condition():

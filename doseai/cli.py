@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     dvh.add_argument("--pair-weight", type=float, default=0.0,
                      help="> 0: pair each sample with a plan of its patient (the unedited plan of an edit) and add "
                           "this weight x the loss on the change between the two predictions (default: off)")
+    dvh.add_argument("--near-max-weight", type=float, default=0.5,
+                     help="weight of each structure's near-max (top 2 %%) dose error in the loss (default: %(default)s)")
     dvh.add_argument("--mean-offset", action="store_true",
                      help="add the layer that moves each structure's mean dose toward its desired curve's "
                           "(learned gains; doseai/models/dvh_conditioned.py)")
@@ -518,7 +520,7 @@ def _cmd_train(args) -> int:
         path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs,
                          args.lr, device=args.device, threads=args.threads, targets=args.targets,
                          edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
-                         mean_offset=args.mean_offset)
+                         mean_offset=args.mean_offset, near_max_weight=args.near_max_weight)
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model
 

@@ -63,9 +63,9 @@ NEAR_MAX_FRACTION = 0.02
 OFFSET_LR_SCALE = 100.0  # MeanDoseOffset gains: ~0.04 per step at lr 4e-4, so they can reach ~1 in an epoch
 
 
-def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0) -> str:
+def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0, near_max_weight: float = NEAR_MAX_WEIGHT) -> str:
     return (f"voxel L1 in the body (+0.1 x everywhere) and 0.5 x on the frozen decoder's output, + per structure "
-            f"{MEAN_DOSE_WEIGHT} x |mean dose error| + {NEAR_MAX_WEIGHT} x |near-max (top {NEAR_MAX_FRACTION:.0%}) "
+            f"{MEAN_DOSE_WEIGHT} x |mean dose error| + {near_max_weight:g} x |near-max (top {NEAR_MAX_FRACTION:.0%}) "
             "dose error|, averaged over the structures (doses / norm_gy)"
             + (f"; in a one-curve edit the edited structure's term counts {edit_metric_weight:g}x"
                if edit_metric_weight != 1 else "")
@@ -196,9 +196,10 @@ def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_w
 
 
 def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list[tuple[int, torch.Tensor]],
-                          structure_weights: np.ndarray | None = None) -> torch.Tensor:
+                          structure_weights: np.ndarray | None = None,
+                          near_max_weight: float = NEAR_MAX_WEIGHT) -> torch.Tensor:
     """Sum over structures of weight x (|mean dose error| x MEAN_DOSE_WEIGHT + |near-max (top 2 %) error| x
-    NEAR_MAX_WEIGHT), divided by the number of structures (weights 1: the mean)."""
+    ``near_max_weight``), divided by the number of structures (weights 1: the mean)."""
     if not masks:
         return prediction.sum() * 0.0
     terms = []
@@ -207,14 +208,15 @@ def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list
         k = max(2, int(NEAR_MAX_FRACTION * predicted.numel()))
         weight = 1.0 if structure_weights is None else float(structure_weights[index])
         terms.append(weight * (MEAN_DOSE_WEIGHT * (predicted.mean() - target.mean()).abs()
-                               + NEAR_MAX_WEIGHT * (predicted.topk(k).values.mean() - target.topk(k).values.mean()).abs()))
+                               + near_max_weight * (predicted.topk(k).values.mean() - target.topk(k).values.mean()).abs()))
     return torch.stack(terms).sum() / len(terms)
 
 
 def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
               masks: list[tuple[int, torch.Tensor]] | None = None,
               structure_weights: np.ndarray | None = None,
-              features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+              features: list[torch.Tensor] | None = None,
+              near_max_weight: float = NEAR_MAX_WEIGHT) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(loss, its parts, the prediction); ``features``: ``net.encode_anatomy(x)`` when already computed."""
     latent = net.latent(net.encode_anatomy(x) if features is None else features, condition)
     coarse, prediction = net.decode_parts(latent, x, condition, masks=masks or [])
@@ -222,7 +224,7 @@ def dose_loss(net, x: torch.Tensor, y: torch.Tensor, condition: torch.Tensor,
     error = (prediction - y).abs()
     voxel = error[body].mean() + 0.1 * error.mean()
     coarse_voxel = (coarse - y).abs()[body].mean()
-    metrics = structure_metric_loss(prediction, y, masks or [], structure_weights)
+    metrics = structure_metric_loss(prediction, y, masks or [], structure_weights, near_max_weight)
     return voxel + 0.5 * coarse_voxel + metrics, {"voxel": voxel.item(), "coarse": coarse_voxel.item(),
                                                   "structure_metrics": metrics.item()}, prediction
 
@@ -243,15 +245,17 @@ def difference_loss(predicted: torch.Tensor, target: torch.Tensor, body: torch.T
 
 def training_step_loss(net, x: torch.Tensor, y: torch.Tensor, conditions: torch.Tensor,
                        masks: list[tuple[int, torch.Tensor]], structure_weights: np.ndarray,
-                       pair_weight: float) -> tuple[torch.Tensor, dict]:
+                       pair_weight: float, near_max_weight: float = NEAR_MAX_WEIGHT) -> tuple[torch.Tensor, dict]:
     """``y`` (k, 1, z, y, x) targets for the k ``conditions`` (k, condition size); the anatomy is encoded once.
     k = 1: :func:`dose_loss`. k = 2 (a sample and its reference plan): the mean of both dose losses +
     ``pair_weight`` x the :func:`difference_loss` of the two (the first counts ``structure_weights``)."""
     features = net.encode_anatomy(x)
-    loss, parts, prediction = dose_loss(net, x, y[:1], conditions[:1], masks, structure_weights, features)
+    loss, parts, prediction = dose_loss(net, x, y[:1], conditions[:1], masks, structure_weights, features,
+                                        near_max_weight)
     if len(conditions) == 1:
         return loss, parts
-    reference_loss, reference_parts, reference = dose_loss(net, x, y[1:], conditions[1:], masks, None, features)
+    reference_loss, reference_parts, reference = dose_loss(net, x, y[1:], conditions[1:], masks, None, features,
+                                                           near_max_weight)
     pair = difference_loss(prediction - reference, y[:1] - y[1:], x[:, BODY:BODY + 1] > 0.5, masks,
                            structure_weights)
     parts = {key: 0.5 * (value + reference_parts[key]) for key, value in parts.items()}
@@ -293,6 +297,7 @@ def train_dvh(
     edit_metric_weight: float = 1.0,
     pair_weight: float = 0.0,
     mean_offset: bool = False,
+    near_max_weight: float = NEAR_MAX_WEIGHT,
 ) -> Path:
     """``edit_metric_weight``: how much the edited structure's structure-metric term counts in a one-curve edit
     (1: like the others, as in dose_dvh_v2). ``pair_weight`` > 0: every step also predicts the sample's
@@ -351,7 +356,8 @@ def train_dvh(
             y = torch.from_numpy(dose[:, np.newaxis].astype(np.float32)).to(torch_device)
             condition = torch.from_numpy(desired.reshape(len(desired), -1)).to(torch_device)
             loss, parts = training_step_loss(net, x, y, condition, structure_masks(x, layout["structures"], norm_gy),
-                                             np.where(curve_weights > 1, edit_metric_weight, 1.0), pair_weight)
+                                             np.where(curve_weights > 1, edit_metric_weight, 1.0), pair_weight,
+                                             near_max_weight)
             if not torch.isfinite(loss):  # never let one bad sample move the weights; counted in the log
                 totals.setdefault("skipped", []).append(1.0)
                 continue
@@ -373,6 +379,6 @@ def train_dvh(
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
-                          "loss": loss_text(edit_metric_weight, pair_weight), "targets": targets,
+                          "loss": loss_text(edit_metric_weight, pair_weight, near_max_weight), "targets": targets,
                           "edit_emphasis": EDIT_EMPHASIS})
     return checkpoints.path
