@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from doseai.dvh import dvh_vector
+from doseai.dvh import dose_at_fraction_from_row, dvh_vector
 
 
 def test_dvh_vector_is_a_fixed_size_cumulative_dvh():
@@ -20,6 +20,19 @@ def test_dvh_vector_is_a_fixed_size_cumulative_dvh():
     assert np.all(np.diff(vector[0]) <= 0)
     with pytest.raises(ValueError):
         dvh_vector(dose, {"PTV_70": ptv}, ["PTV_70"], 0.0)
+
+
+def test_a_dose_is_read_off_a_dvh_vector_row_between_its_points():
+    row = np.array([1.0, 1.0, 0.5, 0.1, 0.0])  # doses 0, 0.3, 0.6, 0.9, 1.2 x Rx
+    assert dose_at_fraction_from_row(row, 0.5) == pytest.approx(0.6)
+    assert dose_at_fraction_from_row(row, 0.3) == pytest.approx(0.75)  # halfway from 0.5 to 0.1
+    assert dose_at_fraction_from_row(row, 0.05) == pytest.approx(1.05)
+    assert dose_at_fraction_from_row(np.zeros(5), 0.5) == 0.0  # nothing anywhere
+    assert dose_at_fraction_from_row(np.ones(5), 0.5) == pytest.approx(1.2)  # beyond the last point: its dose
+    # on a fine dose sampling, the read-off D_x matches the dose itself
+    dose = np.linspace(0.0, 70.0, 1001, dtype=np.float32)[None, None]
+    fine = dvh_vector(dose, {"PTV_70": np.ones(dose.shape, bool)}, ["PTV_70"], 70.0, n_points=241)[0]
+    assert 70.0 * dose_at_fraction_from_row(fine, 0.02) == pytest.approx(np.quantile(dose, 0.98), abs=0.5)
 
 
 def test_pareto_plans_trade_coverage_for_sparing():

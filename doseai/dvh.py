@@ -152,6 +152,22 @@ def dvh_vector(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, prescri
     return rows
 
 
+def dose_at_fraction_from_row(row: np.ndarray, fraction: float, max_relative_dose: float = 1.2) -> float:
+    """The dose (in units of the prescription) at which a DVH-vector row (cumulative volume fraction at evenly
+    spaced doses from 0 to ``max_relative_dose``) falls to ``fraction``, interpolated linearly between its two
+    neighbouring points: what the vector itself says of e.g. D0.1cc (``fraction`` = 0.1 cc / volume)."""
+    row = np.asarray(row, np.float64)
+    levels = np.linspace(0.0, max_relative_dose, row.size)
+    below = np.flatnonzero(row < fraction)
+    if below.size == 0:
+        return float(levels[-1])
+    j = int(below[0])
+    if j == 0:
+        return 0.0
+    t = (row[j - 1] - fraction) / max(row[j - 1] - row[j], 1e-12)
+    return float(levels[j - 1] + t * (levels[j] - levels[j - 1]))
+
+
 def dvh_vector_from_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], names, levels_gy: np.ndarray,
                            base: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """A DVH vector (rows in ``names`` order, volume fractions at ``levels_gy``) from cumulative curves
