@@ -6,7 +6,9 @@ trained on). Per patient and plan, the model predicts from that plan's own DVH v
   accuracy        per structure, |mean dose| and |max dose| error between the prediction and the plan, in % of
                   the prescription (max dose = D0.1cc, OpenKBP's definition); the reference study's bar is
                   1.6 % (mean) / 1.8 % (max) on average; beside it, the D0.1cc read off the plan's DVH vector
-                  itself (linear between its points) against the plan's: what the network's condition can tell
+                  itself (linear between its points) against the plan's: a plain reading of what the network's
+                  condition tells (the vectors come from the case-grid plan, the reference is the model-grid plan
+                  on the case grid: their offset is part of this error, and a network can learn it)
   responsiveness  per patient and OAR: the desired DVH of the middle sweep plan with that OAR's curve moved
                   to 80 % of its doses; the predicted OAR mean must go down by more than 0.1 % of the
                   prescription (vs the prediction from the plan's own DVH) while PTV_70 D95 stays within 2 %
