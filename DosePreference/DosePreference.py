@@ -88,7 +88,8 @@ pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH
 markers, and the plot view switches to moving points; drag the markers up or down (the doses stay
 where they are; the curve is kept between 0 and 100&nbsp;% and non-increasing). Each time the curve
 rests for 150&nbsp;ms the dose is predicted again from the desired DVH (edited curves as drawn, the other
-structures as in the dose before editing), on the worker thread; the chart shows the new DVH solid and
+structures as in the dose before editing), on the worker thread; after the network, each structure's hottest
+0.1&nbsp;cc is set to what its desired curve gives (near-max matching, from the model card); the chart shows the new DVH solid and
 the desired curves of the edited structures dashed, and the status line how far apart they are.
 <i>Undo</i> takes the last change back, <i>Reset</i> drops every edit (the dose before editing again).
 Releasing <i>Edit DVH</i> returns the plot view to panning; moving a slider or <i>Predict dose</i>

@@ -177,6 +177,18 @@ def test_dvh_predictor_on_the_case_grid(tiny_dvh_model, small_case):
         predictor.predict(base[:3])
     curves = predictor.as_dvhs(base, ["PTV_70"])
     assert list(curves) == ["PTV_70"] and curves["PTV_70"].volume_pct[0] == pytest.approx(100.0)
+    # with near-max matching in the card, each structure's D0.1cc is the one the desired curve gives
+    from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc
+
+    predictor.card["near_max_matching"] = {"offset_relative": 0.0}
+    matched = predictor.predict(base)
+    mask, row = small_case.structures["Brainstem"], predictor.structures.index("Brainstem")
+    voxel_cc = float(np.prod(small_case.geometry.spacing)) / 1000.0
+    wanted = dose_at_fraction_from_row(base[row], 0.1 / (mask.sum() * voxel_cc)) * max(small_case.prescriptions.values())
+    assert dose_at_volume_cc(matched[mask], 0.1, voxel_cc) == pytest.approx(wanted, abs=0.05)
+    assert abs(dose_at_volume_cc(dose[mask], 0.1, voxel_cc) - wanted) > 0.5  # the tiny network alone is not there
+    predictor.near_max_matching = False
+    np.testing.assert_array_equal(predictor.predict(base), dose)
 
 
 def test_dvh_predictor_needs_its_weights(tmp_path):
@@ -228,6 +240,41 @@ def test_shipped_dvh_model_matches_its_card(small_case):
     predictor.set_case(small_case)
     dose = predictor.predict(predictor.dvh_vector(small_case.dose))
     assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
+
+
+def test_near_max_calibration_on_training_plans(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from doseai.dvh import dvh_vector
+    from doseai.io import openkbp
+    from doseai.models.features import GridSpec, model_geometry
+    from doseai.paths import REPO_ROOT, openkbp_root
+    from doseai.resample import resample_to
+    from doseai.train.train_dvh import calibrate_near_max
+
+    source = openkbp_root() / "train"
+    if not source.is_dir():
+        pytest.skip(f"OpenKBP data not found at {source} (../shared/data)")
+    monkeypatch.setenv("DOSEAI_CACHE", str(tmp_path / "cache"))
+    card = json.loads((REPO_ROOT / "Resources/Models/dose_dvh_v3.json").read_text())
+    weights = tmp_path / "model.pt"
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(DoseAIError, match="no training Pareto plans"):
+        calibrate_near_max(weights, "tiny")
+    # one "plan": the patient's own dose, its vector from the case grid, its dose through the model grid
+    case = openkbp.load_npz(openkbp.list_patients(source)["pt_1"])
+    grid = model_geometry(case, GridSpec.from_card(card))
+    rx = case.max_prescription
+    folder = tmp_path / "cache" / "pareto" / "tiny" / "train"
+    folder.mkdir(parents=True)
+    np.savez(folder / "pt_1.npz", doses=resample_to(case.dose, case.geometry, grid)[None].astype(np.float16),
+             dvh_vectors=dvh_vector(case.dose, case.structures, card["dvh"]["structures"], rx)[None])
+    matching = calibrate_near_max(weights, "tiny")
+    # the model grid smooths the hottest 0.1 cc, so the curve reads higher: a small positive offset
+    assert 0.0 < matching["offset_relative"] < 0.1
+    assert json.loads(weights.with_suffix(".json").read_text())["near_max_matching"] == matching
+    shutil.rmtree(folder)
 
 
 def test_projection_onto_mixes_of_two_plans():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from doseai.dvh import dose_at_fraction_from_row, dvh_vector
+from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc, dvh_vector, match_near_max
 
 
 def test_dvh_vector_is_a_fixed_size_cumulative_dvh():
@@ -33,6 +33,26 @@ def test_a_dose_is_read_off_a_dvh_vector_row_between_its_points():
     dose = np.linspace(0.0, 70.0, 1001, dtype=np.float32)[None, None]
     fine = dvh_vector(dose, {"PTV_70": np.ones(dose.shape, bool)}, ["PTV_70"], 70.0, n_points=241)[0]
     assert 70.0 * dose_at_fraction_from_row(fine, 0.02) == pytest.approx(np.quantile(dose, 0.98), abs=0.5)
+
+
+def test_near_max_matching_moves_only_the_upper_half_of_each_structure():
+    rng = np.random.default_rng(0)
+    dose = rng.uniform(10.0, 60.0, size=(20, 20, 20)).astype(np.float32)
+    oar = np.zeros(dose.shape, bool)
+    oar[:10] = True
+    masks = {"Brainstem": oar, "PTV_70": np.zeros(dose.shape, bool)}  # an empty structure is left alone
+    names = ["PTV_70", "Brainstem"]
+    hotter = dose * 1.1
+    vector = dvh_vector(hotter, masks, names, 70.0, n_points=241)  # a fine vector: reads D0.1cc closely
+    voxel_cc = 0.001
+    matched = match_near_max(dose, masks, names, vector, 70.0, voxel_cc)
+    wanted = dose_at_volume_cc(hotter[oar], 0.1, voxel_cc)
+    assert dose_at_volume_cc(matched[oar], 0.1, voxel_cc) == pytest.approx(wanted, abs=0.5)
+    lower_half = oar & (dose <= np.median(dose[oar]))
+    assert np.array_equal(matched[lower_half], dose[lower_half]) and np.array_equal(matched[~oar], dose[~oar])
+    # the offset lowers the target D0.1cc by that fraction of the prescription
+    offset = match_near_max(dose, masks, names, vector, 70.0, voxel_cc, offset_relative=0.05)
+    assert dose_at_volume_cc(offset[oar], 0.1, voxel_cc) == pytest.approx(wanted - 3.5, abs=0.5)
 
 
 def test_pareto_plans_trade_coverage_for_sparing():

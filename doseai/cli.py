@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     dvh.add_argument("--mean-offset", action="store_true",
                      help="add the layer that moves each structure's mean dose toward its desired curve's "
                           "(learned gains; doseai/models/dvh_conditioned.py)")
+    calibrate = train_sub.add_parser("calibrate-dvh", help="measure on training Pareto plans the offset of the "
+                                     "DVH model's near-max matching and write it into its card")
+    calibrate.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
+    calibrate.add_argument("--pareto-run", required=True)
+    calibrate.add_argument("--limit", type=int, default=10, help="training patients (default: %(default)s)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
@@ -521,6 +526,12 @@ def _cmd_train(args) -> int:
                          args.lr, device=args.device, threads=args.threads, targets=args.targets,
                          edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
                          mean_offset=args.mean_offset, near_max_weight=args.near_max_weight)
+    elif args.stage == "calibrate-dvh":
+        from doseai.train.train_dvh import calibrate_near_max
+
+        matching = calibrate_near_max(Path(args.weights), args.pareto_run, args.limit)
+        print(f"near-max matching offset {matching['offset_relative']:+.4f} x Rx ({matching['calibration']})")
+        path = Path(args.weights).with_suffix(".json")
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model
 

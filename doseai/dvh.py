@@ -168,6 +168,32 @@ def dose_at_fraction_from_row(row: np.ndarray, fraction: float, max_relative_dos
     return float(levels[j - 1] + t * (levels[j] - levels[j - 1]))
 
 
+def match_near_max(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, vector: np.ndarray,
+                   prescription_gy: float, voxel_volume_cc: float, offset_relative: float = 0.0,
+                   max_relative_dose: float = 1.2, volume_cc: float = 0.1) -> np.ndarray:
+    """A copy of ``dose`` in which each structure's D0.1cc is the one its row of the DVH ``vector`` gives (less
+    ``offset_relative`` x the prescription). The difference is added to the structure's voxels above its median
+    dose, ramped linearly from 0 at the median to 1 at the current D0.1cc, so the lower half of its DVH stays.
+    Structures are taken in ``names`` order; a structure absent from the case or from the vector is left as is."""
+    out = np.array(dose, np.float32, copy=True)
+    for row, name in enumerate(names):
+        mask = masks.get(name)
+        if mask is None or not np.any(mask) or not vector[row, 0] > 0:
+            continue
+        mask = np.asarray(mask, bool)
+        values = out[mask]
+        fraction = min(1.0, volume_cc / (np.count_nonzero(mask) * voxel_volume_cc))
+        wanted = prescription_gy * (dose_at_fraction_from_row(vector[row], fraction, max_relative_dose)
+                                    - offset_relative)
+        have = dose_at_volume_cc(values, volume_cc, voxel_volume_cc)
+        median = float(np.median(values))
+        if have - median <= 1e-3:  # a flat dose: no upper tail to move
+            continue
+        ramp = np.clip((values - median) / (have - median), 0.0, 1.0)
+        out[mask] = np.maximum(values + (wanted - have) * ramp, 0.0)
+    return out
+
+
 def dvh_vector_from_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], names, levels_gy: np.ndarray,
                            base: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """A DVH vector (rows in ``names`` order, volume fractions at ``levels_gy``) from cumulative curves

@@ -155,6 +155,8 @@ class DVHDosePredictor(_ModelPredictor):
     """
 
     default_weights = DEFAULT_DVH_MODEL
+    # the card's near-max matching (when it has one) runs after the network; False: the network's dose alone
+    near_max_matching = True
 
     def _build_net(self):
         from doseai.models.dvh_conditioned import build_dvh_net
@@ -194,7 +196,19 @@ class DVHDosePredictor(_ModelPredictor):
             condition = as_condition(desired_dvh, self.card["dvh"])
         except ValueError as error:
             raise DoseAIError(str(error)) from error
-        return self._dose_for(condition)
+        dose = self._dose_for(condition)
+        matching = self.card.get("near_max_matching")
+        if matching and self.near_max_matching:  # the network follows the curves' means, not their tops
+            dose = self._match_near_max(dose, np.asarray(desired_dvh, np.float32), matching["offset_relative"])
+        return dose
+
+    def _match_near_max(self, dose: np.ndarray, desired_dvh: np.ndarray, offset_relative: float) -> np.ndarray:
+        from doseai.dvh import match_near_max
+
+        p = self._require_case()
+        voxel_cc = float(np.prod(p.case.geometry.spacing)) / 1000.0
+        return match_near_max(dose, p.case.structures, self.structures, desired_dvh, p.norm_gy, voxel_cc,
+                              offset_relative, self.card["dvh"]["max_relative_dose"])
 
     def desired_from_curves(self, curves, base_dose: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """A desired DVH from edited curves {structure: (dose_gy, volume_pct)} (e.g. ``read_dvh_csv``); the

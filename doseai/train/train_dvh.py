@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, MEAN_OFFSET_SIGMA_ZYX,
                                            build_dvh_net, load_matching_weights, structure_masks)
+from doseai.errors import DoseAIError
 from doseai.models.features import GridSpec, channel_names
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.paths import cache_root
@@ -382,3 +383,49 @@ def train_dvh(
                           "loss": loss_text(edit_metric_weight, pair_weight, near_max_weight), "targets": targets,
                           "edit_emphasis": EDIT_EMPHASIS})
     return checkpoints.path
+
+
+def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: int = 3) -> dict:
+    """The constant by which the D0.1cc read off a plan's DVH vector exceeds the D0.1cc of the plan the network
+    learns (its dose on the model grid, back on the case grid: the grid smooths the hottest 0.1 cc), measured on
+    the first ``limit`` training patients of ``pareto_run`` (every ``every``-th plan), and written into the DVH
+    model's card as ``near_max_matching``: the predictor then moves each structure's D0.1cc to the one its
+    desired curve gives less this offset (:func:`doseai.dvh.match_near_max`). Training plans only."""
+    from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc
+    from doseai.io import openkbp
+    from doseai.models.features import model_geometry
+    from doseai.paths import openkbp_root
+    from doseai.resample import resample_to
+
+    card_path = Path(weights).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    layout, spec = card["dvh"], GridSpec.from_card(card)
+    files = sorted((cache_root() / "pareto" / pareto_run / "train").glob("pt_*.npz"),
+                   key=lambda path: int(path.stem.split("_")[1]))[:limit]
+    if not files:
+        raise DoseAIError(f"no training Pareto plans of run {pareto_run} in {cache_root() / 'pareto'}")
+    cases = openkbp.list_patients(openkbp_root() / "train")
+    offsets = []
+    for path in files:
+        case, plans = openkbp.load_npz(cases[path.stem]), np.load(path)
+        grid, voxel_cc = model_geometry(case, spec), float(np.prod(case.geometry.spacing)) / 1000.0
+        rx = case.max_prescription
+        for dose, vector in zip(plans["doses"][::every], plans["dvh_vectors"][::every]):
+            plan = resample_to(dose.astype(np.float32), grid, case.geometry)
+            for row, name in enumerate(layout["structures"]):
+                mask = case.structures.get(name)
+                if mask is None or not mask.any():
+                    continue
+                fraction = min(1.0, 0.1 / (np.count_nonzero(mask) * voxel_cc))
+                read = dose_at_fraction_from_row(vector[row], fraction, layout["max_relative_dose"])
+                offsets.append(read - dose_at_volume_cc(plan[mask], 0.1, voxel_cc) / rx)
+    matching = {"offset_relative": float(np.mean(offsets)),
+                "text": "after the network, each structure's D0.1cc is moved to the one its desired curve gives "
+                        "(linear between the curve's points) less offset_relative x the highest prescription: the "
+                        "difference is added to the structure's voxels above its median dose, ramped from 0 at the "
+                        "median to 1 at the D0.1cc (doseai.dvh.match_near_max)",
+                "calibration": f"offset measured on {len(files)} training patients of Pareto run {pareto_run}, one plan in "
+                               f"{every}, {len(offsets)} structure plans (doseai train calibrate-dvh)"}
+    card["near_max_matching"] = matching
+    card_path.write_text(json.dumps(card, indent=2))
+    return matching
