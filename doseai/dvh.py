@@ -168,6 +168,13 @@ def dose_at_fraction_from_row(row: np.ndarray, fraction: float, max_relative_dos
     return float(levels[j - 1] + t * (levels[j] - levels[j - 1]))
 
 
+def dose_at_volume_cc_from_row(row: np.ndarray, volume_cc: float, structure_volume_cc: float,
+                               max_relative_dose: float = 1.2) -> float:
+    """:func:`dose_at_fraction_from_row` for the hottest ``volume_cc`` of a structure of ``structure_volume_cc``
+    (e.g. D0.1cc), in units of the prescription."""
+    return dose_at_fraction_from_row(row, min(1.0, volume_cc / structure_volume_cc), max_relative_dose)
+
+
 def match_near_max(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, vector: np.ndarray,
                    prescription_gy: float, voxel_volume_cc: float, offset_relative: float = 0.0,
                    max_relative_dose: float = 1.2, volume_cc: float = 0.1) -> np.ndarray:
@@ -182,9 +189,9 @@ def match_near_max(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, vec
             continue
         mask = np.asarray(mask, bool)
         values = out[mask]
-        fraction = min(1.0, volume_cc / (np.count_nonzero(mask) * voxel_volume_cc))
-        wanted = prescription_gy * (dose_at_fraction_from_row(vector[row], fraction, max_relative_dose)
-                                    - offset_relative)
+        structure_cc = np.count_nonzero(mask) * voxel_volume_cc
+        read = dose_at_volume_cc_from_row(vector[row], volume_cc, structure_cc, max_relative_dose)
+        wanted = prescription_gy * (read - offset_relative)
         have = dose_at_volume_cc(values, volume_cc, voxel_volume_cc)
         median = float(np.median(values))
         if have - median <= 1e-3:  # a flat dose: no upper tail to move

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc, dose_at_volume_pct
+from doseai.dvh import dose_at_volume_cc, dose_at_volume_cc_from_row, dose_at_volume_pct
 from doseai.io import openkbp
 from doseai.models.features import DEFAULT_GRID, model_geometry
 from doseai.paths import cache_root, openkbp_root
@@ -107,9 +107,8 @@ def run(weights: Path, pareto_run: str, limit: int | None, threads: int | None) 
                 entry["mean"].append(100 * abs(pm - tm) / rx)
                 entry["max"].append(100 * abs(px - tx) / rx)
                 row = predictor.structures.index(name)
-                fraction = min(1.0, 0.1 / (np.count_nonzero(mask) * voxel_cc))
-                from_vector = rx * dose_at_fraction_from_row(vector[row], fraction,
-                                                             DEFAULT_DVH_LAYOUT["max_relative_dose"])
+                from_vector = rx * dose_at_volume_cc_from_row(vector[row], 0.1, np.count_nonzero(mask) * voxel_cc,
+                                                              DEFAULT_DVH_LAYOUT["max_relative_dose"])
                 entry["max_from_vector"].append(100 * abs(from_vector - tx) / rx)
         middle_index = _sweep_middle(plans)
         middle = plans["dvh_vectors"][middle_index]

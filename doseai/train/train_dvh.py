@@ -391,7 +391,7 @@ def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: i
     the first ``limit`` training patients of ``pareto_run`` (every ``every``-th plan), and written into the DVH
     model's card as ``near_max_matching``: the predictor then moves each structure's D0.1cc to the one its
     desired curve gives less this offset (:func:`doseai.dvh.match_near_max`). Training plans only."""
-    from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc
+    from doseai.dvh import dose_at_volume_cc, dose_at_volume_cc_from_row
     from doseai.io import openkbp
     from doseai.models.features import model_geometry
     from doseai.paths import openkbp_root
@@ -416,8 +416,8 @@ def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: i
                 mask = case.structures.get(name)
                 if mask is None or not mask.any():
                     continue
-                fraction = min(1.0, 0.1 / (np.count_nonzero(mask) * voxel_cc))
-                read = dose_at_fraction_from_row(vector[row], fraction, layout["max_relative_dose"])
+                read = dose_at_volume_cc_from_row(vector[row], 0.1, np.count_nonzero(mask) * voxel_cc,
+                                                  layout["max_relative_dose"])
                 offsets.append(read - dose_at_volume_cc(plan[mask], 0.1, voxel_cc) / rx)
     matching = {"offset_relative": float(np.mean(offsets)),
                 "text": "after the network, each structure's D0.1cc is moved to the one its desired curve gives "
