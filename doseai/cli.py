@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
     calibrate.add_argument("--pareto-run", required=True)
     calibrate.add_argument("--limit", type=int, default=10, help="training patients (default: %(default)s)")
+    calibrate_pref = train_sub.add_parser("calibrate-preference",
+                                          help="fit the preference model's case-grid calibration (target lift, OAR "
+                                               "near-max) on training patients and write it into its card")
+    calibrate_pref.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
+    calibrate_pref.add_argument("--limit", type=int, default=60, help="training patients (default: %(default)s)")
+    calibrate_pref.add_argument("--threads", type=int)
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
@@ -531,6 +537,16 @@ def _cmd_train(args) -> int:
 
         matching = calibrate_near_max(Path(args.weights), args.pareto_run, args.limit)
         print(f"near-max matching offset {matching['offset_relative']:+.4f} x Rx ({matching['calibration']})")
+        path = Path(args.weights).with_suffix(".json")
+    elif args.stage == "calibrate-preference":
+        from doseai.train.calibrate_preference import calibrate_preference
+
+        entry = calibrate_preference(Path(args.weights), args.limit, args.threads)
+        fit = entry["fit"]
+        print(f"target lift {entry['target_lift']:g} to {entry['target_level']:g} x Rx, OAR near-max "
+              f"{entry['oar_near_max']:g} x Rx; training dose / DVH score {fit['before']['dose_score_gy']:.3f} / "
+              f"{fit['before']['dvh_score_gy']:.3f} -> {fit['after']['dose_score_gy']:.3f} / "
+              f"{fit['after']['dvh_score_gy']:.3f} Gy ({fit['patients']} patients)")
         path = Path(args.weights).with_suffix(".json")
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model

@@ -41,6 +41,7 @@ class _Prepared:
     timings: dict = field(default_factory=dict)
     refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
+    calibration_regions: object = None  # doseai.calibration.CaseRegions, when the card has a calibration
 
 
 class _ModelPredictor:
@@ -123,11 +124,42 @@ class _ModelPredictor:
 class DosePredictor(_ModelPredictor):
     """Keeps the preference model loaded; ``set_case`` once per case, ``predict`` per slider position."""
 
+    # the card's calibration (when it has one, see doseai.calibration) runs after the network; False: the
+    # network's dose alone
+    calibrated = True
+
     def _build_net(self):
         from doseai.models.preference import PreferenceDoseNet
 
         return PreferenceDoseNet(len(self.card["inputs"]["channels"]), self.card["dose_prior"]["config"],
                                  self.card["network"]["config"])
+
+    @property
+    def calibration(self):
+        """The card's :class:`doseai.calibration.DoseCalibration`, or None."""
+        from doseai.calibration import DoseCalibration
+
+        return DoseCalibration.from_card(self.card)
+
+    def set_case(self, case: PlanningCase) -> None:
+        from doseai.calibration import CaseRegions
+
+        super().set_case(case)
+        if self.calibration is not None:
+            self._prepared.calibration_regions = CaseRegions.of(case)
+
+    def calibrate(self, dose: np.ndarray) -> np.ndarray:
+        """``dose`` (a network dose of the current case) after the card's calibration; as is without one."""
+        from doseai.calibration import apply_calibration
+
+        p = self._require_case()
+        calibration = self.calibration
+        if calibration is None:
+            return dose
+        start = time.perf_counter()
+        dose = apply_calibration(dose, p.calibration_regions, calibration)
+        p.timings["calibration_s"] = time.perf_counter() - start
+        return dose
 
     @property
     def slider_range(self) -> tuple[float, float]:
@@ -139,7 +171,8 @@ class DosePredictor(_ModelPredictor):
         for name, value in (("oar_sparing", oar_sparing), ("homogeneity", homogeneity)):
             if not (np.isfinite(value) and low <= value <= high):
                 raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
-        return self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
+        dose = self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
+        return self.calibrate(dose) if self.calibrated else dose
 
     def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
         self.set_case(case)

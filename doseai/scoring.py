@@ -52,8 +52,10 @@ class PatientScore:
         return {key: abs(self.predicted_metrics[key] - value) for key, value in self.reference_metrics.items()}
 
 
-def score_patient(reference: PlanningCase, prediction: np.ndarray) -> PatientScore:
-    """Score one predicted dose against ``reference`` (which must hold a dose)."""
+def score_patient(reference: PlanningCase, prediction: np.ndarray,
+                  reference_metrics: dict[tuple[str, str], float] | None = None) -> PatientScore:
+    """Score one predicted dose against ``reference`` (which must hold a dose); ``reference_metrics``: its
+    ``openkbp_dvh_metrics``, when already computed (scoring many predictions of one case)."""
     if reference.dose is None:
         raise MissingStructureError(f"reference case {reference.patient_id} has no dose to score against")
     prediction = validate_dose(prediction, f"predicted dose of {reference.patient_id}")
@@ -67,7 +69,7 @@ def score_patient(reference: PlanningCase, prediction: np.ndarray) -> PatientSco
     return PatientScore(
         patient_id=reference.patient_id,
         dose_score=dose_score,
-        reference_metrics=openkbp_dvh_metrics(reference.dose, reference),
+        reference_metrics=reference_metrics or openkbp_dvh_metrics(reference.dose, reference),
         predicted_metrics=openkbp_dvh_metrics(prediction, reference),
     )
 

@@ -1,6 +1,7 @@
 """Benchmark of the DosePreference model on the OpenKBP validation split (never used for training).
 
-  accuracy      OpenKBP dose score and DVH score at neutral sliders (all patients; and those with a CT)
+  accuracy      OpenKBP dose score and DVH score at neutral sliders (all patients; and those with a CT); with
+                the card's case-grid calibration (doseai/calibration.py), as predictions use, and the network alone
   steerability  per patient, sweeps of each slider over -1, -0.5, 0, 0.5, 1: monotonic fraction, size of
                 the change (mean OAR dose / PTV homogeneity index), PTV D95 drift
   latency       slider change -> dose on the case grid (median), and a full prediction from a new case
@@ -45,10 +46,21 @@ def _strictly_monotonic(values, decreasing: bool) -> bool:
     return bool(np.all(steps < 0) if decreasing else np.all(steps > 0))
 
 
+def _per_metric(evaluation: Evaluation) -> dict:
+    """Mean absolute and signed error per DVH metric, targets and OARs pooled (what the DVH score is made of)."""
+    groups: dict[str, list[float]] = {}
+    for patient in evaluation.patients:
+        for (structure, metric), reference in patient.reference_metrics.items():
+            kind = "target" if structure.startswith("PTV") else "OAR"
+            groups.setdefault(f"{kind} {metric}", []).append(patient.predicted_metrics[(structure, metric)] - reference)
+    return {key: {"mae_gy": float(np.mean(np.abs(v))), "bias_gy": float(np.mean(v)), "n": len(v)}
+            for key, v in sorted(groups.items())}
+
+
 def run(weights: Path, limit: int | None, threads: int | None) -> dict:
     predictor = DosePredictor(weights, threads=threads)
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
-    everyone, with_ct = Evaluation(), Evaluation()
+    everyone, with_ct, network_alone = Evaluation(), Evaluation(), Evaluation()
     oar_rows, hom_rows, slider_latency, full_latency = [], [], [], []
     for pid, path in tqdm(patients, desc="validation patients", unit="patient"):
         case = openkbp.load_npz(path)
@@ -57,6 +69,9 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
         neutral = predictor.predict()
         full_latency.append(time.perf_counter() - start)
         score = score_patient(case, neutral)
+        predictor.calibrated = False
+        network_alone.patients.append(score_patient(case, predictor.predict(), score.reference_metrics))
+        predictor.calibrated = True
         everyone.patients.append(score)
         if case.ct is not None:
             with_ct.patients.append(score)
@@ -88,7 +103,11 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
         "device": str(predictor.device), "patients": len(patients),
         "accuracy": {"dose_score_gy": everyone.dose_score, "dvh_score_gy": everyone.dvh_score,
                      "with_ct": {"patients": len(with_ct.patients), "dose_score_gy": with_ct.dose_score,
-                                 "dvh_score_gy": with_ct.dvh_score}},
+                                 "dvh_score_gy": with_ct.dvh_score},
+                     "network_alone": {"dose_score_gy": network_alone.dose_score,
+                                       "dvh_score_gy": network_alone.dvh_score},
+                     "calibration": predictor.calibration.as_dict() if predictor.calibration else None,
+                     "per_metric": _per_metric(everyone)},
         "steerability": {"oar_sparing": summary(oar_rows, "mean_oar_gy"), "homogeneity": summary(hom_rows, "hi"),
                          "sweep": list(SWEEP)},
         "latency_s": {"slider_change_median": statistics.median(slider_latency),
@@ -103,6 +122,9 @@ def print_table(result: dict) -> None:
     rows = [
         ("dose score [Gy] (all / with CT)", f"{a['dose_score_gy']:.3f} / {a['with_ct']['dose_score_gy']:.3f}"),
         ("DVH score [Gy] (all / with CT)", f"{a['dvh_score_gy']:.3f} / {a['with_ct']['dvh_score_gy']:.3f}"),
+        ("network alone, no calibration: dose / DVH score [Gy]",
+         f"{a['network_alone']['dose_score_gy']:.3f} / {a['network_alone']['dvh_score_gy']:.3f}"),
+        *((f"  {key}: MAE / bias [Gy]", f"{v['mae_gy']:.2f} / {v['bias_gy']:+.2f}") for key, v in a["per_metric"].items()),
         ("OAR sparing: monotonic fraction", f"{s['oar_sparing']['monotonic_fraction']:.1%}"),
         ("OAR sparing: mean OAR dose range / neutral", f"{s['oar_sparing']['mean_relative_range']:.1%}"),
         ("OAR sparing: PTV D95 drift mean / max [Gy]",

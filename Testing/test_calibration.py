@@ -1,0 +1,87 @@
+"""The preference model's case-grid calibration (doseai/calibration.py): what each correction moves and what it
+leaves, the fit on plans, and DosePredictor applying the card's calibration. (What it buys on OpenKBP is
+measured by Testing/benchmarks/bench_preference.py.)"""
+
+import numpy as np
+import pytest
+
+from doseai.calibration import CaseRegions, DoseCalibration, apply_calibration, fit_calibration
+from doseai.dvh import dose_at_volume_cc
+
+
+def _case_with_cold_targets(small_case, cold_gy=6.0):
+    """(case with its plan, a 'prediction': the plan with every target voxel cold by up to ``cold_gy``)."""
+    rng = np.random.default_rng(0)
+    prediction = small_case.dose.copy()
+    regions = CaseRegions.of(small_case)
+    flat = prediction.ravel()
+    flat[regions.target_index] -= rng.uniform(0.0, cold_gy, regions.target_index.size)
+    return small_case, np.clip(prediction, 0, None)
+
+
+def test_target_lift_raises_only_cold_target_voxels(small_case):
+    regions = CaseRegions.of(small_case)
+    dose = np.full(small_case.geometry.shape, 60.0, np.float32)
+    lifted = apply_calibration(dose, regions, DoseCalibration(target_lift=0.5, target_level=1.0))
+    flat, rx = lifted.ravel(), regions.target_rx
+    expected = np.where(rx > 60.0, 60.0 + 0.5 * (rx - 60.0), 60.0)  # PTV_56 voxels are already above Rx
+    assert np.allclose(flat[regions.target_index], expected)
+    outside = np.ones(flat.size, bool)
+    outside[regions.target_index] = False
+    assert np.all(flat[outside] == 60.0)
+    assert np.array_equal(apply_calibration(dose, regions, DoseCalibration()), dose)  # all zero: unchanged
+
+
+def test_oar_near_max_lowers_the_top_outside_targets_and_keeps_the_order(small_case):
+    regions = CaseRegions.of(small_case)
+    name = "Parotid_L"
+    index = regions.oar_index[name]
+    regions.oar_index = {name: index}  # OARs overlap in the phantom: look at one alone
+    rng = np.random.default_rng(1)
+    dose = np.zeros(small_case.geometry.shape, np.float32).ravel()
+    dose[index] = rng.uniform(10.0, 50.0, index.size)
+    dose = dose.reshape(small_case.geometry.shape)
+    calibration = DoseCalibration(oar_near_max=0.03)  # 2.1 Gy at Rx 70 Gy
+    out = apply_calibration(dose, regions, calibration).ravel()
+    before, after = dose.ravel()[index], out[index]
+    outside = regions.oar_outside_targets[name]
+    median = np.median(before)
+    assert np.all(after[before <= median] == before[before <= median])  # the lower half stays
+    assert np.all(after[~outside] == before[~outside])  # voxels inside a target stay
+    assert np.all(after <= before)
+    order = np.argsort(before[outside], kind="stable")
+    assert np.all(np.diff(after[outside][order]) >= -1e-4)  # monotonic: the hotter voxel stays hotter
+    drop = dose_at_volume_cc(before, 0.1, regions.voxel_cc) - dose_at_volume_cc(after, 0.1, regions.voxel_cc)
+    assert drop == pytest.approx(0.03 * regions.max_rx, abs=0.3)
+
+
+def test_fit_finds_the_lift_that_fixes_cold_targets(small_case):
+    case, prediction = _case_with_cold_targets(small_case)
+    calibration, fit = fit_calibration([case], [prediction])
+    assert calibration.target_lift > 0
+    assert fit["after"]["dvh_score_gy"] < fit["before"]["dvh_score_gy"]
+    assert fit["after"]["dose_score_gy"] < fit["before"]["dose_score_gy"]
+    # on the plan itself nothing helps: the fit keeps every correction off
+    plain, _ = fit_calibration([case], [case.dose])
+    assert plain == DoseCalibration()
+
+
+def test_card_round_trip():
+    assert DoseCalibration.from_card({}) is None
+    calibration = DoseCalibration(0.4, 1.02, 0.02)
+    assert DoseCalibration.from_card({"calibration": {**calibration.as_dict(), "text": "..."}}) == calibration
+
+
+def test_predictor_applies_the_card_calibration(small_case):
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.predict import DosePredictor
+
+    predictor = DosePredictor(device="cpu", threads=1)
+    predictor.card = {**predictor.card, "calibration": {"target_lift": 0.5, "target_level": 1.0, "oar_near_max": 0.02}}
+    predictor.set_case(small_case)
+    calibrated = predictor.predict(oar_sparing=0.5)
+    predictor.calibrated = False
+    raw = predictor.predict(oar_sparing=0.5)
+    expected = apply_calibration(raw, CaseRegions.of(small_case), DoseCalibration(0.5, 1.0, 0.02))
+    assert np.allclose(calibrated, expected) and not np.allclose(calibrated, raw)
+    assert "calibration_s" in predictor.timings

@@ -1,0 +1,145 @@
+"""Dose calibration on the case grid: two corrections after the preference network, fitted on training plans.
+
+The network's dose comes from a 5 mm model grid and a coarse latent: it is smooth where a plan is steep.
+Measured on the OpenKBP validation split (dose_preference_v2, neutral sliders), the highest PTV's D99 comes out
+2.4 Gy low and the OARs' D0.1cc 1.3 Gy high, the same on training patients, and going to the grid and back
+alone already costs the reference plan 1.3 Gy of D99. Both corrections are monotonic in the dose, so a slider's
+direction is kept:
+
+  target lift    in each target voxel, d += lift x max(0, level x Rx - d): the cold part of the target is moved
+                 part of the way toward its prescription (Rx: the highest prescription covering the voxel);
+  OAR near-max   in each OpenKBP OAR, the voxels above its median dose (outside targets) are lowered by a ramp
+                 from 0 at the median to oar_near_max x the highest prescription at its D0.1cc (at most half
+                 the distance from the median to the D0.1cc, so that the voxels keep their order).
+
+``fit_calibration`` (``doseai train calibrate-preference``) chooses the three numbers on training patients; the
+model card keeps them under ``calibration`` and ``DosePredictor`` applies them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from doseai.case import PlanningCase
+from doseai.dvh import dose_at_volume_cc
+from doseai.structures import OPENKBP_OARS
+
+NEAR_MAX_CC = 0.1
+
+
+@dataclass(frozen=True)
+class DoseCalibration:
+    target_lift: float = 0.0  # share of the gap to level x Rx closed in cold target voxels (0: off)
+    target_level: float = 1.0  # relative to each voxel's prescription
+    oar_near_max: float = 0.0  # OAR D0.1cc lowered by this x the highest prescription (0: off)
+
+    @classmethod
+    def from_card(cls, card: dict) -> "DoseCalibration | None":
+        entry = card.get("calibration")
+        if not entry:
+            return None
+        return cls(**{key: float(entry[key]) for key in ("target_lift", "target_level", "oar_near_max")})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CaseRegions:
+    """What the calibration needs of one case, computed once (``DosePredictor.set_case``): flat indices of the
+    target voxels with their prescription, and of each OAR's voxels with a flag for those inside a target."""
+
+    target_index: np.ndarray
+    target_rx: np.ndarray
+    oar_index: dict[str, np.ndarray]
+    oar_outside_targets: dict[str, np.ndarray]
+    voxel_cc: float
+    max_rx: float
+
+    @classmethod
+    def of(cls, case: PlanningCase) -> "CaseRegions":
+        from doseai.models.features import target_dose_map
+
+        rx = target_dose_map(case).ravel()
+        target_index = np.flatnonzero(rx > 0)
+        oar_index, outside = {}, {}
+        for name in OPENKBP_OARS:
+            mask = case.structures.get(name)
+            if mask is not None and mask.any():
+                oar_index[name] = np.flatnonzero(mask)
+                outside[name] = rx[oar_index[name]] == 0
+        return cls(target_index, rx[target_index], oar_index, outside,
+                   case.geometry.voxel_volume_mm3 / 1000.0, case.max_prescription)
+
+
+def _lower_near_max(flat: np.ndarray, regions: CaseRegions, amount_gy: float) -> None:
+    for name, index in regions.oar_index.items():
+        values = flat[index]
+        near_max = dose_at_volume_cc(values, NEAR_MAX_CC, regions.voxel_cc)
+        median = float(np.median(values))
+        if near_max - median <= 1e-3:  # flat dose: no upper tail to move
+            continue
+        # at most half the tail's height: the ramp's slope stays >= 0.5, so the voxels keep their order
+        lowered = min(amount_gy, 0.5 * (near_max - median))
+        ramp = np.clip((values - median) / (near_max - median), 0.0, 1.0) * regions.oar_outside_targets[name]
+        flat[index] = np.maximum(values - lowered * ramp, 0.0)
+
+
+def apply_calibration(dose: np.ndarray, regions: CaseRegions, calibration: DoseCalibration) -> np.ndarray:
+    """A calibrated copy of ``dose`` (Gy, case grid)."""
+    flat = np.array(dose, np.float32, copy=True).ravel()
+    if calibration.oar_near_max:
+        _lower_near_max(flat, regions, calibration.oar_near_max * regions.max_rx)
+    if calibration.target_lift:
+        values = flat[regions.target_index]
+        gap = np.maximum(calibration.target_level * regions.target_rx - values, 0.0)
+        flat[regions.target_index] = values + calibration.target_lift * gap
+    return flat.reshape(np.shape(dose))
+
+
+# The searched values. The two corrections touch different voxels (targets / OARs outside targets), so they are
+# fitted one after the other: the target lift first, then the OAR near-max with the lift in place.
+LIFT_GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+LEVEL_GRID = (0.98, 1.0, 1.02, 1.04)
+NEAR_MAX_GRID = (0.0, 0.01, 0.02, 0.03, 0.04)
+
+
+def calibration_objective(cases, doses, regions, calibration: DoseCalibration,
+                          reference_metrics=None) -> tuple[float, float]:
+    """(OpenKBP dose score, DVH score) of the calibrated doses; their sum is what the fit minimises."""
+    from doseai.scoring import Evaluation, score_patient
+
+    evaluation = Evaluation()
+    for index, (case, dose, region) in enumerate(zip(cases, doses, regions)):
+        known = reference_metrics[index] if reference_metrics else None
+        evaluation.patients.append(score_patient(case, apply_calibration(dose, region, calibration), known))
+    return evaluation.dose_score, evaluation.dvh_score
+
+
+def fit_calibration(cases, doses, progress=None) -> tuple[DoseCalibration, dict]:
+    """The calibration minimising dose score + DVH score of ``doses`` (predictions at neutral sliders) against
+    ``cases`` (training patients with their plans). Returns it with the scores before and after."""
+    from doseai.scoring import openkbp_dvh_metrics
+
+    regions = [CaseRegions.of(case) for case in cases]
+    references = [openkbp_dvh_metrics(case.dose, case) for case in cases]
+
+    @functools.lru_cache(maxsize=None)
+    def total(calibration):
+        scores = calibration_objective(cases, doses, regions, calibration, references)
+        if progress:
+            progress(calibration, scores)
+        return sum(scores), scores
+
+    before = total(DoseCalibration())[1]
+    lifts = [DoseCalibration(lift, level) for lift, level in itertools.product(LIFT_GRID[1:], LEVEL_GRID)]
+    best = min([DoseCalibration(), *lifts], key=lambda c: total(c)[0])
+    best = min((DoseCalibration(best.target_lift, best.target_level, near_max) for near_max in NEAR_MAX_GRID),
+               key=lambda c: total(c)[0])
+    after = total(best)[1]
+    return best, {"patients": len(cases), "before": {"dose_score_gy": before[0], "dvh_score_gy": before[1]},
+                  "after": {"dose_score_gy": after[0], "dvh_score_gy": after[1]}}

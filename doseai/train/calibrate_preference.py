@@ -1,0 +1,48 @@
+"""``doseai train calibrate-preference``: fit the preference model's case-grid calibration (doseai.calibration) on
+training patients and write it into the model card. Validation patients are never used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from doseai.errors import DoseAIError
+
+
+def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = None) -> dict:
+    """Predict the first ``limit`` training patients with a plan (neutral sliders, network alone), fit the
+    calibration minimising their dose score + DVH score, and write it into the card next to ``weights``."""
+    from doseai.calibration import fit_calibration
+    from doseai.io import openkbp
+    from doseai.paths import openkbp_root
+    from doseai.predict import DosePredictor
+
+    predictor = DosePredictor(weights, threads=threads)
+    predictor.calibrated = False
+    cases, doses = [], []
+    for path in tqdm(list(openkbp.list_patients(openkbp_root() / "train").values())[:limit],
+                     desc="training patients", unit="patient"):
+        case = openkbp.load_npz(path)
+        if case.dose is None:  # a few OpenKBP training patients come without a plan
+            continue
+        cases.append(case)
+        doses.append(predictor.predict_case(case))
+    if not cases:
+        raise DoseAIError(f"no training patient with a plan among the first {limit}")
+    with tqdm(desc="calibrations tried", unit="fit") as bar:
+        calibration, fit = fit_calibration(cases, doses, progress=lambda *_: bar.update())
+    entry = {**calibration.as_dict(),
+             "text": "after the network, on the case grid (doseai/calibration.py): in each target voxel the dose "
+                     "below target_level x its prescription is raised by target_lift x the difference; in each "
+                     "OpenKBP OAR the voxels above its median dose, outside targets, are lowered by a ramp reaching "
+                     "oar_near_max x the highest prescription at its D0.1cc",
+             "fit": {**fit, "data": f"the first {limit} OpenKBP training patients ({fit['patients']} with a plan), "
+                                    "neutral sliders; minimising dose score + DVH score over a grid",
+                     "command": "doseai train calibrate-preference"}}
+    card_path = Path(weights).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["calibration"] = entry
+    card_path.write_text(json.dumps(card, indent=2))
+    return entry
