@@ -133,9 +133,11 @@ def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
     from doseai.train.export import export_model
     from doseai.train.train_preference import _epochs_within, train_preference
 
-    assert _epochs_within(600, 100, 0, 50) == 6  # the first epoch took 100 s: 5 more fit in the other 500 s
-    assert _epochs_within(600, 100, 0, 3) == 3  # never more than asked
-    assert _epochs_within(50, 100, 4, 50) == 5  # the first epoch alone overran the budget: stop after it
+    assert _epochs_within(600, 100, 100, 0, 50) == 6  # the first epoch took 100 s: 5 more fit in the other 500 s
+    assert _epochs_within(600, 100, 100, 0, 3) == 3  # never more than asked
+    assert _epochs_within(50, 100, 100, 4, 50) == 5  # the first epoch alone overran the budget: stop after it
+    # a slow first epoch (warm-up: 300 s), a second at the real pace (50 s): sized again from the second
+    assert _epochs_within(600, 300, 300, 0, 50) == 2 and _epochs_within(600, 350, 50, 1, 50) == 7
     snapped = replace(TINY, snap_to_case=True)
     checkpoint = train_preference(snapped, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
                                   time_budget_s=1e-3)

@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--snap-to-case", action="store_true",
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
     preference.add_argument("--time-budget-min", type=float,
-                            help="after the first epoch, cut --epochs to what fits in this many minutes (the "
-                                 "learning-rate schedule follows), e.g. for a GPU lent for a fixed time")
+                            help="after the first and the second epoch, cut --epochs to what fits in this many "
+                                 "minutes at that epoch's pace (the learning-rate schedule follows), e.g. for a "
+                                 "GPU lent for a fixed time")
     pareto = train_sub.add_parser("pareto", help="Pareto plans (coverage vs OAR sparing) per training patient, "
                                                  "for the DVH-conditioned network; resumable")
     pareto.add_argument("--run", required=True, help="run name (plans in <cache>/pareto/<run>)")

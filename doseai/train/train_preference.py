@@ -136,10 +136,15 @@ def validation_mae_gy(net, data, device, use_bf16, norm_gy, limit: int = 12) -> 
     return float(np.mean(errors))
 
 
-def _epochs_within(budget_s: float, first_epoch_s: float, start_epoch: int, epochs: int) -> int:
-    """The epoch count (at most ``epochs``) whose run ends within ``budget_s``, the first epoch having taken
-    ``first_epoch_s`` (validation and checkpoint included)."""
-    return min(epochs, start_epoch + 1 + max(0, int((budget_s - first_epoch_s) // first_epoch_s)))
+def _epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, epoch: int, epochs: int) -> int:
+    """The epoch count (at most ``epochs``) whose run ends within ``budget_s``, ``elapsed_s`` having passed when
+    epoch ``epoch`` (0-based) ended and each further epoch taking ``epoch_s`` (validation and checkpoint included)."""
+    return min(epochs, epoch + 1 + max(0, int((budget_s - elapsed_s) // epoch_s)))
+
+
+# epochs of a run after which a time budget sizes it: the first carries warm-up (cuDNN autotuning, the
+# allocator; on a shared CPU whatever else ran), so the second's time sets the final count
+BUDGET_SIZING_EPOCHS = 2
 
 
 def train_preference(
@@ -162,8 +167,8 @@ def train_preference(
 ) -> Path:
     """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
     (shipped weights) starts a new run from an earlier model, so training can go on across sessions.
-    ``time_budget_s``: after the first epoch, cut ``epochs`` to what fits in that many seconds (from the
-    start of training) and fit the learning-rate schedule to it, so that a run on a lent GPU with a hard time
+    ``time_budget_s``: after the first and again after the second epoch, cut ``epochs`` to what fits in that many
+    seconds (from the start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a run on a lent GPU with a hard time
     limit still ends its schedule (the log records the epochs it chose)."""
     if threads:
         torch.set_num_threads(threads)
@@ -207,7 +212,7 @@ def train_preference(
     print(f"{len(train.ids)} training patients (with CT), {trainable and sum(p.numel() for p in trainable)} "
           f"trainable parameters, device {torch_device}, bf16 {'on' if use_bf16 else 'off'}")
     training_start = time.perf_counter()
-    epoch = start_epoch
+    epoch, requested_epochs = start_epoch, epochs
     while epoch < epochs:
         start = time.perf_counter()
         totals: dict[str, list[float]] = {}
@@ -237,9 +242,10 @@ def train_preference(
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
                           "freeze_prior": freeze_prior,
                           "loss": {"neutral_fraction": neutral_fraction, "metric_weight": metric_weight}})
-        if time_budget_s and epoch == start_epoch:
-            fitting = _epochs_within(time_budget_s, time.perf_counter() - training_start, start_epoch, epochs)
-            if fitting < epochs:
+        if time_budget_s and epoch - start_epoch < BUDGET_SIZING_EPOCHS:
+            fitting = _epochs_within(time_budget_s, time.perf_counter() - training_start,
+                                     time.perf_counter() - start, epoch, requested_epochs)
+            if fitting != epochs:
                 epochs = fitting
                 if epoch + 1 < epochs:  # steps remain: the schedule ends with them
                     scheduler = one_cycle(epochs, (epoch + 1) * steps_per_epoch)
