@@ -77,8 +77,11 @@ def test_predictor_applies_the_card_calibration(small_case):
     from doseai.predict import DosePredictor
 
     predictor = DosePredictor(device="cpu", threads=1)
-    predictor.card = {**predictor.card, "calibration": {"target_lift": 0.5, "target_level": 1.0, "oar_near_max": 0.02}}
+    predictor.card = {key: value for key, value in predictor.card.items() if key != "calibration"}
     predictor.set_case(small_case)
+    assert np.array_equal(predictor.predict(oar_sparing=0.5), predictor.calibrate(predictor.predict(oar_sparing=0.5)))
+    # a calibration that arrives after set_case still applies
+    predictor.card = {**predictor.card, "calibration": {"target_lift": 0.5, "target_level": 1.0, "oar_near_max": 0.02}}
     calibrated = predictor.predict(oar_sparing=0.5)
     predictor.calibrated = False
     raw = predictor.predict(oar_sparing=0.5)

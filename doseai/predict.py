@@ -157,6 +157,10 @@ class DosePredictor(_ModelPredictor):
         if calibration is None:
             return dose
         start = time.perf_counter()
+        if p.calibration_regions is None:  # the card gained a calibration after set_case
+            from doseai.calibration import CaseRegions
+
+            p.calibration_regions = CaseRegions.of(p.case)
         dose = apply_calibration(dose, p.calibration_regions, calibration)
         p.timings["calibration_s"] = time.perf_counter() - start
         return dose
