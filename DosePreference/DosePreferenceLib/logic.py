@@ -37,7 +37,7 @@ Progress = Callable[[str, int], None]  # (what is being done, percent done)
 # desired DVH curves by structure: (dose in Gy, cumulative volume in %)
 Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 # attributes of a predicted dose node that say how it was steered (the ones a prediction does not set are removed)
-PREDICTION_ATTRIBUTES = ("DoseAI.OarSparing", "DoseAI.Homogeneity", "DoseAI.DesiredDVH")
+PREDICTION_ATTRIBUTES = ("DoseAI.OarSparing", "DoseAI.Homogeneity", "DoseAI.Calibration", "DoseAI.DesiredDVH")
 
 
 def missing_packages_for(task: str) -> list[str]:
@@ -102,6 +102,15 @@ class PredictionResult:
 
 def _modelName(predictor) -> str:
     return str(predictor.card.get("name") or Path(predictor.weights).stem)
+
+
+def _calibrationText(predictor) -> str:
+    """What ran after the slider network (doseai.calibration), for the dose node's provenance."""
+    calibration = predictor.calibration if predictor.calibrated else None
+    if calibration is None:
+        return "none"
+    return (f"target lift {calibration.target_lift:g} toward {calibration.target_level:g} x Rx, OAR near-max "
+            f"{calibration.oar_near_max:g} x Rx (model card)")
 
 
 @dataclass
@@ -628,7 +637,7 @@ class DosePreferenceLogic:
         return self._showPrediction(
             case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
             predictor.card, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
-                             "DoseAI.Model": _modelName(predictor)}, referenceDoseNode=referenceDoseNode)
+                             "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)}, referenceDoseNode=referenceDoseNode)
 
     def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
                         metricsTableNode, card, attributes: Mapping[str, str], referenceDoseNode=None,

@@ -133,6 +133,7 @@ def test_predict_from_dvh_array_then_edited_curves(scene, sample, dvh_model):
     assert np.isfinite(dose).all() and dose.max() > 0 and np.all(dose[~sample.structures["External"]] == 0)
     assert dose_node.GetAttribute("DicomRtImport.DoseVolume") == "1"
     assert dose_node.GetAttribute("DoseAI.Model") == "tiny_dvh" and dose_node.GetAttribute("DoseAI.OarSparing") is None
+    assert dose_node.GetAttribute("DoseAI.Calibration") is None
     assert dose_node.GetAttribute("DoseAI.DesiredDVH") == ", ".join(predictor.structures)
     chart = result.dvh.chartNode
     assert set(_series(chart, STRUCTURE_ATTRIBUTE)) == set(sample.structures)  # predicted: solid
@@ -300,6 +301,7 @@ def test_curves_without_a_dose_start_from_the_typical_plan(scene, sample, dvh_mo
     logic.predict(ct_node, seg_node, oarSparing=0.5, doseNode=result.doseNode)
     assert result.doseNode.GetAttribute("DoseAI.DesiredDVH") is None
     assert result.doseNode.GetAttribute("DoseAI.OarSparing") == "0.5"
+    assert result.doseNode.GetAttribute("DoseAI.Calibration").startswith("target lift 0.4 toward 1.02 x Rx")
 
 
 def _drag(table, scale):
