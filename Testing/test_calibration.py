@@ -30,6 +30,12 @@ def test_target_lift_raises_only_cold_target_voxels(small_case):
     outside[regions.target_index] = False
     assert np.all(flat[outside] == 60.0)
     assert np.array_equal(apply_calibration(dose, regions, DoseCalibration()), dose)  # all zero: unchanged
+    # a lift of its own in the targets below the highest prescription (PTV_63 here; PTV_56 is above 60 Gy)
+    lifted = apply_calibration(dose, regions, DoseCalibration(0.5, 1.0, lower_target_lift=1.0)).ravel()
+    top = regions.target_is_top
+    assert top.any() and (~top & (rx > 60.0)).any()
+    assert np.allclose(lifted[regions.target_index][top], 60.0 + 0.5 * (rx[top] - 60.0))
+    assert np.allclose(lifted[regions.target_index][~top], np.maximum(rx[~top], 60.0))
 
 
 def test_oar_near_max_lowers_the_top_outside_targets_and_keeps_the_order(small_case):
@@ -63,13 +69,14 @@ def test_fit_finds_the_lift_that_fixes_cold_targets(small_case):
     assert fit["after"]["dose_score_gy"] < fit["before"]["dose_score_gy"]
     # on the plan itself nothing helps: the fit keeps every correction off
     plain, _ = fit_calibration([case], [case.dose])
-    assert plain == DoseCalibration()
+    assert plain.target_lift == plain.lift_below_top == plain.oar_near_max == 0
 
 
 def test_card_round_trip():
     assert DoseCalibration.from_card({}) is None
-    calibration = DoseCalibration(0.4, 1.02, 0.02)
-    assert DoseCalibration.from_card({"calibration": {**calibration.as_dict(), "text": "..."}}) == calibration
+    for calibration in (DoseCalibration(0.4, 1.02, 0.02), DoseCalibration(0.4, 1.02, 0.02, lower_target_lift=0.6)):
+        assert DoseCalibration.from_card({"calibration": {**calibration.as_dict(), "text": "..."}}) == calibration
+    assert DoseCalibration(0.4).lift_below_top == 0.4  # cards without a lower lift: one lift for all targets
 
 
 def test_predictor_applies_the_card_calibration(small_case):

@@ -7,12 +7,13 @@ alone already costs the reference plan 1.3 Gy of D99. Both corrections are monot
 direction is kept:
 
   target lift    in each target voxel, d += lift x max(0, level x Rx - d): the cold part of the target is moved
-                 part of the way toward its prescription (Rx: the highest prescription covering the voxel);
+                 part of the way toward its prescription (Rx: the highest prescription covering the voxel; one
+                 lift in the targets of the case's highest prescription, one in the others);
   OAR near-max   in each OpenKBP OAR, the voxels above its median dose (outside targets) are lowered by a ramp
                  from 0 at the median to oar_near_max x the highest prescription at its D0.1cc (at most half
                  the distance from the median to the D0.1cc, so that the voxels keep their order).
 
-``fit_calibration`` (``doseai train calibrate-preference``) chooses the three numbers on training patients; the
+``fit_calibration`` (``doseai train calibrate-preference``) chooses the four numbers on training patients; the
 model card keeps them under ``calibration`` and ``DosePredictor`` applies them.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -36,13 +37,22 @@ class DoseCalibration:
     target_lift: float = 0.0  # share of the gap to level x Rx closed in cold target voxels (0: off)
     target_level: float = 1.0  # relative to each voxel's prescription
     oar_near_max: float = 0.0  # OAR D0.1cc lowered by this x the highest prescription (0: off)
+    # the lift in targets of a lower prescription than the case's highest (None: target_lift); their cold edge
+    # borders both the higher target's spill and normal tissue, so it is fitted on its own
+    lower_target_lift: float | None = None
+
+    @property
+    def lift_below_top(self) -> float:
+        return self.target_lift if self.lower_target_lift is None else self.lower_target_lift
 
     @classmethod
     def from_card(cls, card: dict) -> "DoseCalibration | None":
         entry = card.get("calibration")
         if not entry:
             return None
-        return cls(**{key: float(entry[key]) for key in ("target_lift", "target_level", "oar_near_max")})
+        lower = entry.get("lower_target_lift")
+        return cls(*(float(entry[key]) for key in ("target_lift", "target_level", "oar_near_max")),
+                   None if lower is None else float(lower))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +65,7 @@ class CaseRegions:
 
     target_index: np.ndarray
     target_rx: np.ndarray
+    target_is_top: np.ndarray  # covered by the highest prescription
     oar_index: dict[str, np.ndarray]
     oar_outside_targets: dict[str, np.ndarray]
     voxel_cc: float
@@ -72,7 +83,8 @@ class CaseRegions:
             if mask is not None and mask.any():
                 oar_index[name] = np.flatnonzero(mask)
                 outside[name] = rx[oar_index[name]] == 0
-        return cls(target_index, rx[target_index], oar_index, outside,
+        top = rx[target_index] >= case.max_prescription - 1e-3
+        return cls(target_index, rx[target_index], top, oar_index, outside,
                    case.geometry.voxel_volume_mm3 / 1000.0, case.max_prescription)
 
 
@@ -94,15 +106,17 @@ def apply_calibration(dose: np.ndarray, regions: CaseRegions, calibration: DoseC
     flat = np.array(dose, np.float32, copy=True).ravel()
     if calibration.oar_near_max:
         _lower_near_max(flat, regions, calibration.oar_near_max * regions.max_rx)
-    if calibration.target_lift:
+    if calibration.target_lift or calibration.lift_below_top:
         values = flat[regions.target_index]
         gap = np.maximum(calibration.target_level * regions.target_rx - values, 0.0)
-        flat[regions.target_index] = values + calibration.target_lift * gap
+        lift = np.where(regions.target_is_top, calibration.target_lift, calibration.lift_below_top)
+        flat[regions.target_index] = values + lift * gap
     return flat.reshape(np.shape(dose))
 
 
 # The searched values. The two corrections touch different voxels (targets / OARs outside targets), so they are
-# fitted one after the other: the target lift first, then the OAR near-max with the lift in place.
+# fitted one after the other: the target lift (one for all targets, with its level), then the lift of the lower
+# targets alone, then the OAR near-max with the lifts in place.
 LIFT_GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LEVEL_GRID = (0.98, 1.0, 1.02, 1.04)
 NEAR_MAX_GRID = (0.0, 0.01, 0.02, 0.03, 0.04)
@@ -138,8 +152,8 @@ def fit_calibration(cases, doses, progress=None) -> tuple[DoseCalibration, dict]
     before = total(DoseCalibration())[1]
     lifts = [DoseCalibration(lift, level) for lift, level in itertools.product(LIFT_GRID[1:], LEVEL_GRID)]
     best = min([DoseCalibration(), *lifts], key=lambda c: total(c)[0])
-    best = min((DoseCalibration(best.target_lift, best.target_level, near_max) for near_max in NEAR_MAX_GRID),
-               key=lambda c: total(c)[0])
+    best = min((replace(best, lower_target_lift=lift) for lift in LIFT_GRID), key=lambda c: total(c)[0])
+    best = min((replace(best, oar_near_max=near_max) for near_max in NEAR_MAX_GRID), key=lambda c: total(c)[0])
     after = total(best)[1]
     return best, {"patients": len(cases), "before": {"dose_score_gy": before[0], "dvh_score_gy": before[1]},
                   "after": {"dose_score_gy": after[0], "dvh_score_gy": after[1]}}

@@ -544,7 +544,8 @@ def _cmd_train(args) -> int:
 
         entry = calibrate_preference(Path(args.weights), args.limit, args.threads)
         fit = entry["fit"]
-        print(f"target lift {entry['target_lift']:g} to {entry['target_level']:g} x Rx, OAR near-max "
+        print(f"target lift {entry['target_lift']:g} (lower targets {entry['lower_target_lift']:g}) to "
+              f"{entry['target_level']:g} x Rx, OAR near-max "
               f"{entry['oar_near_max']:g} x Rx; training dose / DVH score {fit['before']['dose_score_gy']:.3f} / "
               f"{fit['before']['dvh_score_gy']:.3f} -> {fit['after']['dose_score_gy']:.3f} / "
               f"{fit['after']['dvh_score_gy']:.3f} Gy ({fit['patients']} patients)")

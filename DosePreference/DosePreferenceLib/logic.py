@@ -109,8 +109,8 @@ def _calibrationText(predictor) -> str:
     calibration = predictor.calibration if predictor.calibrated else None
     if calibration is None:
         return "none"
-    return (f"target lift {calibration.target_lift:g} toward {calibration.target_level:g} x Rx, OAR near-max "
-            f"{calibration.oar_near_max:g} x Rx (model card)")
+    return (f"target lift {calibration.target_lift:g} (lower targets {calibration.lift_below_top:g}) toward "
+            f"{calibration.target_level:g} x Rx, OAR near-max {calibration.oar_near_max:g} x Rx (model card)")
 
 
 @dataclass

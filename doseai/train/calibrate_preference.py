@@ -35,7 +35,8 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
         calibration, fit = fit_calibration(cases, doses, progress=lambda *_: bar.update())
     entry = {**calibration.as_dict(),
              "text": "after the network, on the case grid (doseai/calibration.py): in each target voxel the dose "
-                     "below target_level x its prescription is raised by target_lift x the difference; in each "
+                     "below target_level x its prescription is raised by target_lift (in targets of the highest "
+                     "prescription; lower_target_lift in the others) x the difference; in each "
                      "OpenKBP OAR the voxels above its median dose, outside targets, are lowered by a ramp reaching "
                      "oar_near_max x the highest prescription at its D0.1cc",
              "fit": {**fit, "data": f"the first {limit} OpenKBP training patients ({fit['patients']} with a plan), "
