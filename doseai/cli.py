@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
     predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v2.pt)")
+    predict.add_argument("--no-calibration", action="store_true",
+                         help="the network's dose alone, without the model card's calibration (doseai/calibration.py)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
     predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v3.pt)")
@@ -404,10 +406,12 @@ def _cmd_predict(args) -> int:
     refuse_overwrite(out, args.force)
     case = load_case(args.case)
     predictor = DosePredictor(args.weights, device=args.device)
+    predictor.calibrated = not args.no_calibration
     start = time.perf_counter()
     dose = predictor.predict_case(case, args.oar_sparing, args.homogeneity)
+    calibration = "no calibration" if args.no_calibration or predictor.calibration is None else "calibrated"
     print(f"predicted {case.patient_id} on {predictor.device} in {time.perf_counter() - start:.2f} s "
-          f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
+          f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f}, {calibration})")
     missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
     if missing:
         print(f"note: structures not in the case (empty model channels): {', '.join(missing)}", file=sys.stderr)
