@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from doseai.case import PlanningCase
-from doseai.dvh import dose_at_volume_cc
+from doseai.dvh import upper_tail_ramp
 from doseai.structures import OPENKBP_OARS
 
 NEAR_MAX_CC = 0.1
@@ -91,14 +91,13 @@ class CaseRegions:
 def _lower_near_max(flat: np.ndarray, regions: CaseRegions, amount_gy: float) -> None:
     for name, index in regions.oar_index.items():
         values = flat[index]
-        near_max = dose_at_volume_cc(values, NEAR_MAX_CC, regions.voxel_cc)
-        median = float(np.median(values))
-        if near_max - median <= 1e-3:  # flat dose: no upper tail to move
+        tail = upper_tail_ramp(values, regions.voxel_cc, NEAR_MAX_CC)
+        if tail is None:
             continue
+        ramp, near_max, median = tail
         # at most half the tail's height: the ramp's slope stays >= 0.5, so the voxels keep their order
         lowered = min(amount_gy, 0.5 * (near_max - median))
-        ramp = np.clip((values - median) / (near_max - median), 0.0, 1.0) * regions.oar_outside_targets[name]
-        flat[index] = np.maximum(values - lowered * ramp, 0.0)
+        flat[index] = np.maximum(values - lowered * ramp * regions.oar_outside_targets[name], 0.0)
 
 
 def apply_calibration(dose: np.ndarray, regions: CaseRegions, calibration: DoseCalibration) -> np.ndarray:

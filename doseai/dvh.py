@@ -175,6 +175,18 @@ def dose_at_volume_cc_from_row(row: np.ndarray, volume_cc: float, structure_volu
     return dose_at_fraction_from_row(row, min(1.0, volume_cc / structure_volume_cc), max_relative_dose)
 
 
+def upper_tail_ramp(values: np.ndarray, voxel_volume_cc: float, volume_cc: float = 0.1
+                    ) -> tuple[np.ndarray, float, float] | None:
+    """(ramp, D``volume_cc``, median) of one structure's voxel doses: the ramp rises linearly from 0 at the median to
+    1 at the D``volume_cc`` (1 above), the weights by which a change of the near-max dose is spread over the upper
+    half of the structure so that its lower half stays. None for a flat dose (no upper tail to move)."""
+    near_max = dose_at_volume_cc(values, volume_cc, voxel_volume_cc)
+    median = float(np.median(values))
+    if near_max - median <= 1e-3:
+        return None
+    return np.clip((values - median) / (near_max - median), 0.0, 1.0), near_max, median
+
+
 def match_near_max(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, vector: np.ndarray,
                    prescription_gy: float, voxel_volume_cc: float, offset_relative: float = 0.0,
                    max_relative_dose: float = 1.2, volume_cc: float = 0.1) -> np.ndarray:
@@ -190,13 +202,12 @@ def match_near_max(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, vec
         mask = np.asarray(mask, bool)
         values = out[mask]
         structure_cc = np.count_nonzero(mask) * voxel_volume_cc
-        read = dose_at_volume_cc_from_row(vector[row], volume_cc, structure_cc, max_relative_dose)
-        wanted = prescription_gy * (read - offset_relative)
-        have = dose_at_volume_cc(values, volume_cc, voxel_volume_cc)
-        median = float(np.median(values))
-        if have - median <= 1e-3:  # a flat dose: no upper tail to move
+        tail = upper_tail_ramp(values, voxel_volume_cc, volume_cc)
+        if tail is None:
             continue
-        ramp = np.clip((values - median) / (have - median), 0.0, 1.0)
+        ramp, have, _ = tail
+        wanted = prescription_gy * (dose_at_volume_cc_from_row(vector[row], volume_cc, structure_cc, max_relative_dose)
+                                    - offset_relative)
         out[mask] = np.maximum(values + (wanted - have) * ramp, 0.0)
     return out
 

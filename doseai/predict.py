@@ -41,7 +41,7 @@ class _Prepared:
     timings: dict = field(default_factory=dict)
     refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
-    calibration_regions: object = None  # doseai.calibration.CaseRegions, when the card has a calibration
+    calibration_regions: object = None  # doseai.calibration.CaseRegions, from the first calibrated dose on
 
 
 class _ModelPredictor:
@@ -141,25 +141,16 @@ class DosePredictor(_ModelPredictor):
 
         return DoseCalibration.from_card(self.card)
 
-    def set_case(self, case: PlanningCase) -> None:
-        from doseai.calibration import CaseRegions
-
-        super().set_case(case)
-        if self.calibration is not None:
-            self._prepared.calibration_regions = CaseRegions.of(case)
-
     def calibrate(self, dose: np.ndarray) -> np.ndarray:
         """``dose`` (a network dose of the current case) after the card's calibration; as is without one."""
-        from doseai.calibration import apply_calibration
+        from doseai.calibration import CaseRegions, apply_calibration
 
         p = self._require_case()
         calibration = self.calibration
         if calibration is None:
             return dose
         start = time.perf_counter()
-        if p.calibration_regions is None:  # the card gained a calibration after set_case
-            from doseai.calibration import CaseRegions
-
+        if p.calibration_regions is None:  # once per case
             p.calibration_regions = CaseRegions.of(p.case)
         dose = apply_calibration(dose, p.calibration_regions, calibration)
         p.timings["calibration_s"] = time.perf_counter() - start

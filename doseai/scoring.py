@@ -8,7 +8,7 @@ present, both doses evaluated with the reference masks. OARs: D_0.1cc and mean; 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,10 +91,15 @@ class Evaluation:
 
     def per_structure(self) -> dict[tuple[str, str], dict[str, float]]:
         """Mean absolute error, mean signed error (predicted - reference) and count per (structure, metric)."""
-        groups: dict[tuple[str, str], list[float]] = {}
+        return self.errors_by(lambda structure, metric: (structure, metric))
+
+    def errors_by(self, group: Callable[[str, str], Hashable]) -> dict:
+        """Mean absolute error, mean signed error (predicted - reference) and count of the DVH metrics pooled by
+        ``group(structure, metric)``."""
+        groups: dict = {}
         for patient in self.patients:
             for key, reference in patient.reference_metrics.items():
-                groups.setdefault(key, []).append(patient.predicted_metrics[key] - reference)
+                groups.setdefault(group(*key), []).append(patient.predicted_metrics[key] - reference)
         return {
             key: {"mae": float(np.mean(np.abs(d))), "bias": float(np.mean(d)), "n": len(d)}
             for key, d in sorted(groups.items())

@@ -28,6 +28,7 @@ from doseai.io import openkbp
 from doseai.paths import openkbp_root
 from doseai.predict import DEFAULT_MODEL, DosePredictor
 from doseai.scoring import Evaluation, score_patient
+from doseai.structures import is_target
 
 SWEEP = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
@@ -46,19 +47,9 @@ def _strictly_monotonic(values, decreasing: bool) -> bool:
     return bool(np.all(steps < 0) if decreasing else np.all(steps > 0))
 
 
-def _per_metric(evaluation: Evaluation) -> dict:
-    """Mean absolute and signed error per DVH metric, targets and OARs pooled (what the DVH score is made of)."""
-    groups: dict[str, list[float]] = {}
-    for patient in evaluation.patients:
-        for (structure, metric), reference in patient.reference_metrics.items():
-            kind = "target" if structure.startswith("PTV") else "OAR"
-            groups.setdefault(f"{kind} {metric}", []).append(patient.predicted_metrics[(structure, metric)] - reference)
-    return {key: {"mae_gy": float(np.mean(np.abs(v))), "bias_gy": float(np.mean(v)), "n": len(v)}
-            for key, v in sorted(groups.items())}
-
-
 def run(weights: Path, limit: int | None, threads: int | None) -> dict:
     predictor = DosePredictor(weights, threads=threads)
+    predictor.calibrated = False  # the network's dose, then predictor.calibrate: both without a second network run
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
     everyone, with_ct, network_alone = Evaluation(), Evaluation(), Evaluation()
     oar_rows, hom_rows, slider_latency, full_latency = [], [], [], []
@@ -66,12 +57,11 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
         case = openkbp.load_npz(path)
         start = time.perf_counter()
         predictor.set_case(case)
-        neutral = predictor.predict()
+        network_dose = predictor.predict()
+        neutral = predictor.calibrate(network_dose)
         full_latency.append(time.perf_counter() - start)
         score = score_patient(case, neutral)
-        predictor.calibrated = False
-        network_alone.patients.append(score_patient(case, predictor.predict(), score.reference_metrics))
-        predictor.calibrated = True
+        network_alone.patients.append(score_patient(case, network_dose, score.reference_metrics))
         everyone.patients.append(score)
         if case.ct is not None:
             with_ct.patients.append(score)
@@ -79,12 +69,12 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
         oar_doses, oar_d95, hom_hi, hom_d95 = [], [], [], []
         for value in SWEEP:
             start = time.perf_counter()
-            dose = neutral if value == 0 else predictor.predict(oar_sparing=value)
+            dose = neutral if value == 0 else predictor.calibrate(predictor.predict(oar_sparing=value))
             if value != 0:
                 slider_latency.append(time.perf_counter() - start)
             oar_doses.append(_mean_oar_dose(case, dose))
             oar_d95.append(dose_at_volume_pct(dose[ptv], 95))
-            dose = neutral if value == 0 else predictor.predict(homogeneity=value)
+            dose = neutral if value == 0 else predictor.calibrate(predictor.predict(homogeneity=value))
             hom_hi.append(homogeneity_index(dose[ptv].astype(np.float64)))
             hom_d95.append(dose_at_volume_pct(dose[ptv], 95))
         oar_rows.append({"patient": pid, "mean_oar_gy": oar_doses, "ptv_d95_gy": oar_d95})
@@ -107,7 +97,9 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
                      "network_alone": {"dose_score_gy": network_alone.dose_score,
                                        "dvh_score_gy": network_alone.dvh_score},
                      "calibration": predictor.calibration.as_dict() if predictor.calibration else None,
-                     "per_metric": _per_metric(everyone)},
+                     # what the DVH score is made of: each metric's error, targets and OARs pooled
+                     "per_metric": everyone.errors_by(lambda structure, metric:
+                                                      f"{'target' if is_target(structure) else 'OAR'} {metric}")},
         "steerability": {"oar_sparing": summary(oar_rows, "mean_oar_gy"), "homogeneity": summary(hom_rows, "hi"),
                          "sweep": list(SWEEP)},
         "latency_s": {"slider_change_median": statistics.median(slider_latency),
@@ -124,7 +116,7 @@ def print_table(result: dict) -> None:
         ("DVH score [Gy] (all / with CT)", f"{a['dvh_score_gy']:.3f} / {a['with_ct']['dvh_score_gy']:.3f}"),
         ("network alone, no calibration: dose / DVH score [Gy]",
          f"{a['network_alone']['dose_score_gy']:.3f} / {a['network_alone']['dvh_score_gy']:.3f}"),
-        *((f"  {key}: MAE / bias [Gy]", f"{v['mae_gy']:.2f} / {v['bias_gy']:+.2f}") for key, v in a["per_metric"].items()),
+        *((f"  {key}: MAE / bias [Gy]", f"{v['mae']:.2f} / {v['bias']:+.2f}") for key, v in a["per_metric"].items()),
         ("OAR sparing: monotonic fraction", f"{s['oar_sparing']['monotonic_fraction']:.1%}"),
         ("OAR sparing: mean OAR dose range / neutral", f"{s['oar_sparing']['mean_relative_range']:.1%}"),
         ("OAR sparing: PTV D95 drift mean / max [Gy]",

@@ -3,12 +3,12 @@ training patients and write it into the model card. Validation patients are neve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 from doseai.errors import DoseAIError
+from doseai.train.export import update_card
 
 
 def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = None) -> dict:
@@ -42,8 +42,5 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
              "fit": {**fit, "data": f"the first {limit} OpenKBP training patients ({fit['patients']} with a plan), "
                                     "neutral sliders; minimising dose score + DVH score over a grid",
                      "command": "doseai train calibrate-preference"}}
-    card_path = Path(weights).with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    card["calibration"] = entry
-    card_path.write_text(json.dumps(card, indent=2))
+    update_card(weights, lambda card: card.update(calibration=entry))
     return entry

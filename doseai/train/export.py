@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,12 +117,17 @@ def prior_from_weights(weights: Path, out: Path, force: bool = False) -> Path:
     return out
 
 
-def record_validation(weights: Path, results: dict) -> None:
-    """Put benchmark results into the model card (the card is the single place a user reads them)."""
+def update_card(weights: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite the model card next to ``weights`` after ``change(card)`` (the rest of the card stays)."""
     card_path = Path(weights).with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card["validation"].update(results)
+    change(card)
     card_path.write_text(json.dumps(card, indent=2))
+
+
+def record_validation(weights: Path, results: dict) -> None:
+    """Put benchmark results into the model card (the card is the single place a user reads them)."""
+    update_card(weights, lambda card: card["validation"].update(results))
 
 
 def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:

@@ -397,8 +397,10 @@ def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: i
     from doseai.paths import openkbp_root
     from doseai.resample import resample_to
 
-    card_path = Path(weights).with_suffix(".json")
-    card = json.loads(card_path.read_text())
+    from doseai.predict import load_card
+    from doseai.train.export import update_card
+
+    card = load_card(Path(weights))
     layout, spec = card["dvh"], GridSpec.from_card(card)
     files = sorted((cache_root() / "pareto" / pareto_run / "train").glob("pt_*.npz"),
                    key=lambda path: int(path.stem.split("_")[1]))[:limit]
@@ -426,6 +428,5 @@ def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: i
                         "median to 1 at the D0.1cc (doseai.dvh.match_near_max)",
                 "calibration": f"offset measured on {len(files)} training patients of Pareto run {pareto_run}, one plan in "
                                f"{every}, {len(offsets)} structure plans (doseai train calibrate-dvh)"}
-    card["near_max_matching"] = matching
-    card_path.write_text(json.dumps(card, indent=2))
+    update_card(weights, lambda card: card.update(near_max_matching=matching))
     return matching
