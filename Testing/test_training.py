@@ -155,7 +155,7 @@ def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tm
     from doseai.paths import REPO_ROOT
     from doseai.train.export import prior_from_weights
 
-    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2.pt"
+    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_1.pt"
     out = prior_from_weights(weights, tmp_path / "prior.pt")
     state = torch.load(out, weights_only=False)
     build_dose_prior(state["config"]).load_state_dict(state["model"])  # strict: every weight of the prior, no more

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v2.pt)")
+    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v2_1.pt)")
     predict.add_argument("--no-calibration", action="store_true",
                          help="the network's dose alone, without the model card's calibration (doseai/calibration.py)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_pref = train_sub.add_parser("calibrate-preference",
                                           help="fit the preference model's case-grid calibration (target lift, OAR "
                                                "near-max) on training patients and write it into its card")
-    calibrate_pref.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
+    calibrate_pref.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
     calibrate_pref.add_argument("--limit", type=int, default=60, help="training patients (default: %(default)s)")
     calibrate_pref.add_argument("--threads", type=int)
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
@@ -151,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     prior_out = train_sub.add_parser("prior-from-weights",
                                      help="the Stage I prior inside shipped preference weights, as a --prior "
                                           "checkpoint (to go on training from shipped weights)")
-    prior_out.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
+    prior_out.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
     prior_out.add_argument("--out", required=True)
     _add_force(prior_out)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
-    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v2.pt"))
+    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
     _add_force(export)
 
     optimize = sub.add_parser("optimize", help="optimize beam fluences toward a desired (e.g. predicted) dose: "
