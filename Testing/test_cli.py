@@ -125,7 +125,8 @@ def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
         [case.dose.ravel()] * len(case.oars))[oar].mean()  # OAR sparing lowered the OAR doses
     assert main(["predict", "--case", str(out / "dicom"), "--out", str(rtdose)]) == 2  # no silent overwrite
     raw = tmp_path / "raw.dcm"
-    assert main(["predict", "--case", str(out / "dicom"), "--oar-sparing", "1", "--no-calibration", "--out", str(raw)]) == 0
+    assert main(["predict", "--case", str(out / "dicom"), "--oar-sparing", "1", "--no-calibration",
+                 "--out", str(raw)]) == 0
     assert "no calibration" in capsys.readouterr().out
     assert not np.allclose(read_rtdose(raw)[0], dose, atol=0.05)  # the calibration changes the dose
     assert main(["predict", "--case", str(out / "dicom"), "--homogeneity", "3", "--out", str(tmp_path / "x.nrrd")]) == 2

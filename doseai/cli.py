@@ -15,6 +15,11 @@ from doseai.errors import (
     refuse_nonempty_folder,
     refuse_overwrite,
 )
+from doseai.predict import DEFAULT_DVH_MODEL, DEFAULT_MODEL
+
+# the training commands' defaults: the shipped weights, relative to the repository root they run from
+SHIPPED_PREFERENCE = str(Path("Resources") / "Models" / DEFAULT_MODEL.name)
+SHIPPED_DVH = str(Path("Resources") / "Models" / DEFAULT_DVH_MODEL.name)
 
 
 def _add_force(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    predict.add_argument("--weights", help="model weights (default: Resources/Models/dose_preference_v2_1.pt)")
+    predict.add_argument("--weights", help=f"model weights (default: {SHIPPED_PREFERENCE})")
     predict.add_argument("--no-calibration", action="store_true",
                          help="the network's dose alone, without the model card's calibration (doseai/calibration.py)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
-    predict.add_argument("--dvh-weights", help="DVH-conditioned weights (default: Resources/Models/dose_dvh_v3.pt)")
+    predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH})")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
@@ -135,29 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
                           "(learned gains; doseai/models/dvh_conditioned.py)")
     calibrate = train_sub.add_parser("calibrate-dvh", help="measure on training Pareto plans the offset of the "
                                      "DVH model's near-max matching and write it into its card")
-    calibrate.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
+    calibrate.add_argument("--weights", default=SHIPPED_DVH)
     calibrate.add_argument("--pareto-run", required=True)
     calibrate.add_argument("--limit", type=int, default=10, help="training patients (default: %(default)s)")
     calibrate_pref = train_sub.add_parser("calibrate-preference",
                                           help="fit the preference model's case-grid calibration (target lift, OAR "
                                                "near-max) on training patients and write it into its card")
-    calibrate_pref.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
+    calibrate_pref.add_argument("--weights", default=SHIPPED_PREFERENCE)
     calibrate_pref.add_argument("--limit", type=int, default=60, help="training patients (default: %(default)s)")
     calibrate_pref.add_argument("--threads", type=int)
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
-    export_dvh.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_dvh_v3.pt"))
+    export_dvh.add_argument("--out", default=SHIPPED_DVH)
     _add_force(export_dvh)
     prior_out = train_sub.add_parser("prior-from-weights",
                                      help="the Stage I prior inside shipped preference weights, as a --prior "
                                           "checkpoint (to go on training from shipped weights)")
-    prior_out.add_argument("--weights", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
+    prior_out.add_argument("--weights", default=SHIPPED_PREFERENCE)
     prior_out.add_argument("--out", required=True)
     _add_force(prior_out)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
-    export.add_argument("--out", default=str(Path("Resources") / "Models" / "dose_preference_v2_1.pt"))
+    export.add_argument("--out", default=SHIPPED_PREFERENCE)
     _add_force(export)
 
     optimize = sub.add_parser("optimize", help="optimize beam fluences toward a desired (e.g. predicted) dose: "

@@ -637,7 +637,8 @@ class DosePreferenceLogic:
         return self._showPrediction(
             case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
             predictor.card, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
-                             "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)}, referenceDoseNode=referenceDoseNode)
+                             "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)},
+            referenceDoseNode=referenceDoseNode)
 
     def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
                         metricsTableNode, card, attributes: Mapping[str, str], referenceDoseNode=None,

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder (one subfolder per patient + summary.csv)")
     parser.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     parser.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    parser.add_argument("--weights", help="model weights (default: the shipped Resources/Models/dose_preference_v2_1.pt)")
+    parser.add_argument("--weights", help="model weights (default: the shipped preference model in Resources/Models)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     return parser

@@ -168,8 +168,8 @@ def train_preference(
     """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
     (shipped weights) starts a new run from an earlier model, so training can go on across sessions.
     ``time_budget_s``: after the first and again after the second epoch, cut ``epochs`` to what fits in that many
-    seconds (from the start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a run on a lent GPU with a hard time
-    limit still ends its schedule (the log records the epochs it chose)."""
+    seconds (from the start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a
+    run on a lent GPU with a hard time limit still ends its schedule (the log records the epochs it chose)."""
     if threads:
         torch.set_num_threads(threads)
     rng = seed_everything(seed)
