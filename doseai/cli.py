@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--metric-weight", type=float, default=0.0,
                             help="weight of the DVH-metric loss at neutral sliders: per structure, OAR mean and "
                                  "hottest 1 %%, target coldest 5 %%, hottest 1 %% and mean (default: %(default)s)")
+    preference.add_argument("--seed", type=int, default=0,
+                            help="seed of the patient order, augmentation and slider draws; runs that differ only "
+                                 "in it can be averaged (default: %(default)s)")
     preference.add_argument("--snap-to-case", action="store_true",
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
     preference.add_argument("--time-budget-min", type=float,
@@ -159,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     prior_out.add_argument("--weights", default=SHIPPED_PREFERENCE)
     prior_out.add_argument("--out", required=True)
     _add_force(prior_out)
+    average = train_sub.add_parser("average", help="average weights of one network from runs that differ only in "
+                                                   "their seed (a model soup), with the first one's card")
+    average.add_argument("--weights", nargs="+", required=True)
+    average.add_argument("--out", required=True)
+    _add_force(average)
     export = train_sub.add_parser("export", help="write shipped weights + model card")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--prior", help="the Stage I checkpoint (documented in the card); omit for the ablation")
@@ -532,7 +540,7 @@ def _cmd_train(args) -> int:
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None,
                                 neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
-                                time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+                                seed=args.seed, time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh
 
@@ -563,6 +571,10 @@ def _cmd_train(args) -> int:
         from doseai.train.export import export_dvh_model
 
         path = export_dvh_model(Path(args.checkpoint), Path(args.out), force=args.force)
+    elif args.stage == "average":
+        from doseai.train.export import average_weights
+
+        path = average_weights([Path(w) for w in args.weights], Path(args.out), force=args.force)
     elif args.stage == "prior-from-weights":
         from doseai.train.export import prior_from_weights
 

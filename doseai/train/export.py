@@ -99,6 +99,32 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
     return out
 
 
+def average_weights(weights: list[Path], out: Path, force: bool = False) -> Path:
+    """Uniform average of shipped weights of one network ("model soup", Wortsman et al. 2022): runs fine-tuned
+    from the same weights with different seeds average into one network that generalizes at least as well as
+    each, at the cost of none. The card is the first input's, with its calibration and validation dropped
+    (they belong to other weights: run calibrate-preference and the benchmark on the result)."""
+    if len(weights) < 2:
+        raise ValueError("averaging needs at least two weight files")
+    out = Path(out)
+    refuse_overwrite(out, force)
+    states = [torch.load(path, map_location="cpu", weights_only=True) for path in weights]
+    for path, state in zip(weights[1:], states[1:]):
+        if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):
+            raise UnreadableInputError(f"{path} is not the same network as {weights[0]}: cannot average them")
+    averaged = {key: (sum(state[key].double() for state in states) / len(states)).to(value.dtype)
+                if value.is_floating_point() else value for key, value in states[0].items()}
+    card = json.loads(Path(weights[0]).with_suffix(".json").read_text())
+    card.update(_card_header(out, card["task"]))
+    card.pop("calibration", None)
+    card["validation"] = {}
+    card["network"]["averaged_from"] = [Path(path).name for path in weights]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(averaged, out)
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
+
+
 def prior_from_weights(weights: Path, out: Path, force: bool = False) -> Path:
     """The frozen Stage I prior inside shipped preference weights, written as a Stage I checkpoint (config,
     weights and the training record its card gives), so that ``doseai train preference --prior`` can go on
