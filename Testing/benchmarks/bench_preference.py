@@ -8,7 +8,9 @@
 
 Prints a table and writes JSON. Run:
     python Testing/benchmarks/bench_preference.py [--weights PATH] [--json PATH] [--record] [--limit N]
---record writes the results into the model card next to the weights.
+        [--record-latency]
+--record writes the results into the model card next to the weights; --record-latency only the latency, under
+the device's name (a lent GPU measures it on a few patients).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def _top_ptv(case):
 def _strictly_monotonic(values, decreasing: bool) -> bool:
     steps = np.diff(values)
     return bool(np.all(steps < 0) if decreasing else np.all(steps > 0))
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"
 
 
 def run(weights: Path, limit: int | None, threads: int | None) -> dict:
@@ -90,7 +100,7 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
 
     return {
         "weights": str(weights), "machine": platform.processor() or platform.machine(),
-        "device": str(predictor.device), "patients": len(patients),
+        "device": str(predictor.device), "device_name": _device_name(predictor.device), "patients": len(patients),
         "accuracy": {"dose_score_gy": everyone.dose_score, "dvh_score_gy": everyone.dvh_score,
                      "with_ct": {"patients": len(with_ct.patients), "dose_score_gy": with_ct.dose_score,
                                  "dvh_score_gy": with_ct.dvh_score},
@@ -140,18 +150,31 @@ def main() -> None:
     parser.add_argument("--json", default="benchmark-results/preference.json")
     parser.add_argument("--limit", type=int, help="only the first N validation patients (quick look)")
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--record", action="store_true", help="write the results into the model card")
+    parser.add_argument("--record", action="store_true",
+                        help="write the results into the model card (all validation patients only)")
+    parser.add_argument("--record-latency", action="store_true",
+                        help="write only the latency into the card, under validation.latency_by_device and the "
+                             "device's name (any --limit: e.g. on a lent GPU)")
     args = parser.parse_args()
     result = run(args.weights, args.limit, args.threads)
     print_table(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
-    if args.record and not args.limit:
+    if args.record and args.limit:
+        print("not recorded: --record needs every validation patient (no --limit)")
+    elif args.record:
         from doseai.train.export import record_validation
 
         record_validation(args.weights, {k: result[k] for k in ("accuracy", "steerability", "latency_s", "device")}
                           | {"benchmark": "Testing/benchmarks/bench_preference.py"})
+    if args.record_latency:
+        from doseai.train.export import update_card
+
+        entry = {**result["latency_s"], "patients": result["patients"],
+                 "benchmark": "Testing/benchmarks/bench_preference.py --record-latency"}
+        update_card(args.weights, lambda card: card["validation"].setdefault("latency_by_device", {})
+                    .update({result["device_name"]: entry}))
 
 
 if __name__ == "__main__":
