@@ -155,7 +155,7 @@ def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tm
     from doseai.paths import REPO_ROOT
     from doseai.train.export import prior_from_weights
 
-    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_1.pt"
+    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
     out = prior_from_weights(weights, tmp_path / "prior.pt")
     state = torch.load(out, weights_only=False)
     build_dose_prior(state["config"]).load_state_dict(state["model"])  # strict: every weight of the prior, no more
@@ -163,3 +163,37 @@ def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tm
     assert state["epoch"] + 1 == card["epochs"] and state["training_doses"] == card["training_doses"]
     with pytest.raises(DoseAIError, match="exists"):
         prior_from_weights(weights, out)
+
+
+def test_average_of_shipped_weights_is_their_midpoint_with_the_first_card_less_its_calibration(tmp_path, small_case):
+    import shutil
+
+    from doseai.paths import REPO_ROOT
+    from doseai.predict import DosePredictor
+    from doseai.cli import main
+    from doseai.train.export import average_weights
+
+    shipped = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
+    first, second = tmp_path / "seed1.pt", tmp_path / "seed2.pt"
+    shutil.copy(shipped, first)
+    shutil.copy(shipped.with_suffix(".json"), first.with_suffix(".json"))
+    state = torch.load(shipped, weights_only=True)
+    moved = next(key for key, value in state.items() if key.startswith("down.") and value.is_floating_point())
+    torch.save({**state, moved: state[moved] + 1.0}, second)
+
+    out = tmp_path / "soup.pt"
+    assert main(["train", "average", "--weights", str(first), str(second), "--out", str(out)]) == 0
+    soup = torch.load(out, weights_only=True)
+    assert soup.keys() == state.keys() and soup[moved].dtype == state[moved].dtype
+    assert torch.allclose(soup[moved].float(), state[moved].float() + 0.5, atol=2e-3)
+    untouched = next(key for key in state if key != moved and state[key].is_floating_point())
+    assert torch.equal(soup[untouched], state[untouched])
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["name"] == "soup" and card["network"]["averaged_from"] == ["seed1.pt", "seed2.pt"]
+    assert "calibration" not in card and card["validation"] == {}
+    assert DosePredictor(out, device="cpu", threads=1).calibration is None  # until calibrate-preference fits one
+    with pytest.raises(DoseAIError, match="exists"):
+        average_weights([first, second], out)
+    torch.save({k: v for k, v in state.items() if k != moved}, second)
+    with pytest.raises(DoseAIError, match="not the same network"):
+        average_weights([first, second], tmp_path / "other.pt")

@@ -19,7 +19,7 @@ from doseai.case import PlanningCase
 from doseai.errors import DoseAIError, UnreadableInputError
 from doseai.paths import REPO_ROOT
 
-DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_1.pt"
+DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
 DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v3.pt"
 
 
