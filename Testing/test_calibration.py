@@ -95,3 +95,55 @@ def test_predictor_applies_the_card_calibration(small_case):
     expected = apply_calibration(raw, CaseRegions.of(small_case), DoseCalibration(0.5, 1.0, 0.02))
     assert np.allclose(calibrated, expected) and not np.allclose(calibrated, raw)
     assert "calibration_s" in predictor.timings
+
+
+def test_mirror_average_runs_the_network_on_the_swapped_mirror_and_averages(small_case):
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.errors import DoseAIError
+    from doseai.predict import DosePredictor, DVHDosePredictor
+
+    predictor = DosePredictor(device="cpu", threads=1)
+    predictor.calibrated, predictor.mirror_average = False, False
+    predictor.set_case(small_case)
+    plain = predictor.predict(oar_sparing=0.5)
+    p = predictor._prepared
+    mirrored = predictor._mirrored(p)
+    names = predictor.card["inputs"]["channels"]
+    for channel, source in ((names.index("Parotid_L"), names.index("Parotid_R")),
+                            (names.index("Parotid_R"), names.index("Parotid_L")), (names.index("body"),) * 2):
+        assert torch.equal(mirrored.anatomy[:, channel], p.anatomy[:, source].flip(-1))
+    assert torch.equal(predictor._mirrored(mirrored).anatomy, p.anatomy)  # mirroring twice gives the case back
+
+    predictor.mirror_average = True
+    averaged = predictor.predict(oar_sparing=0.5)
+    assert averaged.shape == plain.shape and np.isfinite(averaged).all() and not np.array_equal(averaged, plain)
+    # the mirrored dose was flipped back: the average stays close to the case's own dose
+    body = small_case.structures["External"]
+    assert np.abs(averaged - plain)[body].mean() < 0.05 * plain[body].max()
+
+    dvh = DVHDosePredictor(device="cpu", threads=1)  # its condition names sides: no mirror average
+    dvh.set_case(small_case)
+    dvh.mirror_average = True
+    with pytest.raises(DoseAIError, match="mirror"):
+        dvh.predict(dvh.dvh_vector(small_case.dose))
+
+
+def test_calibration_fit_with_mirror_average_records_it_in_the_card(small_case, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    import json
+    import shutil
+
+    from doseai.predict import DEFAULT_MODEL, DosePredictor
+    from doseai.train.calibrate_preference import calibrate_preference
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(DEFAULT_MODEL, weights)
+    shutil.copy(DEFAULT_MODEL.with_suffix(".json"), weights.with_suffix(".json"))
+    monkeypatch.setattr("doseai.io.openkbp.list_patients", lambda folder: {"pt_1": "pt_1.npz"})
+    monkeypatch.setattr("doseai.io.openkbp.load_npz", lambda path: small_case)
+    calibrate_preference(weights, limit=1, threads=1, mirror_average=True)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["inference"]["mirror_average"] is True and card["calibration"]["fit"]["patients"] == 1
+    assert DosePredictor(weights, device="cpu", threads=1).mirror_average
+    calibrate_preference(weights, limit=1, threads=1, mirror_average=False)
+    assert json.loads(weights.with_suffix(".json").read_text())["inference"]["mirror_average"] is False

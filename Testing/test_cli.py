@@ -129,4 +129,9 @@ def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
                  "--out", str(raw)]) == 0
     assert "no calibration" in capsys.readouterr().out
     assert not np.allclose(read_rtdose(raw)[0], dose, atol=0.05)  # the calibration changes the dose
+    mirrored = tmp_path / "mirrored.dcm"
+    assert main(["predict", "--case", str(out / "dicom"), "--oar-sparing", "1", "--mirror-average",
+                 "--out", str(mirrored)]) == 0
+    assert "mirror-averaged" in capsys.readouterr().out
+    assert not np.allclose(read_rtdose(mirrored)[0], dose, atol=0.05)
     assert main(["predict", "--case", str(out / "dicom"), "--homogeneity", "3", "--out", str(tmp_path / "x.nrrd")]) == 2

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help=f"model weights (default: {SHIPPED_PREFERENCE})")
     predict.add_argument("--no-calibration", action="store_true",
                          help="the network's dose alone, without the model card's calibration (doseai/calibration.py)")
+    predict.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
+                         help="average the network's dose over the case and its left-right mirror: twice the network "
+                              "time (default: as the model card's inference section says)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
     predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH})")
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_pref.add_argument("--weights", default=SHIPPED_PREFERENCE)
     calibrate_pref.add_argument("--limit", type=int, default=60, help="training patients (default: %(default)s)")
     calibrate_pref.add_argument("--threads", type=int)
+    calibrate_pref.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
+                                help="fit on doses averaged over the case and its left-right mirror, and make that "
+                                     "the card's default (default: as the card says)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=SHIPPED_DVH)
@@ -420,9 +426,13 @@ def _cmd_predict(args) -> int:
     case = load_case(args.case)
     predictor = DosePredictor(args.weights, device=args.device)
     predictor.calibrated = not args.no_calibration
+    if args.mirror_average is not None:
+        predictor.mirror_average = args.mirror_average
     start = time.perf_counter()
     dose = predictor.predict_case(case, args.oar_sparing, args.homogeneity)
     calibration = "no calibration" if args.no_calibration or predictor.calibration is None else "calibrated"
+    if predictor.mirror_average:
+        calibration += ", mirror-averaged"
     print(f"predicted {case.patient_id} on {predictor.device} in {time.perf_counter() - start:.2f} s "
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f}, {calibration})")
     missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
@@ -559,7 +569,7 @@ def _cmd_train(args) -> int:
     elif args.stage == "calibrate-preference":
         from doseai.train.calibrate_preference import calibrate_preference
 
-        entry = calibrate_preference(Path(args.weights), args.limit, args.threads)
+        entry = calibrate_preference(Path(args.weights), args.limit, args.threads, args.mirror_average)
         fit = entry["fit"]
         print(f"target lift {entry['target_lift']:g} (lower targets {entry['lower_target_lift']:g}) to "
               f"{entry['target_level']:g} x Rx, OAR near-max "

@@ -42,6 +42,7 @@ class _Prepared:
     refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
     calibration_regions: object = None  # doseai.calibration.CaseRegions, from the first calibrated dose on
+    mirrored: "_Prepared | None" = None  # the left-right mirrored anatomy, from the first mirror-averaged dose on
 
 
 class _ModelPredictor:
@@ -63,6 +64,9 @@ class _ModelPredictor:
         if threads:
             torch.set_num_threads(threads)
         self.card = load_card(self.weights)
+        # average the network's dose over the case and its left-right mirror (the training augments with
+        # mirrors); the card says whether its calibration was fitted that way. Settable: False halves the time.
+        self.mirror_average = bool(self.card.get("inference", {}).get("mirror_average", False))
         self.spec = GridSpec.from_card(self.card)
         self.device = pick_device(device)
         self.net = self._build_net()
@@ -98,6 +102,34 @@ class _ModelPredictor:
             raise DoseAIError("call set_case(case) before predict()")
         return self._prepared
 
+    def _mirror_order(self) -> list[int]:
+        """Channel order of the mirrored anatomy: each left structure's channel takes its right twin's."""
+        names = self.card["inputs"]["channels"]
+        order = list(range(len(names)))
+        for index, name in enumerate(names):
+            if name.endswith("_L") and name[:-2] + "_R" in names:
+                twin = names.index(name[:-2] + "_R")
+                order[index], order[twin] = twin, index
+        return order
+
+    def _mirrored(self, p: _Prepared) -> _Prepared:
+        if p.decode_extras:  # e.g. the DVH model's per-structure condition names sides
+            raise DoseAIError(f"{self.weights.name}: this model cannot average over the mirrored anatomy")
+        if p.mirrored is None:  # once per case: the condition-free half of the network on the mirror
+            with self._torch.no_grad():
+                x = p.anatomy.flip(-1)[:, self._mirror_order()]
+                refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
+                p.mirrored = _Prepared(p.case, p.grid, x, self.net.encode_anatomy(x), p.body, p.norm_gy,
+                                       refinement_anatomy=refinement)
+        return p.mirrored
+
+    def _network_dose(self, p: _Prepared, condition) -> np.ndarray:
+        """The network's dose on the model grid (relative to the case's highest prescription)."""
+        with self._torch.no_grad():
+            latent = self.net.latent(p.features, condition)
+            dose = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, **p.decode_extras)
+            return dose[0, 0].float().cpu().numpy()
+
     def _dose_for(self, condition) -> np.ndarray:
         """Dose in Gy on the case grid (0 outside the body) for a (1, n) condition tensor."""
         from doseai.resample import resample_to
@@ -105,10 +137,10 @@ class _ModelPredictor:
         p = self._require_case()
         start = time.perf_counter()
         condition = condition.to(self.device)
-        with self._torch.no_grad():
-            latent = self.net.latent(p.features, condition)
-            dose_model_grid = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, **p.decode_extras)
-            dose_model_grid = dose_model_grid[0, 0].float().cpu().numpy()
+        dose_model_grid = self._network_dose(p, condition)
+        if self.mirror_average:
+            mirrored = self._network_dose(self._mirrored(p), condition)[..., ::-1]
+            dose_model_grid = 0.5 * (dose_model_grid + mirrored)
         network_at = time.perf_counter()
         dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
         dose = np.clip(dose, 0.0, None) * p.body

@@ -11,9 +11,12 @@ from doseai.errors import DoseAIError
 from doseai.train.export import update_card
 
 
-def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = None) -> dict:
+def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = None,
+                         mirror_average: bool | None = None) -> dict:
     """Predict the first ``limit`` training patients with a plan (neutral sliders, network alone), fit the
-    calibration minimising their dose score + DVH score, and write it into the card next to ``weights``."""
+    calibration minimising their dose score + DVH score, and write it into the card next to ``weights``.
+    ``mirror_average`` (None: as the card says) predicts through the case and its mirror; the card then
+    records it beside the calibration, since one is fitted to the other."""
     from doseai.calibration import fit_calibration
     from doseai.io import openkbp
     from doseai.paths import openkbp_root
@@ -21,6 +24,8 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
 
     predictor = DosePredictor(weights, threads=threads)
     predictor.calibrated = False
+    if mirror_average is not None:
+        predictor.mirror_average = mirror_average
     cases, doses = [], []
     for path in tqdm(list(openkbp.list_patients(openkbp_root() / "train").values())[:limit],
                      desc="training patients", unit="patient"):
@@ -42,5 +47,9 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
              "fit": {**fit, "data": f"the first {limit} OpenKBP training patients ({fit['patients']} with a plan), "
                                     "neutral sliders; minimising dose score + DVH score over a grid",
                      "command": "doseai train calibrate-preference"}}
-    update_card(weights, lambda card: card.update(calibration=entry))
+    inference = {"mirror_average": predictor.mirror_average,
+                 "text": "mirror_average: the network runs on the case and on its left-right mirror (left and right "
+                         "structures swapped) and the two doses, the second mirrored back, are averaged before the "
+                         "calibration; twice the network time per prediction"}
+    update_card(weights, lambda card: card.update(calibration=entry, inference=inference))
     return entry
