@@ -197,3 +197,25 @@ def test_average_of_shipped_weights_is_their_midpoint_with_the_first_card_less_i
     torch.save({k: v for k, v in state.items() if k != moved}, second)
     with pytest.raises(DoseAIError, match="not the same network"):
         average_weights([first, second], tmp_path / "other.pt")
+
+
+def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny_data, tmp_path, monkeypatch):
+    from doseai.train import train_preference as module
+    from doseai.train.export import export_model
+    from doseai.train.train_prior import train_dose_prior
+
+    asked = {}
+    load = module.load_split
+
+    def recording_load_split(split, spec, norm_gy=70.0, need_dose=True, need_ct=False):
+        asked[split] = need_ct
+        return load(split, spec, norm_gy, need_dose, need_ct)
+
+    monkeypatch.setattr(module, "load_split", recording_load_split)
+    prior = train_dose_prior(TINY, "tiny_prior", epochs=1, threads=1)
+    checkpoint = module.train_preference(TINY, prior, "tiny_ct_less", epochs=1, threads=1, with_ct_less=True)
+    assert asked == {"train": False, "validation": True}  # the monitor stays on patients with a CT
+    card = json.loads(export_model(checkpoint, prior, tmp_path / "m.pt").with_suffix(".json").read_text())
+    assert "water-equivalent body" in card["training"]["data"]
+    module.train_preference(TINY, prior, "tiny_with_ct", epochs=1, threads=1)
+    assert asked == {"train": True, "validation": True}

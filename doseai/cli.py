@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--seed", type=int, default=0,
                             help="seed of the patient order, augmentation and slider draws; runs that differ only "
                                  "in it can be averaged (default: %(default)s)")
+    preference.add_argument("--with-ct-less", action="store_true",
+                            help="train on the training patients without a CT too (water-equivalent body)")
     preference.add_argument("--snap-to-case", action="store_true",
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
     preference.add_argument("--time-budget-min", type=float,
@@ -550,7 +552,7 @@ def _cmd_train(args) -> int:
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None,
                                 neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
-                                seed=args.seed, time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+                                seed=args.seed, with_ct_less=args.with_ct_less, time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh
 

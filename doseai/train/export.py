@@ -90,7 +90,9 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
         "network": {"kind": "PreferenceDoseNet (doseai/models/preference.py)", "config": state["config"],
                     "epochs": state["epoch"] + 1},
         "training": {"data": "OpenKBP train split (pt_1-200); Stage I: every training dose, Stage II: training "
-                             "patients with CT and dose; validation never used for training",
+                             + ("patients with a dose, those without a CT as a water-equivalent body"
+                                if state.get("with_ct_less") else "patients with CT and dose")
+                             + "; validation never used for training",
                      "stage_ii_patients": len(state["train_ids"]),
                      "loss": preference_loss_text(state.get("loss"))},
         "validation": {},
