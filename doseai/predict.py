@@ -113,8 +113,6 @@ class _ModelPredictor:
         return order
 
     def _mirrored(self, p: _Prepared) -> _Prepared:
-        if p.decode_extras:  # e.g. the DVH model's per-structure condition names sides
-            raise DoseAIError(f"{self.weights.name}: this model cannot average over the mirrored anatomy")
         if p.mirrored is None:  # once per case: the condition-free half of the network on the mirror
             with self._torch.no_grad():
                 x = p.anatomy.flip(-1)[:, self._mirror_order()]
@@ -217,6 +215,10 @@ class DVHDosePredictor(_ModelPredictor):
     default_weights = DEFAULT_DVH_MODEL
     # the card's near-max matching (when it has one) runs after the network; False: the network's dose alone
     near_max_matching = True
+
+    def _mirrored(self, p: _Prepared) -> _Prepared:
+        raise DoseAIError(f"{self.weights.name}: the DVH model cannot average over the mirrored anatomy (its desired "
+                          "DVH names left and right structures)")
 
     def _build_net(self):
         from doseai.models.dvh_conditioned import build_dvh_net
