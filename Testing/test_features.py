@@ -122,3 +122,12 @@ def test_slider_sampling_follows_the_neutral_fraction(neutral_fraction):
     only_oar = (moved[:, 0] != 0) & (moved[:, 1] == 0)
     assert only_oar.mean() == pytest.approx(5 / 12, abs=0.04)
     assert np.abs(draws).max() <= 1.0
+
+
+def test_mirror_order_swaps_every_left_right_pair_and_keeps_the_rest():
+    from doseai.models.features import mirror_order
+
+    names = ["ct", "Parotid_R", "Parotid_L", "OpticNrv_L", "Lens_L", "OpticNrv_R", "body"]
+    order = mirror_order(names)
+    assert [names[i] for i in order] == ["ct", "Parotid_L", "Parotid_R", "OpticNrv_R", "Lens_L", "OpticNrv_L", "body"]
+    assert [order[i] for i in order] == list(range(len(names)))  # mirroring twice gives the names back

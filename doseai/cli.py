@@ -552,7 +552,8 @@ def _cmd_train(args) -> int:
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None,
                                 neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
-                                seed=args.seed, with_ct_less=args.with_ct_less, time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+                                seed=args.seed, with_ct_less=args.with_ct_less,
+                                time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh
 

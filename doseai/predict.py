@@ -102,20 +102,12 @@ class _ModelPredictor:
             raise DoseAIError("call set_case(case) before predict()")
         return self._prepared
 
-    def _mirror_order(self) -> list[int]:
-        """Channel order of the mirrored anatomy: each left structure's channel takes its right twin's."""
-        names = self.card["inputs"]["channels"]
-        order = list(range(len(names)))
-        for index, name in enumerate(names):
-            if name.endswith("_L") and name[:-2] + "_R" in names:
-                twin = names.index(name[:-2] + "_R")
-                order[index], order[twin] = twin, index
-        return order
-
     def _mirrored(self, p: _Prepared) -> _Prepared:
         if p.mirrored is None:  # once per case: the condition-free half of the network on the mirror
+            from doseai.models.features import mirror_order
+
             with self._torch.no_grad():
-                x = p.anatomy.flip(-1)[:, self._mirror_order()]
+                x = p.anatomy.flip(-1)[:, mirror_order(self.card["inputs"]["channels"])]
                 refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
                 p.mirrored = _Prepared(p.case, p.grid, x, self.net.encode_anatomy(x), p.body, p.norm_gy,
                                        refinement_anatomy=refinement)

@@ -196,7 +196,8 @@ def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene
     help_text = " ".join(parent.helpText.split())
     for promise in ("<b>Predict dose</b>", "<i>OAR sparing</i>", "<i>PTV homogeneity</i>", "<i>Reset</i>",
                     "isodose lines", "<i>reference dose</i>", "dashed", "<b>Export</b>", "RTDOSE",
-                    "logic.predict(ctNode, segNode, oarSparing=0.5)", "batch_predict.py", "PyTorch extension", "logic.predictor().mirror_average = True"):
+                    "logic.predict(ctNode, segNode, oarSparing=0.5)", "batch_predict.py", "PyTorch extension",
+                    "logic.predictor().mirror_average = True"):
         assert promise in help_text, promise
     assert "Not available yet" not in help_text and "Compute DVH" not in help_text
 

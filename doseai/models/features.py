@@ -53,6 +53,17 @@ def channel_names(oars=OPENKBP_OARS) -> list[str]:
     return ["ct", "target_dose", *oars, "body", "beam_plate"]
 
 
+def mirror_order(names: list[str]) -> list[int]:
+    """Index order that mirrors named channels (or DVH rows) left-right: each ``X_L`` takes ``X_R``'s place and
+    back, the rest stay. With the array flipped along x, this is the anatomy's mirror image."""
+    order = list(range(len(names)))
+    for index, name in enumerate(names):
+        if name.endswith("_L") and name[:-2] + "_R" in names:
+            twin = names.index(name[:-2] + "_R")
+            order[index], order[twin] = twin, index
+    return order
+
+
 def _bbox_center(geometry: ImageGeometry, mask: np.ndarray) -> np.ndarray:
     """Physical (x, y, z) centre of the bounding box of ``mask`` (grid centre when empty)."""
     if mask is None or not mask.any():

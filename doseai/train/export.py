@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from doseai.errors import UnreadableInputError, refuse_overwrite
+from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
@@ -107,7 +107,7 @@ def average_weights(weights: list[Path], out: Path, force: bool = False) -> Path
     each, at the cost of none. The card is the first input's, with its calibration and validation dropped
     (they belong to other weights: run calibrate-preference and the benchmark on the result)."""
     if len(weights) < 2:
-        raise ValueError("averaging needs at least two weight files")
+        raise DoseAIError("averaging needs at least two weight files")
     out = Path(out)
     refuse_overwrite(out, force)
     states = [torch.load(path, map_location="cpu", weights_only=True) for path in weights]

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_CONFIG, MEAN_OFFSET_SIGMA_ZYX,
                                            build_dvh_net, load_matching_weights, structure_masks)
 from doseai.errors import DoseAIError
-from doseai.models.features import GridSpec, channel_names
+from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.paths import cache_root
 from doseai.train.dataset import cache_folder, prepare_split
@@ -52,7 +52,7 @@ from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everythin
 
 CHANNELS = channel_names()
 BODY = CHANNELS.index("body")
-SWAP_CHANNELS = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
+MIRROR_ORDER = mirror_order(CHANNELS)
 MIN_BODY_VOXELS = 1000
 # Weight of the edited curve in the projection of a single-curve edit. Measured on the held-out Pareto sets
 # (mix targets, "this OAR's curve at 80 % of its doses"): the target lowers that OAR in 66 % of the edits at 10,
@@ -184,13 +184,9 @@ def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_w
     """Left-right mirror (parotid channels, DVH rows and their curve weights swapped) and small shifts;
     ``dose`` (k, z, y, x) and ``desired`` (structures, points) or (k, structures, points) may hold several."""
     if rng.random() < 0.5:
-        features, dose = features[..., ::-1].copy(), dose[..., ::-1]
-        desired, curve_weights = desired.copy(), curve_weights.copy()
-        a, b = SWAP_CHANNELS
-        features[[a, b]] = features[[b, a]]
-        ra, rb = structures.index("Parotid_R"), structures.index("Parotid_L")
-        desired[..., [ra, rb], :] = desired[..., [rb, ra], :]  # one DVH vector or a stack of them
-        curve_weights[[ra, rb]] = curve_weights[[rb, ra]]
+        features, dose = features[MIRROR_ORDER, ..., ::-1], dose[..., ::-1]  # fancy indexing copies
+        rows = mirror_order(structures)
+        desired, curve_weights = desired[..., rows, :], curve_weights[rows]  # one DVH vector or a stack of them
     shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
     return (np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1)), desired,
             curve_weights)

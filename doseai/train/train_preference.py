@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from doseai.models.features import GridSpec, channel_names
+from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
 from doseai.paths import cache_root
@@ -30,18 +30,14 @@ CHANNELS = channel_names()
 OAR_SLICE = slice(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1)
 TARGET = CHANNELS.index("target_dose")
 BODY = CHANNELS.index("body")
-SWAP_ON_FLIP = (CHANNELS.index("Parotid_R"), CHANNELS.index("Parotid_L"))
+MIRROR_ORDER = mirror_order(CHANNELS)
 
 
 def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike.
     Torch tensors, so that on a GPU the whole training set stays on the device."""
     if rng.random() < 0.5:
-        features, dose = features.flip(-1), dose.flip(-1)
-        a, b = SWAP_ON_FLIP
-        order = list(range(features.shape[1]))
-        order[a], order[b] = b, a
-        features = features[:, order]
+        features, dose = features.flip(-1)[:, MIRROR_ORDER], dose.flip(-1)
     shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
     return torch.roll(features, shift, dims=(-3, -2, -1)), torch.roll(dose, shift, dims=(-3, -2, -1))
 
@@ -213,7 +209,8 @@ def train_preference(
     example = train_features[:1].float()
     use_bf16 = bf16_is_faster(lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example, torch_device)
     print(f"{len(train.ids)} training patients ({int(np.sum(train.has_ct))} with CT), "
-          f"{trainable and sum(p.numel() for p in trainable)} trainable parameters, device {torch_device}, bf16 {'on' if use_bf16 else 'off'}")
+          f"{trainable and sum(p.numel() for p in trainable)} trainable parameters, device {torch_device}, "
+          f"bf16 {'on' if use_bf16 else 'off'}")
     training_start = time.perf_counter()
     epoch, requested_epochs = start_epoch, epochs
     while epoch < epochs:
