@@ -75,9 +75,11 @@ A red warning names what is missing: at least one target (PTV) with a prescripti
 listed; they are treated as absent.</li>
 <li><b>Predict dose</b>: the first click installs missing Python packages after asking (PyTorch through
 the PyTorch extension when it is installed, and MONAI), loads the model and predicts; CPU is enough.
-After the network, a calibration fitted on training plans (from the model card) raises the cold part of
+After the network, a calibration fitted on training plans (from the model card) brings a dose whose level
+in the highest target lies outside the training plans' range back onto it, raises the cold part of
 each target toward its prescription and lowers the OARs' hottest voxels outside targets: the network's dose
-is smooth where a plan is steep.
+is smooth where a plan is steep. The status line warns of an OAR far larger or smaller than any in the
+training cases (most likely another structure under its name), which the network would misread.
 The dose appears over the CT with the dose colour table (0 to 110&nbsp;% of the highest prescription),
 under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's modules accept it).</li>
 <li><b>Preferences</b>: <i>OAR sparing</i> and <i>PTV homogeneity</i> (&minus;1 to 1, 0 = the typical

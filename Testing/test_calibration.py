@@ -5,7 +5,8 @@ measured by Testing/benchmarks/bench_preference.py.)"""
 import numpy as np
 import pytest
 
-from doseai.calibration import CaseRegions, DoseCalibration, apply_calibration, fit_calibration
+from doseai.calibration import (CaseRegions, DoseCalibration, apply_calibration, fit_calibration, plan_level,
+                                plan_level_scale, plan_levels_range)
 from doseai.dvh import dose_at_volume_cc
 
 
@@ -72,9 +73,35 @@ def test_fit_finds_the_lift_that_fixes_cold_targets(small_case):
     assert plain.target_lift == plain.lift_below_top == plain.oar_near_max == 0
 
 
+def test_plan_level_scale_brings_an_out_of_range_level_onto_the_nearest_bound(small_case):
+    regions = CaseRegions.of(small_case)
+    level = plan_level(small_case.dose, regions)
+    assert 0.9 < level < 1.1  # the phantom's plan: mean dose in PTV_70 near 70 Gy
+    within = DoseCalibration(plan_level_range=(level - 0.02, level + 0.02))
+    assert plan_level_scale(small_case.dose, regions, within) == 1.0
+    assert plan_level_scale(small_case.dose, regions, DoseCalibration()) == 1.0  # no range: off
+    cold = small_case.dose * 0.8
+    scale = plan_level_scale(cold, regions, within)
+    assert scale == pytest.approx((level - 0.02) / (0.8 * level))
+    assert plan_level(apply_calibration(cold, regions, within, scale), regions) == pytest.approx(level - 0.02)
+    hot = small_case.dose * 1.2
+    assert plan_level(hot * plan_level_scale(hot, regions, within), regions) == pytest.approx(level + 0.02)
+    assert plan_level_scale(np.zeros_like(cold), regions, within) == 1.0  # no dose in the targets: nothing to scale
+    assert plan_levels_range(np.linspace(0.9, 1.1, 401)) == pytest.approx((0.905, 1.095))
+
+
+def test_fit_keeps_the_given_plan_level_range_and_it_mends_a_cold_plan(small_case):
+    level = plan_level(small_case.dose, CaseRegions.of(small_case))
+    level_range = (level - 0.01, level + 0.01)
+    calibration, fit = fit_calibration([small_case], [small_case.dose * 0.85], plan_level_range=level_range)
+    assert calibration.plan_level_range == level_range
+    assert fit["after"]["dose_score_gy"] < 0.5 * fit["before"]["dose_score_gy"]
+
+
 def test_card_round_trip():
     assert DoseCalibration.from_card({}) is None
-    for calibration in (DoseCalibration(0.4, 1.02, 0.02), DoseCalibration(0.4, 1.02, 0.02, lower_target_lift=0.6)):
+    for calibration in (DoseCalibration(0.4, 1.02, 0.02), DoseCalibration(0.4, 1.02, 0.02, lower_target_lift=0.6),
+                        DoseCalibration(0.4, 1.02, 0.02, plan_level_range=(0.97, 1.05))):
         assert DoseCalibration.from_card({"calibration": {**calibration.as_dict(), "text": "..."}}) == calibration
     assert DoseCalibration(0.4).lift_below_top == 0.4  # cards without a lower lift: one lift for all targets
 
@@ -95,6 +122,29 @@ def test_predictor_applies_the_card_calibration(small_case):
     expected = apply_calibration(raw, CaseRegions.of(small_case), DoseCalibration(0.5, 1.0, 0.02))
     assert np.allclose(calibrated, expected) and not np.allclose(calibrated, raw)
     assert "calibration_s" in predictor.timings
+
+
+def test_predictor_scales_each_case_once_from_its_neutral_dose(small_case):
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.predict import DosePredictor
+
+    predictor = DosePredictor(device="cpu", threads=1)
+    # a range above the network's level forces the scale up; lifts off to see the scale alone
+    predictor.card = {**predictor.card, "calibration": {"target_lift": 0.0, "target_level": 1.0, "oar_near_max": 0.0,
+                                                        "plan_level_range": [1.5, 1.6]}}
+    predictor.set_case(small_case)
+    first = predictor.predict(oar_sparing=0.5)  # before any neutral prediction: the neutral dose is run for it
+    predictor.calibrated = False
+    neutral_raw, raw = predictor.predict(), predictor.predict(oar_sparing=0.5)
+    regions = CaseRegions.of(small_case)
+    scale = 1.5 / plan_level(neutral_raw, regions)
+    assert scale > 1.1 and predictor.timings["plan_level_scale"] == pytest.approx(scale, rel=1e-5)
+    assert np.allclose(first, raw * scale, rtol=1e-5, atol=1e-4)  # the neutral factor, not this dose's own level
+    neutral_raw[:] = 0  # the caller's array is a copy of what the predictor keeps
+    predictor.calibrated = True
+    assert np.allclose(predictor.predict(oar_sparing=0.5), first)
+    predictor.set_case(small_case)  # a new case measures its level again
+    assert np.allclose(predictor.predict(), predictor.calibrate(predictor._prepared.neutral_network_dose[False]))
 
 
 def test_mirror_average_runs_the_network_on_the_swapped_mirror_and_averages(small_case):

@@ -131,3 +131,46 @@ def test_mirror_order_swaps_every_left_right_pair_and_keeps_the_rest():
     order = mirror_order(names)
     assert [names[i] for i in order] == ["ct", "Parotid_L", "Parotid_R", "OpticNrv_R", "Lens_L", "OpticNrv_L", "body"]
     assert [order[i] for i in order] == list(range(len(names)))  # mirroring twice gives the names back
+
+
+def test_unlike_training_flags_an_oar_far_outside_the_training_volumes(small_case):
+    import dataclasses
+
+    from doseai.models.features import structure_volumes_cc, unlike_training
+
+    cord = structure_volumes_cc(small_case, ["SpinalCord"])["SpinalCord"]
+    card = {"inputs": {"training_volumes_cc": {"SpinalCord": [cord / 1.5, cord * 1.5], "Brainstem": [1.0, 50.0]}}}
+    assert unlike_training(small_case, card) == []
+    assert unlike_training(small_case, {"inputs": {}}) == []  # a card without volumes flags nothing
+    # another structure under the cord's name: 3x the largest training cord
+    card["inputs"]["training_volumes_cc"]["SpinalCord"] = [cord / 10, cord / 3]
+    notes = unlike_training(small_case, card)
+    assert len(notes) == 1 and notes[0].startswith(f"SpinalCord is {cord:.0f} cc")
+    card["inputs"]["training_volumes_cc"]["SpinalCord"] = [cord * 3, cord * 10]  # and far too small
+    assert len(unlike_training(small_case, card)) == 1
+    no_cord = np.zeros_like(small_case.structures["SpinalCord"])
+    empty = dataclasses.replace(small_case, structures={**small_case.structures, "SpinalCord": no_cord})
+    assert unlike_training(empty, card) == []  # an empty structure is a missing one, reported as such elsewhere
+
+
+def test_predictor_lists_the_case_warnings_and_the_cli_prints_them(small_case, tmp_path, capsys, caplog):
+    import json
+    import shutil
+
+    from doseai.cli import main
+    from doseai.io import save_case
+    from doseai.predict import DEFAULT_MODEL, DosePredictor
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(DEFAULT_MODEL, weights)
+    card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+    assert "SpinalCord" in card["inputs"]["training_volumes_cc"]  # the shipped card has them
+    card["inputs"]["training_volumes_cc"]["SpinalCord"] = [0.01, 0.02]
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    predictor = DosePredictor(weights, device="cpu", threads=1)
+    predictor.set_case(small_case)
+    assert len(predictor.case_warnings) == 1 and "SpinalCord" in caplog.text
+    case_folder = save_case(small_case, tmp_path / "case", "nrrd")
+    assert main(["predict", "--case", str(case_folder), "--weights", str(weights), "--out",
+                 str(tmp_path / "dose.nrrd")]) == 0
+    assert "warning: SpinalCord is" in capsys.readouterr().err

@@ -440,6 +440,12 @@ def _cmd_predict(args) -> int:
     missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
     if missing:
         print(f"note: structures not in the case (empty model channels): {', '.join(missing)}", file=sys.stderr)
+    for note in predictor.case_warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    scale = predictor.timings.get("plan_level_scale", 1.0)
+    if scale != 1.0:
+        print(f"note: the network's plan level lay outside the training plans' range; dose scaled by {scale:.3f} "
+              "(model card: calibration.plan_level_range)", file=sys.stderr)
     if args.desired_dvh:
         return _predict_from_dvh(args, case, dose, out)
     _write_dose(dose, case, out, args.force)
@@ -578,7 +584,8 @@ def _cmd_train(args) -> int:
               f"{entry['target_level']:g} x Rx, OAR near-max "
               f"{entry['oar_near_max']:g} x Rx; training dose / DVH score {fit['before']['dose_score_gy']:.3f} / "
               f"{fit['before']['dvh_score_gy']:.3f} -> {fit['after']['dose_score_gy']:.3f} / "
-              f"{fit['after']['dvh_score_gy']:.3f} Gy ({fit['patients']} patients)")
+              f"{fit['after']['dvh_score_gy']:.3f} Gy ({fit['patients']} patients); plan level range "
+              f"{entry['plan_level_range'][0]:.3f}-{entry['plan_level_range'][1]:.3f} x Rx")
         path = Path(args.weights).with_suffix(".json")
     elif args.stage == "export-dvh":
         from doseai.train.export import export_dvh_model

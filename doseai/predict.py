@@ -9,6 +9,7 @@ and resamples the dose back, so a slider change or a DVH edit costs a fraction o
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from doseai.case import PlanningCase
 from doseai.errors import DoseAIError, UnreadableInputError
 from doseai.paths import REPO_ROOT
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
 DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v3.pt"
@@ -43,6 +46,7 @@ class _Prepared:
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
     calibration_regions: object = None  # doseai.calibration.CaseRegions, from the first calibrated dose on
     mirrored: "_Prepared | None" = None  # the left-right mirrored anatomy, from the first mirror-averaged dose on
+    neutral_network_dose: dict = field(default_factory=dict)  # {mirror_average: network dose at neutral sliders}
 
 
 class _ModelPredictor:
@@ -77,14 +81,19 @@ class _ModelPredictor:
         route_convolutions_to_onednn(self.net)
         self._torch = torch
         self._prepared: _Prepared | None = None
+        self.case_warnings: list[str] = []
 
     def _build_net(self):
         raise NotImplementedError
 
     def set_case(self, case: PlanningCase) -> None:
-        from doseai.models.features import body_mask, case_features
+        """Prepare ``case``; ``case_warnings`` then lists its structures unlike the training cases' (logged)."""
+        from doseai.models.features import body_mask, case_features, unlike_training
 
         case.require_target()
+        self.case_warnings = unlike_training(case, self.card)
+        for note in self.case_warnings:
+            logger.warning("%s: %s", case.patient_id, note)
         start = time.perf_counter()
         norm_gy = case.max_prescription  # the network sees prescriptions relative to the highest one
         channels, grid = case_features(case, self.spec, norm_gy=norm_gy)
@@ -165,7 +174,7 @@ class DosePredictor(_ModelPredictor):
 
     def calibrate(self, dose: np.ndarray) -> np.ndarray:
         """``dose`` (a network dose of the current case) after the card's calibration; as is without one."""
-        from doseai.calibration import CaseRegions, apply_calibration
+        from doseai.calibration import CaseRegions, apply_calibration, plan_level_scale
 
         p = self._require_case()
         calibration = self.calibration
@@ -174,9 +183,20 @@ class DosePredictor(_ModelPredictor):
         start = time.perf_counter()
         if p.calibration_regions is None:  # once per case
             p.calibration_regions = CaseRegions.of(p.case)
-        dose = apply_calibration(dose, p.calibration_regions, calibration)
+        scale = 1.0
+        if calibration.plan_level_range is not None:  # one factor per case, from the neutral sliders
+            scale = plan_level_scale(self._neutral_network_dose(p), p.calibration_regions, calibration)
+        dose = apply_calibration(dose, p.calibration_regions, calibration, scale)
         p.timings["calibration_s"] = time.perf_counter() - start
+        p.timings["plan_level_scale"] = scale
         return dose
+
+    def _neutral_network_dose(self, p: _Prepared) -> np.ndarray:
+        """The network's dose at neutral sliders (computed once per case unless a neutral prediction came first)."""
+        if self.mirror_average not in p.neutral_network_dose:
+            neutral = self._torch.zeros((1, len(self.card["preference"]["sliders"])), dtype=self._torch.float32)
+            p.neutral_network_dose[self.mirror_average] = self._dose_for(neutral)
+        return p.neutral_network_dose[self.mirror_average]
 
     @property
     def slider_range(self) -> tuple[float, float]:
@@ -189,6 +209,8 @@ class DosePredictor(_ModelPredictor):
             if not (np.isfinite(value) and low <= value <= high):
                 raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
         dose = self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
+        if oar_sparing == 0 and homogeneity == 0:  # what the plan level scale of the case is measured on
+            self._prepared.neutral_network_dose[self.mirror_average] = dose.copy()  # the caller may edit its own
         return self.calibrate(dose) if self.calibrated else dose
 
     def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:

@@ -73,10 +73,10 @@ def slider_tooltips(card: Mapping | None) -> dict[str, str]:
 @dataclass
 class PredictionResult:
     """What :meth:`DosePreferenceLogic.predict` (or :meth:`~DosePreferenceLogic.predictFromDVH`) made: the
-    dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, and the
-    model structures the case lacks. A prediction from a desired DVH also has the desired DVH (model layout),
-    the structures shown as edited and, for each, the mean distance between its predicted and desired curve
-    (percent of the volume, over the model's dose levels)."""
+    dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, the model
+    structures the case lacks and those unlike the training cases'. A prediction from a desired DVH also has
+    the desired DVH (model layout), the structures shown as edited and, for each, the mean distance between
+    its predicted and desired curve (percent of the volume, over the model's dose levels)."""
 
     doseNode: object
     dvh: DVHResult
@@ -86,6 +86,7 @@ class PredictionResult:
     desiredDVH: object = None
     editedStructures: list[str] | None = None
     dvhDistancePct: dict[str, float] = field(default_factory=dict)
+    unlikeTraining: list[str] = field(default_factory=list)  # structures far from the training cases' (see card)
 
     def summary(self) -> str:
         text = f"Predicted in {self.predictSeconds:.2f} s"
@@ -97,6 +98,8 @@ class PredictionResult:
         text += f" (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
         if self.missingStructures:
             text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
+        for note in self.unlikeTraining:
+            text += f". Warning: {note}"
         return text
 
 
@@ -109,8 +112,14 @@ def _calibrationText(predictor) -> str:
     calibration = predictor.calibration if predictor.calibrated else None
     if calibration is None:
         return "none"
-    return (f"target lift {calibration.target_lift:g} (lower targets {calibration.lift_below_top:g}) toward "
+    text = (f"target lift {calibration.target_lift:g} (lower targets {calibration.lift_below_top:g}) toward "
             f"{calibration.target_level:g} x Rx, OAR near-max {calibration.oar_near_max:g} x Rx (model card)")
+    scale = predictor.timings.get("plan_level_scale", 1.0)
+    if scale != 1.0:
+        low, high = calibration.plan_level_range
+        text = (f"dose x {scale:.3f}: the network's plan level fell outside the training plans' "
+                f"{low:.3f}-{high:.3f} x Rx; " + text)
+    return text
 
 
 @dataclass
@@ -658,9 +667,12 @@ class DosePreferenceLogic:
             doseNode.SetAttribute(key, value)
         dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode,
                             reference, referenceLabel)
+        from doseai.models.features import unlike_training
+
         missing = case.missing(model_oars(card))
         logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
-        return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing)
+        return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing,
+                                unlikeTraining=unlike_training(case, card))
 
     # the case the cached predictors hold, the inputs it was made from, and the predictors set to it
     _caseKey = None

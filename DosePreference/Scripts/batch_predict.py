@@ -11,7 +11,9 @@ Each patient folder must hold a CT series and an RTSTRUCT with at least one targ
 prescription (e.g. PTV_70). For each patient ``OUT/<folder name>/`` gets ``RD.dcm`` (RTDOSE in the CT's
 study and frame of reference), ``dvh.csv``, ``metrics.csv`` and ``dvh.png``. A patient that fails is
 reported and skipped, the others are still done. ``OUT/summary.csv`` lists every patient (patient,
-status, error, ptv, ptv_d95_gy, mean_oar_dose_gy, seconds), and the table is printed.
+status, error, ptv, ptv_d95_gy, mean_oar_dose_gy, seconds), and the table is printed; for a patient that
+is done, the error column warns of an OAR far outside the training cases' volumes (another structure under
+its name, most likely).
 
 Exit code: 0 all patients done, 1 some failed, 2 nothing could run (bad arguments, no model, an
 existing summary without --force).
@@ -108,7 +110,8 @@ def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, hom
         reference = case_dvhs(case, case.dose) if case.dose is not None else None
         plot_dvhs(dvhs, out / "dvh.png", reference=reference, title=f"{folder.name}: predicted dose", force=force)
         ptv, d95, mean_oar = summary_values(case, metrics)
-        return PatientResult(folder.name, "done", "", ptv, d95, mean_oar, time.perf_counter() - start)
+        note = "; ".join(f"warning: {text}" for text in predictor.case_warnings)  # structures unlike training
+        return PatientResult(folder.name, "done", note, ptv, d95, mean_oar, time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001 - reported per patient; the batch goes on
         message = " ".join(str(error).split())
         if not isinstance(error, DoseAIError):  # not a known user error: say what kind of failure

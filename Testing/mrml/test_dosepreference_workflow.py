@@ -108,6 +108,33 @@ def test_missing_model_structures_are_stated_not_fatal(scene, model, sample):
     assert "empty model inputs): Larynx" in result.summary()
 
 
+def test_a_structure_unlike_the_training_cases_is_warned_of_not_fatal(scene, model, sample):
+    import dataclasses
+
+    # the body outlined as the spinal cord: far larger than any training case's cord
+    odd = dataclasses.replace(sample, structures={**sample.structures, "SpinalCord": sample.structures["External"]})
+    ct_node, seg_node, _ = nodes_from_case(scene, odd, name="odd")
+    result = DosePreferenceLogic().predict(ct_node, seg_node)
+    assert len(result.unlikeTraining) == 1 and "Warning: SpinalCord is" in result.summary()
+    ct_node, seg_node, _ = nodes_from_case(scene, sample, name="usual")
+    assert DosePreferenceLogic().predict(ct_node, seg_node).unlikeTraining == []
+
+
+def test_the_dose_provenance_names_a_plan_level_scale():
+    from types import SimpleNamespace
+
+    from DosePreferenceLib.logic import _calibrationText
+
+    from doseai.calibration import DoseCalibration
+
+    calibration = DoseCalibration(0.4, 1.04, 0.01, plan_level_range=(0.97, 1.05))
+    predictor = SimpleNamespace(calibration=calibration, calibrated=True, timings={"plan_level_scale": 1.0})
+    assert _calibrationText(predictor).startswith("target lift 0.4")
+    predictor.timings["plan_level_scale"] = 1.125
+    assert _calibrationText(predictor).startswith("dose x 1.125: the network's plan level fell outside the "
+                                                  "training plans' 0.970-1.050 x Rx; target lift 0.4")
+
+
 def test_two_logic_instances_share_the_model_not_the_wrong_case(scene, model, sample):
     """The model (and the case it holds) is shared by every logic instance; a case prepared by another
     instance must never be used for this one."""
