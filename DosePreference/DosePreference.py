@@ -79,7 +79,8 @@ After the network, a calibration fitted on training plans (from the model card) 
 in the highest target lies outside the training plans' range back onto it, raises the cold part of
 each target toward its prescription and lowers the OARs' hottest voxels outside targets: the network's dose
 is smooth where a plan is steep. The status line warns of an OAR far larger or smaller than any in the
-training cases (most likely another structure under its name), which the network would misread.
+training cases (most likely another structure under its name), which the network would misread, and of
+targets reaching beyond the model's field (about 50 &times; 31 &times; 32&nbsp;cm), where the dose is 0.
 The dose appears over the CT with the dose colour table (0 to 110&nbsp;% of the highest prescription),
 under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's modules accept it).</li>
 <li><b>Preferences</b>: <i>OAR sparing</i> and <i>PTV homogeneity</i> (&minus;1 to 1, 0 = the typical

@@ -174,3 +174,22 @@ def test_predictor_lists_the_case_warnings_and_the_cli_prints_them(small_case, t
     assert main(["predict", "--case", str(case_folder), "--weights", str(weights), "--out",
                  str(tmp_path / "dose.nrrd")]) == 0
     assert "warning: SpinalCord is" in capsys.readouterr().err
+
+
+def test_targets_outside_the_model_field_are_measured_and_named(small_case):
+    from doseai.models.features import outside_field, share_outside_grid
+
+    grid = model_geometry(small_case, SMALL_GRID)  # 192 x 144 x 80 mm around a 192 x 192 x 72 mm phantom
+    targets = np.any([small_case.mask(name) for name in small_case.prescriptions], axis=0)
+    assert share_outside_grid(targets, small_case.geometry, grid) == 0.0
+    assert outside_field(small_case, grid) == []
+    assert share_outside_grid(np.ones(small_case.geometry.shape, bool), small_case.geometry, grid) > 0.2
+    # a field 4 slices (20 mm) tall around the targets' centre: their upper and lower slices fall outside
+    short = model_geometry(small_case, GridSpec(shape=(4, 24, 32), spacing=(6.0, 6.0, 5.0)))
+    z_inside = short.physical_to_index(small_case.geometry.index_to_physical(np.argwhere(targets)))[:, 0]
+    expected = np.mean((z_inside < -0.5) | (z_inside > 3.5))
+    assert 0 < expected < 1
+    assert share_outside_grid(targets, small_case.geometry, short) == pytest.approx(expected)
+    notes = outside_field(small_case, short)
+    assert len(notes) == 1 and notes[0].startswith(f"{expected:.1%} of the target voxels lie outside")
+    assert "192 x 144 x 20 mm" in notes[0]

@@ -87,17 +87,18 @@ class _ModelPredictor:
         raise NotImplementedError
 
     def set_case(self, case: PlanningCase) -> None:
-        """Prepare ``case``; ``case_warnings`` then lists its structures unlike the training cases' (logged)."""
-        from doseai.models.features import body_mask, case_features, unlike_training
+        """Prepare ``case``; ``case_warnings`` then lists what in it the model may get wrong (logged): structures
+        unlike the training cases', targets outside the model's field."""
+        from doseai.models.features import body_mask, case_features, outside_field, unlike_training
 
         case.require_target()
-        self.case_warnings = unlike_training(case, self.card)
-        for note in self.case_warnings:
-            logger.warning("%s: %s", case.patient_id, note)
         start = time.perf_counter()
         norm_gy = case.max_prescription  # the network sees prescriptions relative to the highest one
         channels, grid = case_features(case, self.spec, norm_gy=norm_gy)
         prepared_at = time.perf_counter()
+        self.case_warnings = unlike_training(case, self.card) + outside_field(case, grid)
+        for note in self.case_warnings:
+            logger.warning("%s: %s", case.patient_id, note)
         with self._torch.no_grad():
             x = self._torch.from_numpy(channels[np.newaxis]).to(self.device)
             features = self.net.encode_anatomy(x)

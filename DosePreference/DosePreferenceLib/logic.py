@@ -74,7 +74,7 @@ def slider_tooltips(card: Mapping | None) -> dict[str, str]:
 class PredictionResult:
     """What :meth:`DosePreferenceLogic.predict` (or :meth:`~DosePreferenceLogic.predictFromDVH`) made: the
     dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, the model
-    structures the case lacks and those unlike the training cases'. A prediction from a desired DVH also has
+    structures the case lacks and what in the case the model may get wrong. A prediction from a desired DVH also has
     the desired DVH (model layout), the structures shown as edited and, for each, the mean distance between
     its predicted and desired curve (percent of the volume, over the model's dose levels)."""
 
@@ -86,7 +86,7 @@ class PredictionResult:
     desiredDVH: object = None
     editedStructures: list[str] | None = None
     dvhDistancePct: dict[str, float] = field(default_factory=dict)
-    unlikeTraining: list[str] = field(default_factory=list)  # structures far from the training cases' (see card)
+    caseWarnings: list[str] = field(default_factory=list)  # DosePredictor.case_warnings: what the model may get wrong
 
     def summary(self) -> str:
         text = f"Predicted in {self.predictSeconds:.2f} s"
@@ -98,7 +98,7 @@ class PredictionResult:
         text += f" (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
         if self.missingStructures:
             text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
-        for note in self.unlikeTraining:
+        for note in self.caseWarnings:
             text += f". Warning: {note}"
         return text
 
@@ -522,7 +522,7 @@ class DosePreferenceLogic:
         predictor = request.predictor
         result = self._showPrediction(
             request.case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
-            metricsTableNode, predictor.card,
+            metricsTableNode, predictor,
             {"DoseAI.Model": _modelName(predictor), "DoseAI.DesiredDVH": ", ".join(request.edited) or "-"},
             reference=predictor.as_dvhs(request.vector, request.edited), referenceLabel="desired")
         result.desiredDVH, result.editedStructures, result.dvhDistancePct = request.vector, request.edited, distances
@@ -645,15 +645,16 @@ class DosePreferenceLogic:
         predictor = self.predictor()
         return self._showPrediction(
             case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
-            predictor.card, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
+            predictor, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
                              "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)},
             referenceDoseNode=referenceDoseNode)
 
     def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
-                        metricsTableNode, card, attributes: Mapping[str, str], referenceDoseNode=None,
+                        metricsTableNode, predictor, attributes: Mapping[str, str], referenceDoseNode=None,
                         reference=None, referenceLabel: str = "reference") -> PredictionResult:
-        """Put a predicted dose into the dose node (created when None), tagged with ``attributes`` (how it
-        was steered), and show its DVH (dashed: ``reference`` DVHs, else those of ``referenceDoseNode``)."""
+        """Put a predicted dose (by ``predictor``, set to ``case``) into the dose node (created when None), tagged
+        with ``attributes`` (how it was steered), and show its DVH (dashed: ``reference`` DVHs, else those of
+        ``referenceDoseNode``)."""
         from doseai.mrml import create_or_update_dose_node
 
         shown_at = time.time()
@@ -667,12 +668,10 @@ class DosePreferenceLogic:
             doseNode.SetAttribute(key, value)
         dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode,
                             reference, referenceLabel)
-        from doseai.models.features import unlike_training
-
-        missing = case.missing(model_oars(card))
+        missing = case.missing(model_oars(predictor.card))
         logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
         return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing,
-                                unlikeTraining=unlike_training(case, card))
+                                caseWarnings=list(predictor.case_warnings))
 
     # the case the cached predictors hold, the inputs it was made from, and the predictors set to it
     _caseKey = None

@@ -115,9 +115,9 @@ def test_a_structure_unlike_the_training_cases_is_warned_of_not_fatal(scene, mod
     odd = dataclasses.replace(sample, structures={**sample.structures, "SpinalCord": sample.structures["External"]})
     ct_node, seg_node, _ = nodes_from_case(scene, odd, name="odd")
     result = DosePreferenceLogic().predict(ct_node, seg_node)
-    assert len(result.unlikeTraining) == 1 and "Warning: SpinalCord is" in result.summary()
+    assert len(result.caseWarnings) == 1 and "Warning: SpinalCord is" in result.summary()
     ct_node, seg_node, _ = nodes_from_case(scene, sample, name="usual")
-    assert DosePreferenceLogic().predict(ct_node, seg_node).unlikeTraining == []
+    assert DosePreferenceLogic().predict(ct_node, seg_node).caseWarnings == []
 
 
 def test_the_dose_provenance_names_a_plan_level_scale():

@@ -171,3 +171,27 @@ def unlike_training(case: PlanningCase, card: dict) -> list[str]:
             notes.append(f"{name} is {volume:.0f} cc, against {low:.0f}-{high:.0f} cc in the training cases: check "
                          f"that this structure is the {name}; the network reads it as one, and the dose may be off")
     return notes
+
+
+def share_outside_grid(mask: np.ndarray, source: ImageGeometry, grid: ImageGeometry) -> float:
+    """Share of the voxels of ``mask`` (on ``source``) whose centres lie outside ``grid``'s field."""
+    index = np.argwhere(mask)
+    if index.size == 0:
+        return 0.0
+    kji = grid.physical_to_index(source.index_to_physical(index))
+    outside = np.any((kji < -0.5) | (kji > np.array(grid.shape) - 0.5), axis=1)
+    return float(outside.mean())
+
+
+def outside_field(case: PlanningCase, grid: ImageGeometry) -> list[str]:
+    """A line when part of the targets lies outside the model grid ``grid`` (the network's field: there the
+    predicted dose is 0)."""
+    targets = np.zeros(case.geometry.shape, bool)
+    for name in case.prescriptions:
+        targets |= case.mask(name)
+    share = share_outside_grid(targets, case.geometry, grid)
+    if share == 0:
+        return []
+    field_mm = " x ".join(f"{n * s:.0f}" for n, s in zip(grid.shape[::-1], grid.spacing))
+    return [f"{share:.1%} of the target voxels lie outside the model's field ({field_mm} mm in x, y, z; centred on "
+            "the body in-plane and on the targets along z): the predicted dose there is 0"]
