@@ -134,6 +134,7 @@ def test_predictor_scales_each_case_once_from_its_neutral_dose(small_case):
                                                         "plan_level_range": [1.5, 1.6]}}
     predictor.set_case(small_case)
     first = predictor.predict(oar_sparing=0.5)  # before any neutral prediction: the neutral dose is run for it
+    assert predictor.timings["neutral_for_plan_level_s"] > 0 and predictor.timings["condition_network_s"] > 0
     predictor.calibrated = False
     neutral_raw, raw = predictor.predict(), predictor.predict(oar_sparing=0.5)
     regions = CaseRegions.of(small_case)

@@ -196,7 +196,10 @@ class DosePredictor(_ModelPredictor):
         """The network's dose at neutral sliders (computed once per case unless a neutral prediction came first)."""
         if self.mirror_average not in p.neutral_network_dose:
             neutral = self._torch.zeros((1, len(self.card["preference"]["sliders"])), dtype=self._torch.float32)
+            requested = dict(p.timings)  # keep the timings of the dose asked for; this run has its own entry
+            start = time.perf_counter()
             p.neutral_network_dose[self.mirror_average] = self._dose_for(neutral)
+            p.timings.update(requested, neutral_for_plan_level_s=time.perf_counter() - start)
         return p.neutral_network_dose[self.mirror_average]
 
     @property
