@@ -150,9 +150,10 @@ def apply_calibration(dose: np.ndarray, regions: CaseRegions, calibration: DoseC
     return flat.reshape(np.shape(dose))
 
 
-# The searched values. The plan level range is not searched: it is the training plans' own. The two corrections touch different voxels (targets / OARs outside targets), so they are
-# fitted one after the other: the target lift (one for all targets, with its level), then the lift of the lower
-# targets alone, then the OAR near-max with the lifts in place.
+# The searched values. The plan level range is not searched: it is the training plans' own. The two corrections
+# touch different voxels (targets / OARs outside targets), so they are fitted one after the other: the target lift
+# (one for all targets, with its level), then the lift of the lower targets alone, then the OAR near-max with the
+# lifts in place.
 LIFT_GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LEVEL_GRID = (0.98, 1.0, 1.02, 1.04)
 NEAR_MAX_GRID = (0.0, 0.01, 0.02, 0.03, 0.04)

@@ -213,8 +213,9 @@ class DosePredictor(_ModelPredictor):
             if not (np.isfinite(value) and low <= value <= high):
                 raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
         dose = self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
-        if oar_sparing == 0 and homogeneity == 0:  # what the plan level scale of the case is measured on
-            self._prepared.neutral_network_dose[self.mirror_average] = dose.copy()  # the caller may edit its own
+        neutral_doses = self._prepared.neutral_network_dose  # what the case's plan level scale is measured on
+        if oar_sparing == 0 and homogeneity == 0 and self.mirror_average not in neutral_doses:
+            neutral_doses[self.mirror_average] = dose.copy()  # the caller may edit its own
         return self.calibrate(dose) if self.calibrated else dose
 
     def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:

@@ -74,9 +74,9 @@ def slider_tooltips(card: Mapping | None) -> dict[str, str]:
 class PredictionResult:
     """What :meth:`DosePreferenceLogic.predict` (or :meth:`~DosePreferenceLogic.predictFromDVH`) made: the
     dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, the model
-    structures the case lacks and what in the case the model may get wrong. A prediction from a desired DVH also has
-    the desired DVH (model layout), the structures shown as edited and, for each, the mean distance between
-    its predicted and desired curve (percent of the volume, over the model's dose levels)."""
+    structures the case lacks and what in the case the model may get wrong. A prediction from a desired DVH
+    also has the desired DVH (model layout), the structures shown as edited and, for each, the mean distance
+    between its predicted and desired curve (percent of the volume, over the model's dose levels)."""
 
     doseNode: object
     dvh: DVHResult
@@ -86,7 +86,7 @@ class PredictionResult:
     desiredDVH: object = None
     editedStructures: list[str] | None = None
     dvhDistancePct: dict[str, float] = field(default_factory=dict)
-    caseWarnings: list[str] = field(default_factory=list)  # DosePredictor.case_warnings: what the model may get wrong
+    caseWarnings: list[str] = field(default_factory=list)  # the predictor's case_warnings: what it may get wrong
 
     def summary(self) -> str:
         text = f"Predicted in {self.predictSeconds:.2f} s"
@@ -646,7 +646,7 @@ class DosePreferenceLogic:
         return self._showPrediction(
             case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
             predictor, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
-                             "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)},
+                        "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)},
             referenceDoseNode=referenceDoseNode)
 
     def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,

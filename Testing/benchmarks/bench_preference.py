@@ -63,7 +63,7 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
     everyone, with_ct, network_alone = Evaluation(), Evaluation(), Evaluation()
     oar_rows, hom_rows, slider_latency, full_latency = [], [], [], []
-    level_scaled, unlike = {}, {}  # the calibration's plan level scale where it acted; structures unlike training
+    level_scaled, case_warnings = {}, {}  # where the plan level scale acted; DosePredictor.case_warnings
     for pid, path in tqdm(patients, desc="validation patients", unit="patient"):
         case = openkbp.load_npz(path)
         start = time.perf_counter()
@@ -74,7 +74,7 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
         if predictor.timings.get("plan_level_scale", 1.0) != 1.0:
             level_scaled[pid] = predictor.timings["plan_level_scale"]
         if predictor.case_warnings:
-            unlike[pid] = predictor.case_warnings
+            case_warnings[pid] = predictor.case_warnings
         score = score_patient(case, neutral)
         network_alone.patients.append(score_patient(case, network_dose, score.reference_metrics))
         everyone.patients.append(score)
@@ -112,7 +112,7 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
                      "network_alone": {"dose_score_gy": network_alone.dose_score,
                                        "dvh_score_gy": network_alone.dvh_score},
                      "calibration": predictor.calibration.as_dict() if predictor.calibration else None,
-                     "plan_level_scaled": level_scaled, "unlike_training": unlike,
+                     "plan_level_scaled": level_scaled, "case_warnings": case_warnings,
                      # what the DVH score is made of: each metric's error, targets and OARs pooled
                      "per_metric": everyone.errors_by(lambda structure, metric:
                                                       f"{'target' if is_target(structure) else 'OAR'} {metric}")},
@@ -133,10 +133,10 @@ def print_table(result: dict) -> None:
         ("network alone, no calibration: dose / DVH score [Gy]",
          f"{a['network_alone']['dose_score_gy']:.3f} / {a['network_alone']['dvh_score_gy']:.3f}"),
         *((f"  {key}: MAE / bias [Gy]", f"{v['mae']:.2f} / {v['bias']:+.2f}") for key, v in a["per_metric"].items()),
-        ("plan level scaled by the calibration (patients)",
-         f"{len(a['plan_level_scaled'])}: " + ", ".join(f"{pid} x{x:.3f}" for pid, x in a["plan_level_scaled"].items())),
-        ("structures unlike the training cases (patients)", f"{len(a['unlike_training'])}: "
-         + ", ".join(f"{pid} {', '.join(n.split(' is ')[0] for n in notes)}" for pid, notes in a["unlike_training"].items())),
+        ("plan level scaled by the calibration (patients)", f"{len(a['plan_level_scaled'])}: "
+         + ", ".join(f"{pid} x{scale:.3f}" for pid, scale in a["plan_level_scaled"].items())),
+        ("case warnings, e.g. structures unlike training (patients)",  # the warnings themselves are in the JSON
+         f"{len(a['case_warnings'])}: " + ", ".join(a["case_warnings"])),
         ("OAR sparing: monotonic fraction", f"{s['oar_sparing']['monotonic_fraction']:.1%}"),
         ("OAR sparing: mean OAR dose range / neutral", f"{s['oar_sparing']['mean_relative_range']:.1%}"),
         ("OAR sparing: PTV D95 drift mean / max [Gy]",

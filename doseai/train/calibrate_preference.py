@@ -46,7 +46,8 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
         raise DoseAIError(f"no training patient with a plan among the first {limit}")
     level_range = plan_levels_range(levels)
     with tqdm(desc="calibrations tried", unit="fit") as bar:
-        calibration, fit = fit_calibration(cases, doses, progress=lambda *_: bar.update(), plan_level_range=level_range)
+        calibration, fit = fit_calibration(cases, doses, progress=lambda *_: bar.update(),
+                                           plan_level_range=level_range)
     entry = {**calibration.as_dict(),
              "text": "after the network, on the case grid (doseai/calibration.py): when the network's plan level at "
                      "neutral sliders (mean dose in the targets of the highest prescription / that prescription) "
