@@ -4,7 +4,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
 
 from doseai.geometry import ImageGeometry  # noqa: E402
-from doseai.models.features import GridSpec, beam_plate, case_features, channel_names, model_geometry  # noqa: E402
+from doseai.models.features import (  # noqa: E402
+    DEFAULT_GRID, GridSpec, beam_plate, case_features, channel_names, model_geometry, with_slice_spacing)
 from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap  # noqa: E402
 
 SMALL_GRID = GridSpec(shape=(16, 24, 32), spacing=(6.0, 6.0, 5.0))
@@ -193,3 +194,13 @@ def test_targets_outside_the_model_field_are_measured_and_named(small_case):
     notes = outside_field(small_case, short)
     assert len(notes) == 1 and notes[0].startswith(f"{expected:.1%} of the target voxels lie outside")
     assert "192 x 144 x 20 mm" in notes[0]
+
+
+def test_finer_slices_keep_the_field_along_z_and_the_rest_of_the_grid():
+    fine = with_slice_spacing(DEFAULT_GRID, 2.5)
+    assert fine.shape == (128, *DEFAULT_GRID.shape[1:]) and fine.spacing == (*DEFAULT_GRID.spacing[:2], 2.5)
+    assert fine.snap_to_case == DEFAULT_GRID.snap_to_case
+    assert with_slice_spacing(DEFAULT_GRID, 3.0).shape[0] == 107  # 320 mm / 3 mm, to the nearest slice
+    for bad in (0.0, -2.5, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            with_slice_spacing(DEFAULT_GRID, bad)

@@ -219,3 +219,20 @@ def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny
     assert "water-equivalent body" in card["training"]["data"]
     module.train_preference(TINY, prior, "tiny_with_ct", epochs=1, threads=1)
     assert asked == {"train": True, "validation": True}
+
+
+def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path):
+    from doseai.cli import main
+    from doseai.models.features import DEFAULT_GRID
+
+    grids = []
+
+    def recording_train(spec, *args, **kwargs):
+        grids.append(spec)
+        return tmp_path / "last.pt"
+
+    monkeypatch.setattr("doseai.train.train_preference.train_preference", recording_train)
+    common = ["train", "preference", "--run", "r", "--prior", str(tmp_path / "prior.pt"), "--snap-to-case"]
+    assert main(common) == 0 and main([*common, "--slice-mm", "2.5"]) == 0
+    assert grids[0].shape == DEFAULT_GRID.shape and grids[0].snap_to_case
+    assert grids[1].shape == (128, *DEFAULT_GRID.shape[1:]) and grids[1].spacing[2] == 2.5 and grids[1].snap_to_case

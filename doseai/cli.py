@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="train on the training patients without a CT too (water-equivalent body)")
     preference.add_argument("--snap-to-case", action="store_true",
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
+    preference.add_argument("--slice-mm", type=float,
+                            help="slice spacing of the model grid (default: the shipped models' 5 mm); the slice count "
+                                 "follows so that the field along z stays the same (320 mm)")
     preference.add_argument("--time-budget-min", type=float,
                             help="after the first and the second epoch, cut --epochs to what fits in this many "
                                  "minutes at that epoch's pace (the learning-rate schedule follows), e.g. for a "
@@ -547,8 +550,11 @@ def _cmd_train(args) -> int:
     elif args.stage == "preference":
         from dataclasses import replace
 
+        from doseai.models.features import with_slice_spacing
         from doseai.train.train_preference import train_preference
 
+        if args.slice_mm is not None:
+            spec = with_slice_spacing(spec, args.slice_mm)
         spec = replace(spec, snap_to_case=args.snap_to_case)
 
         if not args.prior and not args.no_freeze:

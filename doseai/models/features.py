@@ -14,7 +14,7 @@ interpolated on the way in or back. Channels (float32, [C, z, y, x]):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,15 @@ class GridSpec:
 # the widest are cut, where dose is low). Measured on 12 validation patients, going to this spacing and back
 # costs ~0.8 Gy dose score, versus 1.5 Gy at 7.8 mm (64^3); it trains at ~20 s per epoch of the prior here.
 DEFAULT_GRID = GridSpec(shape=(64, 80, 128), spacing=(3.906, 3.906, 5.0))
+
+
+def with_slice_spacing(spec: GridSpec, slice_mm: float) -> GridSpec:
+    """``spec`` with slices ``slice_mm`` apart and as many as keep its field along z (rounded to a whole slice)."""
+    if not (np.isfinite(slice_mm) and slice_mm > 0):
+        raise ValueError(f"slice spacing must be a positive number of mm, got {slice_mm}")
+    n_slices = max(1, int(round(spec.shape[0] * spec.spacing[2] / slice_mm)))
+    return replace(spec, shape=(n_slices, *spec.shape[1:]), spacing=(*spec.spacing[:2], float(slice_mm)))
+
 
 # an OAR more than this many times larger (or smaller) than in any training case is flagged: most likely
 # another structure under its name, which the network reads as that OAR
