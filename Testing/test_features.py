@@ -3,6 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
 
+from doseai.errors import DoseAIError  # noqa: E402
 from doseai.geometry import ImageGeometry  # noqa: E402
 from doseai.models.features import (  # noqa: E402
     DEFAULT_GRID, GridSpec, beam_plate, case_features, channel_names, model_geometry, with_slice_spacing)
@@ -202,5 +203,5 @@ def test_finer_slices_keep_the_field_along_z_and_the_rest_of_the_grid():
     assert fine.snap_to_case == DEFAULT_GRID.snap_to_case
     assert with_slice_spacing(DEFAULT_GRID, 3.0).shape[0] == 107  # 320 mm / 3 mm, to the nearest slice
     for bad in (0.0, -2.5, float("nan")):
-        with pytest.raises(ValueError, match="positive"):
+        with pytest.raises(DoseAIError, match="positive"):
             with_slice_spacing(DEFAULT_GRID, bad)

@@ -221,7 +221,7 @@ def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny
     assert asked == {"train": True, "validation": True}
 
 
-def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path):
+def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path, capsys):
     from doseai.cli import main
     from doseai.models.features import DEFAULT_GRID
 
@@ -236,3 +236,7 @@ def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path):
     assert main(common) == 0 and main([*common, "--slice-mm", "2.5"]) == 0
     assert grids[0].shape == DEFAULT_GRID.shape and grids[0].snap_to_case
     assert grids[1].shape == (128, *DEFAULT_GRID.shape[1:]) and grids[1].spacing[2] == 2.5 and grids[1].snap_to_case
+    capsys.readouterr()
+    assert main([*common, "--slice-mm", "0"]) == 2 and len(grids) == 2  # refused before any training
+    assert capsys.readouterr().err.strip() == ("doseai train: error: slice spacing must be a positive number of mm, "
+                                               "got 0.0")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from doseai.case import PlanningCase
+from doseai.errors import DoseAIError
 from doseai.geometry import ImageGeometry
 from doseai.resample import resample_to
 from doseai.structures import OPENKBP_OARS
@@ -52,7 +53,7 @@ DEFAULT_GRID = GridSpec(shape=(64, 80, 128), spacing=(3.906, 3.906, 5.0))
 def with_slice_spacing(spec: GridSpec, slice_mm: float) -> GridSpec:
     """``spec`` with slices ``slice_mm`` apart and as many as keep its field along z (rounded to a whole slice)."""
     if not (np.isfinite(slice_mm) and slice_mm > 0):
-        raise ValueError(f"slice spacing must be a positive number of mm, got {slice_mm}")
+        raise DoseAIError(f"slice spacing must be a positive number of mm, got {slice_mm}")
     n_slices = max(1, int(round(spec.shape[0] * spec.spacing[2] / slice_mm)))
     return replace(spec, shape=(n_slices, *spec.shape[1:]), spacing=(*spec.spacing[:2], float(slice_mm)))
 
