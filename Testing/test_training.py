@@ -126,6 +126,38 @@ def test_cached_refinement_anatomy_term_gives_the_same_dose():
                                                                          net.refinement_anatomy_term(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize("refine_film", [False, True])
+def test_folded_inference_refinement_matches_the_layers(refine_film):
+    """Prediction folds the slider modulation into the refinement convolutions and runs in place; it must
+    give the layers' own correction, for every slider position, and training must keep the layers."""
+    from doseai.models.preference import PreferenceDoseNet
+
+    torch.manual_seed(2)
+    net = PreferenceDoseNet(11, config={"refine_film": refine_film, "refine_channels": 8}).eval()
+    for module in net.refine.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            torch.nn.init.normal_(module.weight, std=0.2)
+            torch.nn.init.normal_(module.bias, std=0.2)
+    net.refine[1].weight.data.fill_(-0.3)  # PReLU slopes other than the default
+    net.refine[3].weight.data.fill_(1.7)
+    for modulation in net.refine_film or []:
+        torch.nn.init.normal_(modulation.mlp[-1].weight, std=0.5)
+        torch.nn.init.normal_(modulation.mlp[-1].bias, std=0.2)
+    x, coarse = torch.rand(1, 11, 16, 16, 32), torch.rand(1, 1, 16, 16, 32)
+    term = net.refinement_anatomy_term(x)
+    for position in ([0.0, 0.0], [1.0, -0.4], [-0.7, 0.9]):
+        sliders = torch.tensor([position])
+        with torch.no_grad():
+            layers = net._refinement(x, coarse, sliders)
+            folded = net._refinement_inference(coarse, sliders, term)
+        assert layers.abs().mean() > 1e-2
+        torch.testing.assert_close(folded, layers, rtol=1e-4, atol=1e-5)
+    sliders = torch.tensor([[0.5, 0.5]])
+    latent = net.latent(net.encode_anatomy(x), sliders)
+    net.decode(latent, x, sliders, net.refinement_anatomy_term(x)).sum().backward()  # grad on: the layers
+    assert net.refine[2].weight.grad is not None and net.refine[2].weight.grad.abs().sum() > 0
+
+
 def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
     from dataclasses import replace
 
@@ -152,10 +184,9 @@ def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
 
 def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tmp_path):
     from doseai.models.dose_prior import build_dose_prior
-    from doseai.paths import REPO_ROOT
+    from doseai.predict import DEFAULT_MODEL as weights
     from doseai.train.export import prior_from_weights
 
-    weights = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
     out = prior_from_weights(weights, tmp_path / "prior.pt")
     state = torch.load(out, weights_only=False)
     build_dose_prior(state["config"]).load_state_dict(state["model"])  # strict: every weight of the prior, no more
@@ -168,12 +199,11 @@ def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tm
 def test_average_of_shipped_weights_is_their_midpoint_with_the_first_card_less_its_calibration(tmp_path, small_case):
     import shutil
 
-    from doseai.paths import REPO_ROOT
+    from doseai.predict import DEFAULT_MODEL as shipped
     from doseai.predict import DosePredictor
     from doseai.cli import main
     from doseai.train.export import average_weights
 
-    shipped = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_2.pt"
     first, second = tmp_path / "seed1.pt", tmp_path / "seed2.pt"
     shutil.copy(shipped, first)
     shutil.copy(shipped.with_suffix(".json"), first.with_suffix(".json"))

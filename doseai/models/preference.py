@@ -32,10 +32,15 @@ class SliderModulation(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def scale_shift(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + gamma, beta), each (batch, channels)."""
         gamma, beta = self.mlp(condition).chunk(2, dim=1)
+        return 1 + gamma, beta
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift(condition)
         shape = (x.shape[0], x.shape[1], 1, 1, 1)
-        return x * (1 + gamma.view(shape).to(x.dtype)) + beta.view(shape).to(x.dtype)
+        return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
 
 
 class FiLM(SliderModulation):
@@ -148,6 +153,36 @@ class PreferenceDoseNet(nn.Module):
             hidden = self.refine_film[1](hidden, sliders)
         return conv_out(act_mid(hidden))
 
+    def _refinement_inference(self, coarse: torch.Tensor, sliders: torch.Tensor | None,
+                              anatomy_term: torch.Tensor) -> torch.Tensor:
+        """:meth:`_refinement` without autograd, for one case: the same function, about twice as fast at full
+        resolution on CPU. Each slider modulation is a per-channel affine map right after a convolution, so it
+        is folded into that convolution's weights and bias; the activations run in place (each fresh full-size
+        tensor costs as much as the arithmetic on it); the 3x3x3 convolution between them runs channels-last
+        (oneDNN's preferred layout); the 1x1x1 output convolution is a matrix product."""
+        conv_in, act_in, conv_mid, act_mid, conv_out = self.refine
+        channels = conv_mid.weight.shape[0]
+        ones, zeros = coarse.new_ones(channels), coarse.new_zeros(channels)
+        scale_in, shift_in = ones, zeros
+        scale_mid, shift_mid = ones, zeros
+        if self.refine_film is not None:
+            scale_in, shift_in = (t[0].to(coarse.dtype) for t in self.refine_film[0].scale_shift(sliders))
+            scale_mid, shift_mid = (t[0].to(coarse.dtype) for t in self.refine_film[1].scale_shift(sliders))
+        per_output = (-1, 1, 1, 1, 1)
+        dose_weights = conv_in.weight[:, conv_in.weight.shape[1] - coarse.shape[1]:]  # the anatomy's are in the term
+        hidden = conv3d(coarse, (dose_weights * scale_in.view(per_output)).to(coarse.dtype), shift_in,
+                        padding=conv_in.padding)
+        hidden.addcmul_(anatomy_term.to(hidden.dtype), scale_in.view(1, -1, 1, 1, 1))
+        nn.functional.leaky_relu_(hidden, float(act_in.weight))  # a one-parameter PReLU
+        weights_mid = (conv_mid.weight * scale_mid.view(per_output)).contiguous(memory_format=torch.channels_last_3d)
+        hidden = conv3d(hidden.contiguous(memory_format=torch.channels_last_3d), weights_mid.to(hidden.dtype),
+                        (conv_mid.bias * scale_mid + shift_mid).to(hidden.dtype), padding=conv_mid.padding)
+        nn.functional.leaky_relu_(hidden, float(act_mid.weight))
+        voxels_by_channel = hidden.permute(0, 2, 3, 4, 1).reshape(-1, channels)
+        weights_out = conv_out.weight.view(1, channels).t().to(hidden.dtype)
+        out = voxels_by_channel @ weights_out + conv_out.bias.to(hidden.dtype)
+        return out.view(1, *hidden.shape[2:]).unsqueeze(1)
+
     def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
                      sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +193,10 @@ class PreferenceDoseNet(nn.Module):
         if self.refine is not None and anatomy is not None:
             if self.refine_film is not None and sliders is None:
                 raise ValueError("this model's refinement head needs the slider values")
-            dose = coarse + self._refinement(anatomy, coarse, sliders, anatomy_term)
+            if anatomy_term is not None and not torch.is_grad_enabled() and coarse.shape[0] == 1:
+                dose = coarse + self._refinement_inference(coarse, sliders, anatomy_term)
+            else:
+                dose = coarse + self._refinement(anatomy, coarse, sliders, anatomy_term)
         return coarse, torch.relu(dose)
 
     def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
