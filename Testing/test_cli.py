@@ -107,7 +107,7 @@ def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-plan"]) == 0
     printed = capsys.readouterr().out
-    assert "predicted the dose with dose_preference_v2_2" in printed and "PTV_70" in printed
+    assert "predicted the dose with dose_preference_v2_3" in printed and "PTV_70" in printed
     for name in ("dicom/RD.dcm", "dicom/RS.dcm", "nrrd/dose.nrrd", "report/dvh.png", "report/metrics.csv"):
         assert (out / name).is_file(), name
     assert not (out / "plan").exists()  # --no-plan: the plan step is tested in test_cli_optimize.py

@@ -1,8 +1,8 @@
 """Dose calibration on the case grid: two corrections after the preference network, fitted on training plans.
 
-The network's dose comes from a 5 mm model grid and a coarse latent: it is smooth where a plan is steep.
-Measured on the OpenKBP validation split (dose_preference_v2, neutral sliders), the highest PTV's D99 comes out
-2.4 Gy low and the OARs' D0.1cc 1.3 Gy high, the same on training patients, and going to the grid and back
+The network's dose comes from a model grid (5 mm slices up to v2.2) and a coarse latent: it is smooth where a plan
+is steep. Measured on the OpenKBP validation split (dose_preference_v2, neutral sliders), the highest PTV's D99
+comes out 2.4 Gy low and the OARs' D0.1cc 1.3 Gy high, the same on training patients, and going to the grid and back
 alone already costs the reference plan 1.3 Gy of D99. The corrections are monotonic in the dose, so a slider's
 direction is kept:
 

@@ -50,7 +50,7 @@ def test_export_writes_rtdose_in_the_ct_study_and_the_dvh(scene, mrml_case, tmp_
     ct_node, seg_node, dose_node = nodes_from_case(scene, mrml_case)
     ct_node.SetAttribute("DICOM.instanceUIDs", " ".join(CT_UIDS))
     dose_node.SetName("pt 1 predicted/dose")
-    for key, value in (("DoseAI.Model", "dose_preference_v2_2"), ("DoseAI.OarSparing", "0.5"),
+    for key, value in (("DoseAI.Model", "dose_preference_v2_3"), ("DoseAI.OarSparing", "0.5"),
                        ("DoseAI.Homogeneity", "-0.25")):
         dose_node.SetAttribute(key, value)
     logic = DosePreferenceLogic()
@@ -65,7 +65,7 @@ def test_export_writes_rtdose_in_the_ct_study_and_the_dvh(scene, mrml_case, tmp_
     assert np.abs(dose - mrml_case.dose).max() <= 1e-3 * mrml_case.dose.max()
     assert meta["StudyInstanceUID"] == "1.2.3.4.1" and meta["FrameOfReferenceUID"] == "1.2.3.4.2"
     assert meta["PatientID"] == "HN-042" and str(meta["PatientName"]) == "Doe^Jane"
-    assert meta["SeriesDescription"] == "DoseAI dose_preference_v2_2 OAR +0.50 HI -0.25"
+    assert meta["SeriesDescription"] == "DoseAI dose_preference_v2_3 OAR +0.50 HI -0.25"
 
     with open(paths["metrics"], newline="") as handle:
         metrics = {row["structure"]: row for row in csv.DictReader(handle)}
