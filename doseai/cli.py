@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     preference.add_argument("--snap-to-case", action="store_true",
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
     preference.add_argument("--slice-mm", type=float,
-                            help="slice spacing of the model grid (default 5 mm, as the DVH model and the preference models up "
-                                 "to v2.2; v2.3 uses 2.5); the slice count follows so that the field along z stays "
-                                 "the same (320 mm)")
+                            help="slice spacing of the model grid (default 5 mm, as the DVH model and the preference "
+                                 "models up to v2.2; v2.3 uses 2.5); the slice count follows so that the field "
+                                 "along z stays the same (320 mm)")
     preference.add_argument("--time-budget-min", type=float,
                             help="after the first and the second epoch, cut --epochs to what fits in this many "
                                  "minutes at that epoch's pace (the learning-rate schedule follows), e.g. for a "

@@ -154,7 +154,9 @@ def slider_model(monkeypatch):
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
     from DosePreferenceLib import DosePreferenceLogic
 
-    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or REPO_ROOT / "Resources/Models/dose_preference_v2_3.pt")
+    from doseai.predict import DEFAULT_MODEL
+
+    weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or DEFAULT_MODEL)
     if not weights.is_file():
         pytest.skip(f"model weights not found at {weights}")
     monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards

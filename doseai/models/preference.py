@@ -169,7 +169,7 @@ class PreferenceDoseNet(nn.Module):
             scale_in, shift_in = (t[0].to(coarse.dtype) for t in self.refine_film[0].scale_shift(sliders))
             scale_mid, shift_mid = (t[0].to(coarse.dtype) for t in self.refine_film[1].scale_shift(sliders))
         per_output = (-1, 1, 1, 1, 1)
-        dose_weights = conv_in.weight[:, conv_in.weight.shape[1] - coarse.shape[1]:]  # the anatomy's are in the term
+        dose_weights = conv_in.weight[:, -coarse.shape[1]:]  # the anatomy channels' part is in the term
         hidden = conv3d(coarse, (dose_weights * scale_in.view(per_output)).to(coarse.dtype), shift_in,
                         padding=conv_in.padding)
         hidden.addcmul_(anatomy_term.to(hidden.dtype), scale_in.view(1, -1, 1, 1, 1))
