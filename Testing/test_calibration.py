@@ -145,7 +145,8 @@ def test_predictor_scales_each_case_once_from_its_neutral_dose(small_case):
     predictor.calibrated = True
     assert np.allclose(predictor.predict(oar_sparing=0.5), first)
     predictor.set_case(small_case)  # a new case measures its level again
-    assert np.allclose(predictor.predict(), predictor.calibrate(predictor._prepared.neutral_network_dose[False]))
+    assert np.allclose(predictor.predict(), predictor.calibrate(
+        predictor._prepared.neutral_network_dose[predictor.network_mode]))
 
 
 def test_mirror_average_runs_the_network_on_the_swapped_mirror_and_averages(small_case):
@@ -177,6 +178,35 @@ def test_mirror_average_runs_the_network_on_the_swapped_mirror_and_averages(smal
     dvh.mirror_average = True
     with pytest.raises(DoseAIError, match="mirror"):
         dvh.predict(dvh.dvh_vector(small_case.dose))
+    dvh.mirror_average, dvh.mirror_neutral = False, True
+    with pytest.raises(DoseAIError, match="mirror_neutral"):
+        dvh.predict(dvh.dvh_vector(small_case.dose))
+
+
+def test_mirror_neutral_adds_the_neutral_mirror_correction_to_every_slider_position(small_case):
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.predict import DosePredictor
+
+    predictor = DosePredictor(device="cpu", threads=1)
+    predictor.calibrated, predictor.mirror_average, predictor.mirror_neutral = False, False, False
+    predictor.set_case(small_case)
+    plain_neutral, plain_spared = predictor.predict(), predictor.predict(oar_sparing=0.8)
+    predictor.mirror_average = True
+    averaged_neutral, averaged_spared = predictor.predict(), predictor.predict(oar_sparing=0.8)
+
+    predictor.mirror_average, predictor.mirror_neutral = False, True
+    assert predictor.network_mode == "mirror_neutral"
+    spared = predictor.predict(oar_sparing=0.8)  # first: the correction is computed here
+    neutral = predictor.predict()
+    # at neutral sliders: the mirror average; elsewhere: the network's slider effect on top of it
+    assert np.allclose(neutral, averaged_neutral, atol=1e-4)
+    dosed = np.minimum.reduce([neutral, spared, plain_neutral, plain_spared]) > 1.0  # no clipping at 0 there
+    assert dosed.sum() > 1000
+    assert np.allclose((spared - neutral)[dosed], (plain_spared - plain_neutral)[dosed], atol=1e-3)
+    assert not np.allclose(spared, averaged_spared, atol=1e-3)  # not the mirror average at that position
+    assert not np.allclose(neutral, plain_neutral, atol=1e-3)
+    predictor.mirror_average = True  # takes precedence
+    assert predictor.network_mode == "mirror_average" and np.allclose(predictor.predict(), averaged_neutral)
 
 
 def test_calibration_fit_with_mirror_average_records_it_in_the_card(small_case, tmp_path, monkeypatch):
@@ -198,3 +228,6 @@ def test_calibration_fit_with_mirror_average_records_it_in_the_card(small_case, 
     assert DosePredictor(weights, device="cpu", threads=1).mirror_average
     calibrate_preference(weights, limit=1, threads=1, mirror_average=False)
     assert json.loads(weights.with_suffix(".json").read_text())["inference"]["mirror_average"] is False
+    calibrate_preference(weights, limit=1, threads=1, mirror_neutral=True)
+    assert json.loads(weights.with_suffix(".json").read_text())["inference"]["mirror_neutral"] is True
+    assert DosePredictor(weights, device="cpu", threads=1).network_mode == "mirror_neutral"

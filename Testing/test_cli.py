@@ -103,11 +103,12 @@ def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
     from doseai.io import load_case
     from doseai.io.dicom import read_rtdose
+    from doseai.predict import DEFAULT_MODEL
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-plan"]) == 0
     printed = capsys.readouterr().out
-    assert "predicted the dose with dose_preference_v2_3" in printed and "PTV_70" in printed
+    assert f"predicted the dose with {DEFAULT_MODEL.stem}" in printed and "PTV_70" in printed
     for name in ("dicom/RD.dcm", "dicom/RS.dcm", "nrrd/dose.nrrd", "report/dvh.png", "report/metrics.csv"):
         assert (out / name).is_file(), name
     assert not (out / "plan").exists()  # --no-plan: the plan step is tested in test_cli_optimize.py
@@ -134,4 +135,10 @@ def test_demo_and_predict_with_the_shipped_model(tmp_path, capsys):
                  "--out", str(mirrored)]) == 0
     assert "mirror-averaged" in capsys.readouterr().out
     assert not np.allclose(read_rtdose(mirrored)[0], dose, atol=0.05)
+    for flag in ("--mirror-neutral", "--no-mirror-neutral"):  # the card's default either way
+        assert main(["predict", "--case", str(out / "dicom"), "--oar-sparing", "1", flag,
+                     "--out", str(tmp_path / f"{flag}.dcm")]) == 0
+        assert ("mirror-averaged at neutral" in capsys.readouterr().out) == (flag == "--mirror-neutral")
+    assert not np.allclose(read_rtdose(tmp_path / "--mirror-neutral.dcm")[0],
+                           read_rtdose(tmp_path / "--no-mirror-neutral.dcm")[0], atol=0.05)
     assert main(["predict", "--case", str(out / "dicom"), "--homogeneity", "3", "--out", str(tmp_path / "x.nrrd")]) == 2

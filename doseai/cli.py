@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
                          help="average the network's dose over the case and its left-right mirror: twice the network "
                               "time (default: as the model card's inference section says)")
+    predict.add_argument("--mirror-neutral", action=argparse.BooleanOptionalAction,
+                         help="average over the case and its mirror at neutral sliders only, once per case, and carry "
+                              "that correction to any slider position: one network run per slider change (default: "
+                              "as the model card's inference section says)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
     predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH})")
@@ -111,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="train on the model grid snapped to each case's voxel lattice (as predictions use)")
     preference.add_argument("--slice-mm", type=float,
                             help="slice spacing of the model grid (default 5 mm, as the DVH model and the preference "
-                                 "models up to v2.2; v2.3 uses 2.5); the slice count follows so that the field "
-                                 "along z stays the same (320 mm)")
+                                 "models up to v2.2; v2.3 and later use 2.5); the slice count follows so that the "
+                                 "field along z stays the same (320 mm)")
     preference.add_argument("--time-budget-min", type=float,
                             help="after the first and the second epoch, cut --epochs to what fits in this many "
                                  "minutes at that epoch's pace (the learning-rate schedule follows), e.g. for a "
@@ -164,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_pref.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
                                 help="fit on doses averaged over the case and its left-right mirror, and make that "
                                      "the card's default (default: as the card says)")
+    calibrate_pref.add_argument("--mirror-neutral", action=argparse.BooleanOptionalAction,
+                                help="fit on doses whose neutral part is averaged over the case and its mirror (see "
+                                     "predict --mirror-neutral), and make that the card's default (default: as the "
+                                     "card says)")
     export_dvh = train_sub.add_parser("export-dvh", help="write the DVH-conditioned model's weights + model card")
     export_dvh.add_argument("--checkpoint", required=True)
     export_dvh.add_argument("--out", default=SHIPPED_DVH)
@@ -434,11 +442,14 @@ def _cmd_predict(args) -> int:
     predictor.calibrated = not args.no_calibration
     if args.mirror_average is not None:
         predictor.mirror_average = args.mirror_average
+    if args.mirror_neutral is not None:
+        predictor.mirror_neutral = args.mirror_neutral
     start = time.perf_counter()
     dose = predictor.predict_case(case, args.oar_sparing, args.homogeneity)
     calibration = "no calibration" if args.no_calibration or predictor.calibration is None else "calibrated"
-    if predictor.mirror_average:
-        calibration += ", mirror-averaged"
+    if predictor.network_mode != "plain":
+        calibration += {"mirror_average": ", mirror-averaged", "mirror_neutral": ", mirror-averaged at neutral"}[
+            predictor.network_mode]
     print(f"predicted {case.patient_id} on {predictor.device} in {time.perf_counter() - start:.2f} s "
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f}, {calibration})")
     missing = case.missing(predictor.card["inputs"]["channels"][2:-2])
@@ -585,7 +596,8 @@ def _cmd_train(args) -> int:
     elif args.stage == "calibrate-preference":
         from doseai.train.calibrate_preference import calibrate_preference
 
-        entry = calibrate_preference(Path(args.weights), args.limit, args.threads, args.mirror_average)
+        entry = calibrate_preference(Path(args.weights), args.limit, args.threads, args.mirror_average,
+                                     args.mirror_neutral)
         fit = entry["fit"]
         print(f"target lift {entry['target_lift']:g} (lower targets {entry['lower_target_lift']:g}) to "
               f"{entry['target_level']:g} x Rx, OAR near-max "

@@ -46,7 +46,10 @@ class _Prepared:
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
     calibration_regions: object = None  # doseai.calibration.CaseRegions, from the first calibrated dose on
     mirrored: "_Prepared | None" = None  # the left-right mirrored anatomy, from the first mirror-averaged dose on
-    neutral_network_dose: dict = field(default_factory=dict)  # {mirror_average: network dose at neutral sliders}
+    neutral_network_dose: dict = field(default_factory=dict)  # {network mode: network dose at neutral sliders}
+    # mirror_neutral (model grid, once per case): the network's neutral dose, and half the mirror's difference to it
+    neutral_model_grid: np.ndarray | None = None
+    mirror_correction: np.ndarray | None = None
 
 
 class _ModelPredictor:
@@ -70,7 +73,11 @@ class _ModelPredictor:
         self.card = load_card(self.weights)
         # average the network's dose over the case and its left-right mirror (the training augments with
         # mirrors); the card says whether its calibration was fitted that way. Settable: False halves the time.
-        self.mirror_average = bool(self.card.get("inference", {}).get("mirror_average", False))
+        inference = self.card.get("inference", {})
+        self.mirror_average = bool(inference.get("mirror_average", False))
+        # the same average at neutral sliders only, once per case, carried into every slider position as a
+        # correction (see DosePredictor); settable, like mirror_average, which takes precedence
+        self.mirror_neutral = bool(inference.get("mirror_neutral", False))
         self.spec = GridSpec.from_card(self.card)
         self.device = pick_device(device)
         self.net = self._build_net()
@@ -130,6 +137,21 @@ class _ModelPredictor:
             dose = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, **p.decode_extras)
             return dose[0, 0].float().cpu().numpy()
 
+    def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:
+        if self.network_mode == "mirror_neutral":  # DosePredictor's: neutral means its sliders at 0
+            raise DoseAIError(f"{self.weights.name}: mirror_neutral needs neutral sliders (the preference model)")
+        dose = self._network_dose(p, condition)
+        if self.mirror_average:
+            dose = 0.5 * (dose + self._network_dose(self._mirrored(p), condition)[..., ::-1])
+        return dose
+
+    @property
+    def network_mode(self) -> str:
+        """How the network's dose is formed: "mirror_average", "mirror_neutral" or "plain"."""
+        if self.mirror_average:
+            return "mirror_average"
+        return "mirror_neutral" if self.mirror_neutral else "plain"
+
     def _dose_for(self, condition) -> np.ndarray:
         """Dose in Gy on the case grid (0 outside the body) for a (1, n) condition tensor."""
         from doseai.resample import resample_to
@@ -137,10 +159,7 @@ class _ModelPredictor:
         p = self._require_case()
         start = time.perf_counter()
         condition = condition.to(self.device)
-        dose_model_grid = self._network_dose(p, condition)
-        if self.mirror_average:
-            mirrored = self._network_dose(self._mirrored(p), condition)[..., ::-1]
-            dose_model_grid = 0.5 * (dose_model_grid + mirrored)
+        dose_model_grid = self._model_grid_dose(p, condition)
         network_at = time.perf_counter()
         dose = resample_to(dose_model_grid * p.norm_gy, p.grid, p.case.geometry)
         dose = np.clip(dose, 0.0, None) * p.body
@@ -194,13 +213,30 @@ class DosePredictor(_ModelPredictor):
 
     def _neutral_network_dose(self, p: _Prepared) -> np.ndarray:
         """The network's dose at neutral sliders (computed once per case unless a neutral prediction came first)."""
-        if self.mirror_average not in p.neutral_network_dose:
-            neutral = self._torch.zeros((1, len(self.card["preference"]["sliders"])), dtype=self._torch.float32)
+        if self.network_mode not in p.neutral_network_dose:
             requested = dict(p.timings)  # keep the timings of the dose asked for; this run has its own entry
             start = time.perf_counter()
-            p.neutral_network_dose[self.mirror_average] = self._dose_for(neutral)
+            p.neutral_network_dose[self.network_mode] = self._dose_for(self._neutral_condition())
             p.timings.update(requested, neutral_for_plan_level_s=time.perf_counter() - start)
-        return p.neutral_network_dose[self.mirror_average]
+        return p.neutral_network_dose[self.network_mode]
+
+    def _neutral_condition(self):
+        return self._torch.zeros((1, len(self.card["preference"]["sliders"])), dtype=self._torch.float32)
+
+    def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:
+        """With ``mirror_neutral`` (and not ``mirror_average``): once per case the network also runs at neutral
+        sliders on the mirrored case; half the difference of that dose (mirrored back) to the case's own neutral
+        dose is added to the dose at every slider position. The neutral dose is then the mirror average, and a
+        slider change still runs the network once, its effect being the network's own."""
+        if self.network_mode != "mirror_neutral":
+            return super()._model_grid_dose(p, condition)
+        if p.mirror_correction is None:
+            neutral = self._neutral_condition().to(condition.device)
+            p.neutral_model_grid = self._network_dose(p, neutral)
+            mirrored = self._network_dose(self._mirrored(p), neutral)[..., ::-1]
+            p.mirror_correction = 0.5 * (mirrored - p.neutral_model_grid)
+        at_neutral = not bool(condition.any())
+        return (p.neutral_model_grid if at_neutral else self._network_dose(p, condition)) + p.mirror_correction
 
     @property
     def slider_range(self) -> tuple[float, float]:
@@ -214,8 +250,8 @@ class DosePredictor(_ModelPredictor):
                 raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
         dose = self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
         neutral_doses = self._prepared.neutral_network_dose  # what the case's plan level scale is measured on
-        if oar_sparing == 0 and homogeneity == 0 and self.mirror_average not in neutral_doses:
-            neutral_doses[self.mirror_average] = dose.copy()  # the caller may edit its own
+        if oar_sparing == 0 and homogeneity == 0 and self.network_mode not in neutral_doses:
+            neutral_doses[self.network_mode] = dose.copy()  # the caller may edit its own
         return self.calibrate(dose) if self.calibrated else dose
 
     def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:

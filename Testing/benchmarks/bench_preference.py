@@ -106,6 +106,7 @@ def run(weights: Path, limit: int | None, threads: int | None) -> dict:
     return {
         "weights": str(weights), "machine": platform.processor() or platform.machine(),
         "device": str(predictor.device), "device_name": _device_name(predictor.device), "patients": len(patients),
+        "network_mode": predictor.network_mode,
         "accuracy": {"dose_score_gy": everyone.dose_score, "dvh_score_gy": everyone.dvh_score,
                      "with_ct": {"patients": len(with_ct.patients), "dose_score_gy": with_ct.dose_score,
                                  "dvh_score_gy": with_ct.dvh_score},
@@ -130,7 +131,7 @@ def print_table(result: dict) -> None:
     rows = [
         ("dose score [Gy] (all / with CT)", f"{a['dose_score_gy']:.3f} / {a['with_ct']['dose_score_gy']:.3f}"),
         ("DVH score [Gy] (all / with CT)", f"{a['dvh_score_gy']:.3f} / {a['with_ct']['dvh_score_gy']:.3f}"),
-        ("network alone, no calibration: dose / DVH score [Gy]",
+        (f"network alone ({result['network_mode']}), no calibration: dose / DVH score [Gy]",
          f"{a['network_alone']['dose_score_gy']:.3f} / {a['network_alone']['dvh_score_gy']:.3f}"),
         *((f"  {key}: MAE / bias [Gy]", f"{v['mae']:.2f} / {v['bias']:+.2f}") for key, v in a["per_metric"].items()),
         ("plan level scaled by the calibration (patients)", f"{len(a['plan_level_scaled'])}: "
@@ -176,7 +177,8 @@ def main() -> None:
     elif args.record:
         from doseai.train.export import record_validation
 
-        record_validation(args.weights, {k: result[k] for k in ("accuracy", "steerability", "latency_s", "device")}
+        record_validation(args.weights, {k: result[k] for k in ("accuracy", "steerability", "latency_s", "device",
+                                                                 "network_mode")}
                           | {"benchmark": "Testing/benchmarks/bench_preference.py"})
     if args.record_latency:
         from doseai.train.export import update_card

@@ -12,12 +12,13 @@ from doseai.train.export import update_card
 
 
 def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = None,
-                         mirror_average: bool | None = None) -> dict:
+                         mirror_average: bool | None = None, mirror_neutral: bool | None = None) -> dict:
     """Predict the first ``limit`` training patients with a plan (neutral sliders, network alone), fit the
     calibration minimising their dose score + DVH score, with the plan level range of all training plans in
     place, and write it into the card next to ``weights``.
     ``mirror_average`` (None: as the card says) predicts through the case and its mirror; the card then
-    records it beside the calibration, since one is fitted to the other."""
+    records it beside the calibration, since one is fitted to the other; ``mirror_neutral`` likewise (the mirror
+    average at neutral sliders only, see ``DosePredictor``)."""
     from doseai.calibration import CaseRegions, fit_calibration, plan_level, plan_levels_range
     from doseai.models.features import structure_volumes_cc
     from doseai.structures import OPENKBP_OARS
@@ -29,6 +30,8 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
     predictor.calibrated = False
     if mirror_average is not None:
         predictor.mirror_average = mirror_average
+    if mirror_neutral is not None:
+        predictor.mirror_neutral = mirror_neutral
     cases, doses, levels, volumes = [], [], [], {}
     paths = list(openkbp.list_patients(openkbp_root() / "train").values())
     for index, path in enumerate(tqdm(paths, desc="training patients (plan levels; the first "
@@ -62,10 +65,13 @@ def calibrate_preference(weights: Path, limit: int = 60, threads: int | None = N
                      "plan_level_range_from": f"2.5th and 97.5th percentiles of the plan levels of the "
                                               f"{len(levels)} OpenKBP training plans",
                      "command": "doseai train calibrate-preference"}}
-    inference = {"mirror_average": predictor.mirror_average,
+    inference = {"mirror_average": predictor.mirror_average, "mirror_neutral": predictor.mirror_neutral,
                  "text": "mirror_average: the network runs on the case and on its left-right mirror (left and right "
                          "structures swapped) and the two doses, the second mirrored back, are averaged before the "
-                         "calibration; twice the network time per prediction"}
+                         "calibration; twice the network time per prediction. mirror_neutral (when mirror_average "
+                         "is off): the same average at neutral sliders only, once per case; half the mirror's "
+                         "difference is added to the dose at every slider position, so a slider change runs the "
+                         "network once (a new case runs it once more)"}
     training_volumes = {name: [round(min(cc), 1), round(max(cc), 1)] for name, cc in sorted(volumes.items())}
 
     def write(card: dict) -> None:
