@@ -118,7 +118,9 @@ folder. Existing files are overwritten only after you confirm.</li>
 any dose; <code>logic.predictFromDVH(ctNode, segNode, {"Parotid_L": (doseGy, volumePct)},
 doseNode=result.doseNode)</code> predicts from edited DVH curves;
 <code>logic.predictor().mirror_average = True</code> also runs the network on the left-right mirrored case
-and averages the two doses (slightly more accurate, twice the time per slider change).
+and averages the two doses at every slider position (twice the time per slider change); the shipped card's
+<code>mirror_neutral</code> does that at neutral sliders only, once per case, and carries the correction to every
+slider position (one network run per slider change).
 Batch over a folder of DICOM studies:
 <code>DosePreference/Scripts/batch_predict.py</code> (see the README).</p>
 <p>The predicted dose is a model estimate for research, not a deliverable plan.</p>
