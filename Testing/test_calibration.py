@@ -197,7 +197,9 @@ def test_mirror_neutral_adds_the_neutral_mirror_correction_to_every_slider_posit
     predictor.mirror_average, predictor.mirror_neutral = False, True
     assert predictor.network_mode == "mirror_neutral"
     spared = predictor.predict(oar_sparing=0.8)  # first: the correction is computed here
+    assert 0 < predictor.timings["mirror_correction_s"] < predictor.timings["condition_network_s"]
     neutral = predictor.predict()
+    assert "mirror_correction_s" not in predictor.timings  # once per case
     # at neutral sliders: the mirror average; elsewhere: the network's slider effect on top of it
     assert np.allclose(neutral, averaged_neutral, atol=1e-4)
     dosed = np.minimum.reduce([neutral, spared, plain_neutral, plain_spared]) > 1.0  # no clipping at 0 there

@@ -239,9 +239,11 @@ def _cmd_demo(args) -> int:
     predictor.set_case(case)
     case.dose = predictor.predict(args.oar_sparing, args.homogeneity)
     timings = predictor.timings
+    mirror_s = timings.get("mirror_correction_s", 0.0)  # once per case, within the first dose's network time
     print(f"predicted the dose with {predictor.card['name']} on {predictor.device}: case preparation "
-          f"{timings['features_s'] + timings['encoder_s']:.2f} s, slider-dependent part "
-          f"{timings['condition_network_s'] + timings['resample_back_s']:.2f} s "
+          f"{timings['features_s'] + timings['encoder_s'] + mirror_s:.2f} s"
+          f"{' (with the mirror at neutral sliders)' if mirror_s else ''}, slider-dependent part "
+          f"{timings['condition_network_s'] - mirror_s + timings['resample_back_s']:.2f} s "
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
     save_case(case, out / "dicom", "dicom", force=args.force)
     save_case(case, out / "nrrd", "nrrd", force=args.force)

@@ -158,6 +158,7 @@ class _ModelPredictor:
 
         p = self._require_case()
         start = time.perf_counter()
+        p.timings.pop("mirror_correction_s", None)  # set again only by the call that computes it
         condition = condition.to(self.device)
         dose_model_grid = self._model_grid_dose(p, condition)
         network_at = time.perf_counter()
@@ -231,10 +232,12 @@ class DosePredictor(_ModelPredictor):
         if self.network_mode != "mirror_neutral":
             return super()._model_grid_dose(p, condition)
         if p.mirror_correction is None:
+            start = time.perf_counter()
             neutral = self._neutral_condition().to(condition.device)
             p.neutral_model_grid = self._network_dose(p, neutral)
             mirrored = self._network_dose(self._mirrored(p), neutral)[..., ::-1]
             p.mirror_correction = 0.5 * (mirrored - p.neutral_model_grid)
+            p.timings["mirror_correction_s"] = time.perf_counter() - start  # part of this call's network time
         at_neutral = not bool(condition.any())
         return (p.neutral_model_grid if at_neutral else self._network_dose(p, condition)) + p.mirror_correction
 
