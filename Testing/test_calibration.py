@@ -196,7 +196,9 @@ def test_mirror_neutral_adds_the_neutral_mirror_correction_to_every_slider_posit
 
     predictor.mirror_average, predictor.mirror_neutral = False, True
     assert predictor.network_mode == "mirror_neutral"
+    predictor.set_case(small_case)  # a fresh case: nothing mirrored yet
     spared = predictor.predict(oar_sparing=0.8)  # first: the correction is computed here
+    assert predictor._prepared.mirrored is None  # the mirror, used once, is not kept with the case
     assert 0 < predictor.timings["mirror_correction_s"] < predictor.timings["condition_network_s"]
     neutral = predictor.predict()
     assert "mirror_correction_s" not in predictor.timings  # once per case

@@ -119,16 +119,21 @@ class _ModelPredictor:
             raise DoseAIError("call set_case(case) before predict()")
         return self._prepared
 
-    def _mirrored(self, p: _Prepared) -> _Prepared:
-        if p.mirrored is None:  # once per case: the condition-free half of the network on the mirror
-            from doseai.models.features import mirror_order
+    def _mirrored(self, p: _Prepared, keep: bool = True) -> _Prepared:
+        """The condition-free half of the network on the mirrored case, kept with ``p`` (once per case) unless
+        ``keep`` is False: a single use need not hold its full-resolution tensors (~160 MB on the 2.5 mm grid)."""
+        if p.mirrored is not None:
+            return p.mirrored
+        from doseai.models.features import mirror_order
 
-            with self._torch.no_grad():
-                x = p.anatomy.flip(-1)[:, mirror_order(self.card["inputs"]["channels"])]
-                refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
-                p.mirrored = _Prepared(p.case, p.grid, x, self.net.encode_anatomy(x), p.body, p.norm_gy,
-                                       refinement_anatomy=refinement)
-        return p.mirrored
+        with self._torch.no_grad():
+            x = p.anatomy.flip(-1)[:, mirror_order(self.card["inputs"]["channels"])]
+            refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
+            mirrored = _Prepared(p.case, p.grid, x, self.net.encode_anatomy(x), p.body, p.norm_gy,
+                                 refinement_anatomy=refinement)
+        if keep:
+            p.mirrored = mirrored
+        return mirrored
 
     def _network_dose(self, p: _Prepared, condition) -> np.ndarray:
         """The network's dose on the model grid (relative to the case's highest prescription)."""
@@ -235,7 +240,7 @@ class DosePredictor(_ModelPredictor):
             start = time.perf_counter()
             neutral = self._neutral_condition().to(condition.device)
             p.neutral_model_grid = self._network_dose(p, neutral)
-            mirrored = self._network_dose(self._mirrored(p), neutral)[..., ::-1]
+            mirrored = self._network_dose(self._mirrored(p, keep=False), neutral)[..., ::-1]  # used once
             p.mirror_correction = 0.5 * (mirrored - p.neutral_model_grid)
             p.timings["mirror_correction_s"] = time.perf_counter() - start  # part of this call's network time
         at_neutral = not bool(condition.any())
@@ -274,7 +279,7 @@ class DVHDosePredictor(_ModelPredictor):
     # the card's near-max matching (when it has one) runs after the network; False: the network's dose alone
     near_max_matching = True
 
-    def _mirrored(self, p: _Prepared) -> _Prepared:
+    def _mirrored(self, p: _Prepared, keep: bool = True) -> _Prepared:
         raise DoseAIError(f"{self.weights.name}: the DVH model cannot average over the mirrored anatomy (its desired "
                           "DVH names left and right structures)")
 
