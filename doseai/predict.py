@@ -22,7 +22,7 @@ from doseai.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_4.pt"
+DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_5.pt"
 DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v3.pt"
 
 
