@@ -143,8 +143,6 @@ class _ModelPredictor:
             return dose[0, 0].float().cpu().numpy()
 
     def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:
-        if self.network_mode == "mirror_neutral":  # DosePredictor's: neutral means its sliders at 0
-            raise DoseAIError(f"{self.weights.name}: mirror_neutral needs neutral sliders (the preference model)")
         dose = self._network_dose(p, condition)
         if self.mirror_average:
             dose = 0.5 * (dose + self._network_dose(self._mirrored(p), condition)[..., ::-1])
@@ -282,6 +280,11 @@ class DVHDosePredictor(_ModelPredictor):
     def _mirrored(self, p: _Prepared, keep: bool = True) -> _Prepared:
         raise DoseAIError(f"{self.weights.name}: the DVH model cannot average over the mirrored anatomy (its desired "
                           "DVH names left and right structures)")
+
+    def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:
+        if self.network_mode == "mirror_neutral":  # DosePredictor's: neutral means its sliders at 0
+            raise DoseAIError(f"{self.weights.name}: mirror_neutral needs neutral sliders (the preference model)")
+        return super()._model_grid_dose(p, condition)
 
     def _build_net(self):
         from doseai.models.dvh_conditioned import build_dvh_net
