@@ -243,12 +243,18 @@ def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny
 
     monkeypatch.setattr(module, "load_split", recording_load_split)
     prior = train_dose_prior(TINY, "tiny_prior", epochs=1, threads=1)
-    checkpoint = module.train_preference(TINY, prior, "tiny_ct_less", epochs=1, threads=1, with_ct_less=True)
+    checkpoint = module.train_preference(TINY, prior, "tiny_ct_less", epochs=1, threads=1, with_ct_less=True,
+                                         rotate_deg=10.0, scale=0.05)
     assert asked == {"train": False, "validation": True}  # the monitor stays on patients with a CT
     card = json.loads(export_model(checkpoint, prior, tmp_path / "m.pt").with_suffix(".json").read_text())
     assert "water-equivalent body" in card["training"]["data"]
-    module.train_preference(TINY, prior, "tiny_with_ct", epochs=1, threads=1)
+    assert "turn about z of up to 10 deg and a zoom of up to 5%" in card["training"]["augmentation"]
+    checkpoint = module.train_preference(TINY, prior, "tiny_with_ct", epochs=1, threads=1)
     assert asked == {"train": True, "validation": True}
+    card = json.loads(export_model(checkpoint, prior, tmp_path / "n.pt").with_suffix(".json").read_text())
+    assert "augmentation" not in card["training"]  # no turn: the card reads as up to v2.5
+    with pytest.raises(DoseAIError, match="turn must be within"):
+        module.train_preference(TINY, prior, "tiny_bad_turn", epochs=1, threads=1, rotate_deg=-5.0)
 
 
 def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path, capsys):

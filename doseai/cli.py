@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="slice spacing of the model grid (default 5 mm, as the DVH model and the preference "
                                  "models up to v2.2; v2.3 and later use 2.5); the slice count follows so that the "
                                  "field along z stays the same (320 mm)")
+    preference.add_argument("--rotate-deg", type=float, default=0.0,
+                            help="in half the steps, turn the case about z by up to this many degrees (augmentation; "
+                                 "default: %(default)s, off)")
+    preference.add_argument("--scale", type=float, default=0.0,
+                            help="in the same half of the steps, zoom by up to this fraction (e.g. 0.05; default: "
+                                 "%(default)s, off)")
     preference.add_argument("--time-budget-min", type=float,
                             help="after the first and the second epoch, cut --epochs to what fits in this many "
                                  "minutes at that epoch's pace (the learning-rate schedule follows), e.g. for a "
@@ -578,7 +584,8 @@ def _cmd_train(args) -> int:
                                 init_weights=Path(args.init) if args.init else None,
                                 config={"refine_film": True} if args.refine_film else None,
                                 neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
-                                seed=args.seed, with_ct_less=args.with_ct_less,
+                                seed=args.seed, with_ct_less=args.with_ct_less, rotate_deg=args.rotate_deg,
+                                scale=args.scale,
                                 time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     elif args.stage == "dvh":
         from doseai.train.train_dvh import train_dvh

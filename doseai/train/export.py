@@ -54,6 +54,14 @@ def _placement(grid: dict) -> str:
     return text
 
 
+def _turn_augmentation_record(augmentation: dict | None) -> dict:
+    """The card's account of the turn and zoom augmentation (nothing when the run had none, as up to v2.5)."""
+    if not augmentation or not (augmentation["rotate_deg"] or augmentation["scale"]):
+        return {}
+    return {"augmentation": "left-right mirror, shifts of up to 3 voxels; in half the steps a turn about z of up to "
+                            f"{augmentation['rotate_deg']:g} deg and a zoom of up to {augmentation['scale']:.0%}"}
+
+
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
     """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
     from doseai.train.train_preference import loss_text as preference_loss_text
@@ -94,7 +102,8 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
                                 if state.get("with_ct_less") else "patients with CT and dose")
                              + "; validation never used for training",
                      "stage_ii_patients": len(state["train_ids"]),
-                     "loss": preference_loss_text(state.get("loss"))},
+                     "loss": preference_loss_text(state.get("loss")),
+                     **_turn_augmentation_record(state.get("augmentation"))},
         "validation": {},
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Affine
 from tqdm import tqdm
 
+from doseai.errors import DoseAIError
 from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
@@ -33,13 +35,25 @@ BODY = CHANNELS.index("body")
 MIRROR_ORDER = mirror_order(CHANNELS)
 
 
-def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator, rotate_deg: float = 0.0,
+            scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike.
-    Torch tensors, so that on a GPU the whole training set stays on the device."""
+    Torch tensors, so that on a GPU the whole training set stays on the device. With ``rotate_deg`` or ``scale``,
+    half the steps also turn the case about the z axis by up to that many degrees and zoom it by up to that
+    fraction (MONAI's ``Affine``, linear): the beam plate turns with the anatomy, as the beams of a plan on the
+    turned patient would, so the pair stays a plan."""
     if rng.random() < 0.5:
         features, dose = features.flip(-1)[:, MIRROR_ORDER], dose.flip(-1)
     shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
-    return torch.roll(features, shift, dims=(-3, -2, -1)), torch.roll(dose, shift, dims=(-3, -2, -1))
+    features, dose = torch.roll(features, shift, dims=(-3, -2, -1)), torch.roll(dose, shift, dims=(-3, -2, -1))
+    if (rotate_deg or scale) and rng.random() < 0.5:
+        turn = Affine(rotate_params=(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg)), 0.0, 0.0),
+                      scale_params=(float(1.0 + rng.uniform(-scale, scale)),) * 3,
+                      mode="bilinear", padding_mode="border", image_only=True)
+        both = turn(torch.cat([features[0], dose[0]]).float())
+        both = both.as_tensor() if hasattr(both, "as_tensor") else both
+        features, dose = both[np.newaxis, :-1], both[np.newaxis, -1:]
+    return features, dose
 
 
 def sample_sliders(rng: np.random.Generator, neutral_fraction: float = 0.4) -> np.ndarray:
@@ -161,6 +175,8 @@ def train_preference(
     metric_weight: float = 0.0,
     time_budget_s: float | None = None,
     with_ct_less: bool = False,
+    rotate_deg: float = 0.0,
+    scale: float = 0.0,
 ) -> Path:
     """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
     (shipped weights) starts a new run from an earlier model, so training can go on across sessions.
@@ -168,7 +184,10 @@ def train_preference(
     seconds (from the start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a
     run on a lent GPU with a hard time limit still ends its schedule (the log records the epochs it chose).
     ``with_ct_less``: train on the training patients without a CT too (a water-equivalent body, as prediction
-    uses for them): 27 more patients than the 169 with a CT. The monitor stays on validation patients with a CT."""
+    uses for them): 27 more patients than the 169 with a CT. The monitor stays on validation patients with a CT.
+    ``rotate_deg``, ``scale``: the turn and zoom augmentation of :func:`augment` (0: off, as up to v2.5)."""
+    if not (0.0 <= rotate_deg <= 90.0 and 0.0 <= scale < 0.5):
+        raise DoseAIError(f"the turn must be within 0-90 deg and the zoom within 0-0.5, got {rotate_deg} and {scale}")
     if threads:
         torch.set_num_threads(threads)
     rng = seed_everything(seed)
@@ -218,7 +237,8 @@ def train_preference(
         totals: dict[str, list[float]] = {}
         for index in tqdm(rng.permutation(len(train.ids)), desc=f"preference epoch {epoch + 1}/{epochs}",
                           unit="patient", leave=False):
-            features, dose = augment(train_features[index:index + 1], train_doses[index:index + 1], rng)
+            features, dose = augment(train_features[index:index + 1], train_doses[index:index + 1], rng,
+                                     rotate_deg, scale)
             x, y = features.float(), dose.float()
             sliders = torch.from_numpy(sample_sliders(rng, neutral_fraction)[np.newaxis]).to(torch_device)
             loss, parts = step_loss(net, x, y, sliders, semantics, use_bf16, torch_device,
@@ -241,7 +261,8 @@ def train_preference(
                                    "snap_to_case_lattice": spec.snap_to_case},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
                           "freeze_prior": freeze_prior, "with_ct_less": with_ct_less,
-                          "loss": {"neutral_fraction": neutral_fraction, "metric_weight": metric_weight}})
+                          "loss": {"neutral_fraction": neutral_fraction, "metric_weight": metric_weight},
+                          "augmentation": {"rotate_deg": rotate_deg, "scale": scale}})
         if time_budget_s and epoch - start_epoch < BUDGET_SIZING_EPOCHS:
             fitting = _epochs_within(time_budget_s, time.perf_counter() - training_start,
                                      time.perf_counter() - start, epoch, requested_epochs)
