@@ -210,9 +210,13 @@ def test_finer_slices_keep_the_field_along_z_and_the_rest_of_the_grid():
 def test_turn_augmentation_moves_inputs_and_dose_together():
     from doseai.train.train_preference import TARGET, augment
 
-    features = torch.zeros(1, len(channel_names()), 16, 24, 24)
-    features[0, TARGET, 6:10, 4:10, 14:20] = 1.0  # off centre, so that a turn moves it
-    dose = features[:, TARGET:TARGET + 1].clone() * 0.9
+    names = channel_names()
+    features = torch.zeros(1, len(names), 16, 24, 24)
+    brainstem = names.index("Brainstem")
+    features[0, brainstem, 6:10, 4:10, 14:20] = 1.0  # off centre, so that a turn moves it
+    features[0, TARGET, 4:12, 12:20, 4:12] = 56 / 70
+    features[0, TARGET, 6:10, 14:18, 6:10] = 1.0
+    dose = features[:, brainstem:brainstem + 1].clone() * 0.9
 
     def binary(volume):  # mirror and whole-voxel shifts keep the values 0 / 1; a linear turn does not
         return bool(torch.all((volume == 0) | (volume == 1)))
@@ -222,8 +226,11 @@ def test_turn_augmentation_moves_inputs_and_dose_together():
     for _ in range(12):
         new_features, new_dose = augment(features, dose, rng, rotate_deg=20.0, scale=0.1)
         assert new_features.shape == features.shape and new_dose.shape == dose.shape
-        # the dose is resampled exactly as the inputs: it stays 0.9 x the target channel
-        torch.testing.assert_close(new_dose[0, 0].float(), 0.9 * new_features[0, TARGET].float(), atol=1e-5, rtol=0)
-        turned += not binary(new_features[0, TARGET])
+        # the dose is resampled exactly as the inputs: it stays 0.9 x the Brainstem channel
+        torch.testing.assert_close(new_dose[0, 0].float(), 0.9 * new_features[0, brainstem].float(), atol=1e-5,
+                                   rtol=0)
+        # the prescription channel keeps its levels (nearest neighbour), one per target
+        assert set(torch.unique(new_features[0, TARGET]).tolist()) <= set(torch.tensor([0.0, 56 / 70, 1.0]).tolist())
+        turned += not binary(new_features[0, brainstem])
     assert 3 <= turned <= 9  # about half the steps turn
-    assert all(binary(augment(features, dose, rng)[0][0, TARGET]) for _ in range(6))  # off by default
+    assert all(binary(augment(features, dose, rng)[0][0, brainstem]) for _ in range(6))  # off by default

@@ -35,12 +35,17 @@ BODY = CHANNELS.index("body")
 MIRROR_ORDER = mirror_order(CHANNELS)
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (the training step needs no metadata)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
 def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator, rotate_deg: float = 0.0,
             scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike.
     Torch tensors, so that on a GPU the whole training set stays on the device. With ``rotate_deg`` or ``scale``,
     half the steps also turn the case about the z axis by up to that many degrees and zoom it by up to that
-    fraction (MONAI's ``Affine``, linear): the beam plate turns with the anatomy, as the beams of a plan on the
+    fraction (MONAI's ``Affine``: linear, the prescription channel nearest): the beam plate turns with the anatomy, as the beams of a plan on the
     turned patient would, so the pair stays a plan."""
     if rng.random() < 0.5:
         features, dose = features.flip(-1)[:, MIRROR_ORDER], dose.flip(-1)
@@ -50,8 +55,9 @@ def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator
         turn = Affine(rotate_params=(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg)), 0.0, 0.0),
                       scale_params=(float(1.0 + rng.uniform(-scale, scale)),) * 3,
                       mode="bilinear", padding_mode="border", image_only=True)
-        both = turn(torch.cat([features[0], dose[0]]).float())
-        both = both.as_tensor() if hasattr(both, "as_tensor") else both
+        both = _plain(turn(torch.cat([features[0], dose[0]]).float()))
+        # the prescription channel stays one level per target (the DVH-metric loss takes each level as a target)
+        both[TARGET] = _plain(turn(features[0, TARGET:TARGET + 1].float(), mode="nearest"))[0]
         features, dose = both[np.newaxis, :-1], both[np.newaxis, -1:]
     return features, dose
 
