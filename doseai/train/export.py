@@ -58,8 +58,11 @@ def _turn_augmentation_record(augmentation: dict | None) -> dict:
     """The card's account of the turn and zoom augmentation (nothing when the run had none, as up to v2.5)."""
     if not augmentation or not (augmentation["rotate_deg"] or augmentation["scale"]):
         return {}
-    return {"augmentation": "left-right mirror, shifts of up to 3 voxels; in half the steps a turn about z of up to "
-                            f"{augmentation['rotate_deg']:g} deg and a zoom of up to {augmentation['scale']:.0%}"}
+    from doseai.train.train_preference import MAX_SHIFT_VOXELS
+
+    return {"augmentation": f"left-right mirror, shifts of up to {MAX_SHIFT_VOXELS} voxels; in half the steps a turn "
+                            f"about z of up to {augmentation['rotate_deg']:g} deg and a zoom of up to "
+                            f"{augmentation['scale']:.0%}"}
 
 
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:

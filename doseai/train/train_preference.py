@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Affine
+from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
 from doseai.errors import DoseAIError
@@ -33,11 +34,7 @@ OAR_SLICE = slice(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1)
 TARGET = CHANNELS.index("target_dose")
 BODY = CHANNELS.index("body")
 MIRROR_ORDER = mirror_order(CHANNELS)
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor as a plain tensor (the training step needs no metadata)."""
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+MAX_SHIFT_VOXELS = 3  # augmentation: shifts along each axis (the model card's account reads it)
 
 
 def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator, rotate_deg: float = 0.0,
@@ -45,19 +42,19 @@ def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator
     """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike.
     Torch tensors, so that on a GPU the whole training set stays on the device. With ``rotate_deg`` or ``scale``,
     half the steps also turn the case about the z axis by up to that many degrees and zoom it by up to that
-    fraction (MONAI's ``Affine``: linear, the prescription channel nearest): the beam plate turns with the anatomy, as the beams of a plan on the
-    turned patient would, so the pair stays a plan."""
+    fraction (MONAI's ``Affine``: linear, the prescription channel nearest): the beam plate turns with the
+    anatomy, as the beams of a plan on the turned patient would, so the pair stays a plan."""
     if rng.random() < 0.5:
         features, dose = features.flip(-1)[:, MIRROR_ORDER], dose.flip(-1)
-    shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
+    shift = tuple(int(s) for s in rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3))
     features, dose = torch.roll(features, shift, dims=(-3, -2, -1)), torch.roll(dose, shift, dims=(-3, -2, -1))
     if (rotate_deg or scale) and rng.random() < 0.5:
         turn = Affine(rotate_params=(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg)), 0.0, 0.0),
                       scale_params=(float(1.0 + rng.uniform(-scale, scale)),) * 3,
                       mode="bilinear", padding_mode="border", image_only=True)
-        both = _plain(turn(torch.cat([features[0], dose[0]]).float()))
+        both = convert_to_tensor(turn(torch.cat([features[0], dose[0]]).float()))  # no MONAI metadata
         # the prescription channel stays one level per target (the DVH-metric loss takes each level as a target)
-        both[TARGET] = _plain(turn(features[0, TARGET:TARGET + 1].float(), mode="nearest"))[0]
+        both[TARGET] = convert_to_tensor(turn(features[0, TARGET:TARGET + 1].float(), mode="nearest"))[0]
         features, dose = both[np.newaxis, :-1], both[np.newaxis, -1:]
     return features, dose
 
