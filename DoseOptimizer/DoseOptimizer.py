@@ -47,7 +47,13 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 import DoseOptimizerLib  # noqa: E402
-from doseai.mrml.app import ensure_packages, in_slicer_application, progress_dialog, show_dose_and_dvh  # noqa: E402
+from doseai.mrml.app import (  # noqa: E402
+    export_asking_to_overwrite,
+    in_slicer_application,
+    packages_ready,
+    progress_dialog,
+    show_dose_and_dvh,
+)
 
 #
 # DoseOptimizer
@@ -247,16 +253,22 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- actions -------------------------------------------------------------------------------------
     def onOptimizeButton(self) -> None:
+        from doseai.errors import CancelledError
+
+        if not self._installPackages("optimize"):  # asks before the wait cursor, not under it
+            return
         with slicer.util.tryWithErrorDisplay("Failed to optimize the plan.", waitCursor=True):
-            if not ensure_packages(lambda: DoseOptimizerLib.missing_packages_for("optimize"), "Dose Optimizer"):
-                return
             parameters = self._parameterNode
-            with progress_dialog("Optimizing the plan") as progress:
-                result = self.logic.optimize(
-                    parameters.ctVolume, parameters.segmentation, parameters.desiredDose, mode=parameters.mode,
-                    numberOfBeams=parameters.numberOfBeams, bixelWidthMm=parameters.bixelWidthMm,
-                    planDoseNode=parameters.planDose, chartNode=parameters.dvhChart,
-                    metricsTableNode=parameters.metricsTable, progress=progress)
+            try:
+                with progress_dialog("Optimizing the plan") as progress:
+                    result = self.logic.optimize(
+                        parameters.ctVolume, parameters.segmentation, parameters.desiredDose, mode=parameters.mode,
+                        numberOfBeams=parameters.numberOfBeams, bixelWidthMm=parameters.bixelWidthMm,
+                        planDoseNode=parameters.planDose, chartNode=parameters.dvhChart,
+                        metricsTableNode=parameters.metricsTable, progress=progress)
+            except CancelledError:
+                self.ui.statusLabel.text = "Optimization cancelled."
+                return
             parameters.planDose = result.planDoseNode
             parameters.dvhChart = result.chartNode
             parameters.metricsTable = result.metricsTableNode
@@ -272,18 +284,18 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _export(self, what: str, task: str, export) -> None:
         """Run ``export(folder, force)``; when files exist, ask before writing over them."""
-        from doseai.errors import OutputExistsError
-        with slicer.util.tryWithErrorDisplay(f"Failed to export the {what}.", waitCursor=True):
-            if not ensure_packages(lambda: DoseOptimizerLib.missing_packages_for(task), "Dose Optimizer"):
-                return
-            folder = self._parameterNode.exportFolder
-            try:
-                paths = export(folder)
-            except OutputExistsError as error:
-                if not slicer.util.confirmYesNoDisplay(f"{error}.\n\nOverwrite them?", windowTitle="Export"):
-                    return
-                paths = export(folder, force=True)
+        if not self._installPackages(task):
+            return
+        folder = self._parameterNode.exportFolder
+        paths = export_asking_to_overwrite(lambda force: export(folder, force=force), f"Failed to export the {what}.")
+        if paths is not None:
             self.ui.statusLabel.text = f"Exported {', '.join(path.name for path in paths)} to {folder}"
+
+    def _installPackages(self, task: str) -> bool:
+        """Python packages are installed when first needed, after one question that lists them; never at
+        import. False: the user declined, or installing failed (the error is shown)."""
+        return packages_ready(lambda: DoseOptimizerLib.missing_packages_for(task), "Dose Optimizer",
+                              DoseOptimizerLib.TASK_PACKAGES[task])
 
 
 #
@@ -329,18 +341,26 @@ class DoseOptimizerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """What Slicer's Reload & Test and ctest run. Missing requirements leave the test out with a message
+        (ScriptedLoadableModule reports a raised SkipTest as an error)."""
+        missing = self._missingPackages()
+        if missing:
+            self.delayDisplay(f"DoseOptimizerTest left out: it needs these packages: {', '.join(missing)}")
+            return
         self.setUp()
         self.test_OptimizeExport()
         if in_slicer_application():
             self.setUp()
             self.test_Widget()
 
-    def _sampleNodes(self):
-        import unittest
+    @staticmethod
+    def _missingPackages() -> list[str]:
+        return DoseOptimizerLib.missing_packages_for("optimize") + DoseOptimizerLib.missing_packages_for("export")
 
-        missing = DoseOptimizerLib.missing_packages_for("optimize") + DoseOptimizerLib.missing_packages_for("export")
+    def _sampleNodes(self):
+        missing = self._missingPackages()
         if missing:
-            raise unittest.SkipTest(f"the test needs these packages: {', '.join(missing)}")
+            self.skipTest(f"the test needs these packages: {', '.join(missing)}")
         from doseai.mrml import nodes_from_case
         from doseai.sample import make_sample_case
 

@@ -29,6 +29,10 @@ class OutputExistsError(DoseAIError):
     """An output file exists and overwriting was not requested."""
 
 
+class CancelledError(DoseAIError):
+    """The user cancelled a long computation (a progress dialog's Cancel)."""
+
+
 def refuse_overwrite(path, force: bool) -> None:
     """Raise OutputExistsError if ``path`` exists and ``force`` is not set: nothing is overwritten silently."""
     from pathlib import Path

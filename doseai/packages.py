@@ -8,9 +8,17 @@ application, see :mod:`doseai.mrml.app`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from collections.abc import Mapping, Sequence
+
+try:  # Slicer's Python has pip, which vendors packaging when the package itself is absent
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+except ImportError:  # pragma: no cover - depends on the Python at hand
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
 TORCH_REQUIREMENT = "torch>=2.2"
 # what every action needs beyond doseai itself (Slicer bundles both)
@@ -43,10 +51,68 @@ PLAN_PACKAGES: dict[str, str] = {
 NO_DEPS_REQUIREMENTS: tuple[str, ...] = (PYRADPLAN_REQUIREMENT,)
 
 
+def installed_version(module: str, requirement: str) -> str | None:
+    """The installed version of ``requirement``'s distribution (import name ``module``), or None when the
+    module cannot be imported. "" when it can but no version is known (no package metadata, no
+    ``__version__``; a Slicer build may bundle a package so)."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return importlib.metadata.version(Requirement(requirement).name)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if not Requirement(requirement).specifier:  # any version will do: do not import it to find out
+        return ""
+    return str(getattr(importlib.import_module(module), "__version__", ""))
+
+
+def satisfied(requirement: str, version: str | None) -> bool:
+    """True when ``version`` (see :func:`installed_version`) meets ``requirement``; an unknown version of an
+    importable package is taken as meeting it (nothing better is known), a missing one never is."""
+    if version is None:
+        return False
+    specifier = Requirement(requirement).specifier
+    if not specifier or not version:
+        return True
+    try:
+        return specifier.contains(Version(version.split("+")[0]), prereleases=True)
+    except InvalidVersion:
+        return True
+
+
 def missing_packages(required: Mapping[str, str] | None = None) -> list[str]:
-    """pip requirements of the packages in ``required`` (import name -> requirement) that are not installed."""
+    """pip requirements of the packages in ``required`` (import name -> requirement) that are not installed
+    or whose installed version does not meet the requirement (e.g. Slicer 5.10's pydicom 2.4.4 against
+    ``pydicom>=3.0``)."""
     required = BASE_PACKAGES if required is None else required
-    return [requirement for module, requirement in required.items() if importlib.util.find_spec(module) is None]
+    return [requirement for module, requirement in required.items()
+            if not satisfied(requirement, installed_version(module, requirement))]
+
+
+def stale_modules(required: Mapping[str, str]) -> list[str]:
+    """The packages of ``required`` this process imported whose installed version has changed since (pip
+    upgraded them): the process runs the old code until it restarts."""
+    import sys
+
+    stale = []
+    for module, requirement in required.items():
+        running = getattr(sys.modules.get(module), "__version__", None)
+        installed = installed_version(module, requirement) if running else None
+        if running and installed and str(running).split("+")[0] != installed.split("+")[0]:
+            stale.append(f"{module} {running} -> {installed}")
+    return stale
+
+
+def describe_requirements(required: Mapping[str, str], requirements: Sequence[str]) -> list[str]:
+    """One line per requirement for a confirmation dialog: what pip will install, and for an upgrade the
+    version installed now ("pydicom>=3.0 (installed: 2.4.4)")."""
+    by_requirement = {requirement: module for module, requirement in required.items()}
+    lines = []
+    for requirement in requirements:
+        module = by_requirement.get(requirement)
+        version = installed_version(module, requirement) if module else None
+        lines.append(f"{requirement} (installed: {version})" if version else requirement)
+    return lines
 
 
 def install_plan(missing: Sequence[str]) -> tuple[bool, list[str]]:

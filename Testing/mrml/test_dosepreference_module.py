@@ -129,8 +129,12 @@ def test_dosepreference_ui_matches_module_file():
     bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
                      "outputDose": "qMRMLNodeComboBox", "oarSparing": "ctkSliderWidget",
-                     "homogeneity": "ctkSliderWidget", "showIsodose": "QCheckBox", "isodoseLevels": "QLineEdit",
+                     "homogeneity": "ctkSliderWidget", "showIsodose": "QCheckBox",
                      "referenceDose": "qMRMLNodeComboBox", "exportFolder": "ctkDirectoryButton"}
+
+    # the isodose levels reach the parameter node when editing ends (the Widget connects editingFinished), so the
+    # isodose lines are not rebuilt at every keystroke
+    assert widgets["isodoseLevelsLineEdit"].get("class") == "QLineEdit"
 
     def properties(name):
         return {p.get("name"): p[0].text for p in widgets[name].findall("property")}
@@ -217,3 +221,17 @@ def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene, slider
     outcome = run_self_test(module.DosePreferenceTest)
     assert outcome.wasSuccessful(), outcome.errors + outcome.failures
     assert outcome.testsRun == 3 and [test._testMethodName for test, _ in outcome.skipped] == ["test_Widget"]
+
+
+def test_self_test_with_missing_packages_returns_with_a_message(monkeypatch, scene):
+    """Slicer's ScriptedLoadableModule.runTest reports a raised SkipTest as an error: a self test whose packages
+    are missing says so and returns."""
+    import DosePreferenceLib as lib
+
+    module = load_module_file(monkeypatch, scene, "DosePreference")
+    monkeypatch.setattr(lib, "missing_packages_for", lambda task: ["torch>=99"] if task == "predict" else [])
+    shown = []
+    test = module.DosePreferenceTest("runTest")
+    monkeypatch.setattr(test, "delayDisplay", lambda message, msec=None: shown.append(message))
+    test.runTest()  # returns, raises nothing
+    assert shown == ["DosePreferenceTest left out: it needs these packages: torch>=99"]

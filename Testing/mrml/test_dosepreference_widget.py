@@ -166,6 +166,15 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     # isodose settings
     parameters.isodoseLevels = "50, 100"
     assert isodose_levels(parameters.isodoseSegmentation) == [50, 100]
+    assert ui.isodoseLevelsLineEdit.text == "50, 100"  # the field shows what the node holds
+    # typing changes nothing until editing ends (Enter or focus out)
+    ui.isodoseLevelsLineEdit.text = "50, 9"
+    ui.isodoseLevelsLineEdit.emit("textChanged(QString)", "50, 9")
+    assert isodose_levels(parameters.isodoseSegmentation) == [50, 100] and parameters.isodoseLevels == "50, 100"
+    ui.isodoseLevelsLineEdit.text = "50, 90, 100"
+    ui.isodoseLevelsLineEdit.emit("editingFinished()")
+    assert parameters.isodoseLevels == "50, 90, 100"
+    assert isodose_levels(parameters.isodoseSegmentation) == [50, 90, 100]
     parameters.isodoseLevels = "fifty"
     assert "isodose levels" in ui.statusLabel.text
     parameters.showIsodose = False
@@ -202,7 +211,8 @@ def test_scene_close_forgets_the_prediction(preference_gui, scene, sample, slide
 
 
 def test_packages_are_installed_on_first_use_torch_first(preference_gui, scene, monkeypatch):
-    """Missing torch and MONAI: torch through the PyTorch extension (it asks), then MONAI with pip after asking."""
+    """Missing torch and MONAI: one question lists both; declined, nothing is installed; accepted, torch
+    through the PyTorch extension (which does not ask again), then MONAI with pip."""
     import DosePreferenceLib
 
     widget = preference_gui.make_widget()
@@ -212,24 +222,44 @@ def test_packages_are_installed_on_first_use_torch_first(preference_gui, scene, 
 
     class PyTorchUtilsLogic:
         def torchInstalled(self):
-            return False
+            return True  # an older torch: installed, but not what the requirement asks
 
         def installTorch(self, askConfirmation, torchVersionRequirement):
             torch_calls.append((askConfirmation, torchVersionRequirement))
             return types.ModuleType("torch")
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    preference_gui.answers.append(False)  # "install monai?" -> no
+    preference_gui.answers.append(False)  # the one question -> no
     assert widget._installPackages("predict") is False
-    assert torch_calls == [(True, ">=2.2")] and not any(call[0] == "pip" for call in preference_gui.calls)
+    questions = [call for call in preference_gui.calls if call[0] == "confirm"]
+    assert len(questions) == 1 and "torch>=2.2" in questions[0][1] and "monai>=1.4" in questions[0][1]
+    assert torch_calls == [] and not any(call[0] == "pip" for call in preference_gui.calls)
 
     preference_gui.answers.append(True)
     calls = preference_gui.calls
     monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (calls.append(("pip", requirements)),
                                                                           missing.pop(0)))
     assert widget._installPackages("predict") is True
-    assert ("pip", "monai>=1.4") in preference_gui.calls
+    assert torch_calls == [(False, ">=2.2")] and ("pip", "monai>=1.4") in preference_gui.calls
+    assert len([call for call in preference_gui.calls if call[0] == "confirm"]) == 2  # one per click
 
     # nothing missing: nothing asked
     asked = len(preference_gui.calls)
     assert widget._installPackages("export") is True and len(preference_gui.calls) == asked
+
+
+def test_cancel_in_the_progress_dialog_stops_the_prediction(preference_gui, scene, sample, slider_model, monkeypatch):
+    """The progress dialog's Cancel is read between steps: the prediction stops, nothing is shown as an error."""
+    nodes_from_case(scene, sample)
+    widget = preference_gui.make_widget()
+    dialogs = []
+
+    def cancelled_dialog(**kwargs):
+        dialogs.append(types.SimpleNamespace(wasCanceled=True, close=lambda: None))
+        return dialogs[-1]
+
+    monkeypatch.setattr(slicer.util, "createProgressDialog", cancelled_dialog)
+    widget.ui.predictButton.click()
+    assert dialogs and widget._result is None
+    assert widget.ui.statusLabel.text == "Prediction cancelled."
+    assert widget._parameterNode.outputDose is None
