@@ -21,15 +21,28 @@ REFERENCE_TAGS: dict[str, str] = {
     "ReferringPhysicianName": "0008,0090",
 }
 SOP_INSTANCE_UID_TAG = "0008,0018"
-INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"  # set by Slicer's DICOM plugins on loaded nodes
+INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"  # set by Slicer's scalar volume plugin on loaded volumes
 
 # (instance UID, tag "gggg,eeee") -> value, "" when unknown; e.g. slicer.dicomDatabase.instanceValue
 Lookup = Callable[[str, str], str]
 
 
 def instance_uids(node) -> list[str]:
-    """The DICOM instance UIDs a node was loaded from (none for data that did not come from DICOM)."""
-    value = node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) if node is not None else None
+    """The DICOM SOP instance UIDs a node was loaded from: the node's ``DICOM.instanceUIDs`` attribute, or
+    else its subject-hierarchy item's instance UID, where SlicerRT keeps an RTSTRUCT's. None for data that
+    did not come from DICOM."""
+    if node is None:
+        return []
+    value = node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE)
+    if not value and node.GetScene() is not None:
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        # where Slicer's DICOM plugins and SlicerRT keep a series' SOP instance UIDs; SlicerRT's RTSTRUCT import
+        # sets only this (vtkSlicerDicomRtImportExportModuleLogic::InsertSeriesInSubjectHierarchy)
+        uid_name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMInstanceUIDName()
+        value = sh.GetItemUID(item, uid_name) if item else ""
     return value.split() if value else []
 
 

@@ -1,6 +1,17 @@
-"""Dose volume nodes that behave like an RTDOSE imported by SlicerRT's DICOM-RT plugin."""
+"""Dose volume nodes that behave like an RTDOSE imported by SlicerRT's DICOM-RT plugin.
+
+SlicerRT (github.com/SlicerRt/SlicerRT) marks an imported dose in three places, and its Dose Volume Histogram,
+Isodose and Dose Accumulation modules read them there:
+- the volume node's attribute ``DicomRtImport.DoseVolume`` (``vtkSlicerRtCommon::DICOMRTIMPORT_DOSE_VOLUME_IDENTIFIER_ATTRIBUTE_NAME``);
+- the dose unit on the **study** subject-hierarchy item, ``DicomRtImport.DoseUnitName`` and ``DoseUnitValue``
+  (``vtkSlicerDicomRtImportExportModuleLogic::LoadRtDose``, ``qSlicerAbstractDoseEngine``); the DVH axis reads the
+  name with ``GetAttributeFromItemAncestor(..., GetDICOMLevelStudy())``, the isodose threshold the value;
+- its dose colour table ``Dose_ColorTable`` (``vtkSlicerIsodoseModuleLogic::CreateDefaultDoseColorTable``).
+"""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import slicer
@@ -14,6 +25,13 @@ from doseai.mrml.nodes import set_volume_from_array, subject_hierarchy_item
 DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"
 DOSE_UNIT_NAME_ATTRIBUTE = "DicomRtImport.DoseUnitName"
 DOSE_UNIT_VALUE_ATTRIBUTE = "DicomRtImport.DoseUnitValue"
+
+# SlicerRT's dose colour table (vtkSlicerRtCommon::DEFAULT_DOSE_COLOR_TABLE_NAME)
+SLICERRT_DOSE_COLOR_TABLE_NAME = "Dose_ColorTable"
+DOSE_UNIT_NAME = "GY"  # as SlicerRT copies DICOM's DoseUnits
+DOSE_UNIT_VALUE = "1.0"  # SlicerRT stores DoseGridScaling; our voxels are Gy already
+
+logger = logging.getLogger(__name__)
 
 # voxels below this fraction of the maximum dose are transparent in slice views (dose wash)
 LOW_DOSE_DISPLAY_FRACTION = 0.05
@@ -62,11 +80,18 @@ def missing_inputs(ctNode, segNode, doseNode, what: str = "dose volume", hint: s
 
 
 def get_or_create_dose_color_table(scene):
-    """The scene's ``DoseAI_DoseColor`` table (256 rainbow entries, blue = low dose, red = high);
-    created the first time, shared by every dose volume afterwards."""
-    existing = scene.GetNodesByClassByName("vtkMRMLColorTableNode", DOSE_COLOR_TABLE_NAME)
-    if existing.GetNumberOfItems() > 0:
-        return existing.GetItemAsObject(0)
+    """SlicerRT's dose colour table when SlicerRT is installed (its Isodose logic creates or finds it) or
+    the scene has it, so that our doses look like imported ones; otherwise the scene's ``DoseAI_DoseColor``
+    table (256 rainbow entries, blue = low dose, red = high), created the first time and shared."""
+    slicer_rt = getattr(slicer, "vtkSlicerIsodoseModuleLogic", None)
+    if slicer_rt is not None:
+        table = slicer_rt.CreateDefaultDoseColorTable(scene)
+        if table is not None:
+            return table
+    for name in (SLICERRT_DOSE_COLOR_TABLE_NAME, DOSE_COLOR_TABLE_NAME):
+        existing = scene.GetNodesByClassByName("vtkMRMLColorTableNode", name)
+        if existing.GetNumberOfItems() > 0:
+            return existing.GetItemAsObject(0)
     color_node = slicer.vtkMRMLColorTableNode()
     color_node.SetName(DOSE_COLOR_TABLE_NAME)
     color_node.SetTypeToUser()
@@ -79,6 +104,23 @@ def get_or_create_dose_color_table(scene):
     color_node.SetDescription("Dose wash in Gy: each dose volume's window/level maps 0 Gy to blue, its maximum to red")
     scene.AddNode(color_node)
     return color_node
+
+
+def set_study_dose_unit(sh, dose_item: int) -> bool:
+    """The dose unit on the study item above ``dose_item``, as SlicerRT's RTDOSE import puts it (Gy). An
+    existing unit is kept (SlicerRT refuses to change it too); one that is not Gy is logged. False when the
+    dose sits under no study (SlicerRT's DVH then labels its axis "Dose [?]")."""
+    study = sh.GetItemAncestorAtLevel(dose_item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy())
+    if not study:
+        return False
+    unit = sh.GetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE)
+    if not unit:
+        sh.SetItemAttribute(study, DOSE_UNIT_NAME_ATTRIBUTE, DOSE_UNIT_NAME)
+    elif unit.upper() != DOSE_UNIT_NAME:
+        logger.warning("The study's dose unit is %s, not Gy: SlicerRT will label this dose (in Gy) %s", unit, unit)
+    if not sh.GetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE):
+        sh.SetItemAttribute(study, DOSE_UNIT_VALUE_ATTRIBUTE, DOSE_UNIT_VALUE)
+    return True
 
 
 def _set_dose_display(dose_node, color_node, max_dose_gy: float) -> None:
@@ -112,22 +154,25 @@ def create_or_update_dose_node(
     added. The node gets the ``DicomRtImport.DoseVolume`` attribute, the shared dose colour table
     with a window/level of 0 Gy .. max dose (or .. ``display_max_gy``: a fixed top keeps the colours
     meaning the same dose while the dose changes), and, when ``ctNode`` sits under a study (or any
-    other parent item) in the subject hierarchy, the same parent.
+    other parent item) in the subject hierarchy, the same parent, with the dose unit on its study (see the
+    module docstring). The unit also stays on the node, for a dose outside any study.
     """
     dose = validate_dose(dose)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     set_volume_from_array(node, dose, geometry)
     node.SetAttribute(DOSE_VOLUME_ATTRIBUTE, "1")
-    node.SetAttribute(DOSE_UNIT_NAME_ATTRIBUTE, "GY")
-    node.SetAttribute(DOSE_UNIT_VALUE_ATTRIBUTE, "1.0")
+    node.SetAttribute(DOSE_UNIT_NAME_ATTRIBUTE, DOSE_UNIT_NAME)
+    node.SetAttribute(DOSE_UNIT_VALUE_ATTRIBUTE, DOSE_UNIT_VALUE)
     top = display_max_gy if display_max_gy else float(dose.max(initial=0.0))
     _set_dose_display(node, get_or_create_dose_color_table(scene), top)
 
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = subject_hierarchy_item(sh, node)
     if ctNode is not None:
-        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
         ct_item = sh.GetItemByDataNode(ctNode)
         parent = sh.GetItemParent(ct_item) if ct_item else 0
         if parent and parent != sh.GetSceneItemID():
-            sh.SetItemParent(subject_hierarchy_item(sh, node), parent)
+            sh.SetItemParent(item, parent)
+    set_study_dose_unit(sh, item)
     return node
