@@ -80,9 +80,9 @@ of the body, one-sided in organs at risk); <i>objectives</i> optimizes the DVH p
 derived from the desired dose with rule-based margins (what a planner would enter in a TPS).
 <i>Beams</i>: number of equispaced coplanar beams (gantry angles from 0&deg;, isocentre at the target
 centroid); <i>Bixel width</i>: the fluence resolution (coarser is faster).</li>
-<li><b>Optimize</b>: the first click installs missing Python packages after asking (PyTorch through the
-PyTorch extension when it is installed; pyRadPlan 0.5.0 without its dependency list, then the packages its
-dose engine imports). Then the dose engine computes the dose-influence matrix on a 5&nbsp;mm grid
+<li><b>Optimize</b>: the first click installs missing or too old Python packages after one question that
+lists them (PyTorch through the PyTorch extension when it is installed; pyRadPlan 0.5.0 without its dependency
+list, then the packages its dose engine imports). The progress dialog's <i>Cancel</i> stops it between steps. Then the dose engine computes the dose-influence matrix on a 5&nbsp;mm grid
 cropped to the body (measured on 2 CPU cores: one to two minutes for 9 beams on a head-and-neck case of
 OpenKBP), and L-BFGS-B optimizes the bixel weights (up to 300 iterations). The matrix is kept: optimizing the same CT,
 structures and beams again, e.g. in the other mode, skips the dose engine. The plan's dose appears over
@@ -108,6 +108,7 @@ desiredDoseNode, mode="mimic", numberOfBeams=9, bixelWidthMm=5.0)</code>; <code>
 <code>result.objectives</code>, <code>result.summary()</code>; <code>logic.objectives(ctNode, segNode,
 doseNode)</code> gives the objectives of any dose; <code>logic.exportPlan(folder)</code>,
 <code>logic.exportObjectives(folder)</code>.</p>
+<p>Needs Slicer 5.10 or newer (tested with the Python packages Slicer 5.10 and 5.12 bundle).</p>
 <p>The plan is a research estimate of what beams can deliver, not a clinical plan.</p>
 """
         self.parent.acknowledgementText = """

@@ -79,8 +79,9 @@ name the model uses (matched automatically, e.g. <i>Lt Parotid</i> &rarr; <i>Par
 prescription in Gy; double-click a name or a prescription to correct it, pick the role from its list.
 A red warning names what is missing: at least one target (PTV) with a prescription is required. OARs the model knows but the segmentation lacks are
 listed; they are treated as absent.</li>
-<li><b>Predict dose</b>: the first click installs missing Python packages after asking (PyTorch through
-the PyTorch extension when it is installed, and MONAI), loads the model and predicts; CPU is enough.
+<li><b>Predict dose</b>: the first click installs missing or too old Python packages after one question
+that lists them (PyTorch through the PyTorch extension when it is installed, and MONAI), loads the model and
+predicts; CPU is enough. The progress dialog's <i>Cancel</i> stops it between steps.
 After the network, a calibration fitted on training plans (from the model card) brings a dose whose level
 in the highest target lies outside the training plans' range back onto it, raises the cold part of
 each target toward its prescription and lowers the OARs' hottest voxels outside targets: the network's dose
@@ -129,6 +130,9 @@ and averages the two doses at every slider position (twice the time per slider c
 slider position (one network run per slider change).
 Batch over a folder of DICOM studies:
 <code>DosePreference/Scripts/batch_predict.py</code> (see the README).</p>
+<p>Needs Slicer 5.10 or newer (tested with the Python packages Slicer 5.10 and 5.12 bundle). SlicerRT, which the
+extension depends on, loads DICOM RTSTRUCT and RTDOSE and shows our doses in its Dose Volume Histogram and Isodose
+modules like imported ones.</p>
 <p>The predicted dose is a model estimate for research, not a deliverable plan.</p>
 """
         self.parent.acknowledgementText = """

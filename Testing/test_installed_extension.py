@@ -103,3 +103,16 @@ def test_the_module_files_import_doseai_from_beside_them(installed):
         """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(folder / "doseai" / "__init__.py")
+
+
+def test_the_declared_minimum_slicer_version_is_the_oldest_tested_and_said_everywhere():
+    import re
+
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    minimum = re.search(r'set\(SlicerDoseAI_MINIMUM_SLICER_VERSION "([\d.]+)"\)', cmake).group(1)
+    pins = REPO / "Testing" / "slicer_versions" / "pins.txt"
+    tested = [line.split()[0] for line in pins.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert min(tested, key=lambda v: tuple(map(int, v.split(".")))) == minimum, (tested, minimum)
+    said = f"Slicer {minimum} or newer"
+    for text in ("README.md", "DosePreference/DosePreference.py", "DoseOptimizer/DoseOptimizer.py"):
+        assert said in " ".join((REPO / text).read_text().split()), f"{text} does not say '{said}'"
