@@ -82,8 +82,8 @@ def satisfied(requirement: str, version: str | None) -> bool:
 
 def missing_packages(required: Mapping[str, str] | None = None) -> list[str]:
     """pip requirements of the packages in ``required`` (import name -> requirement) that are not installed
-    or whose installed version does not meet the requirement (e.g. Slicer 5.10's pydicom 2.4.4 against
-    ``pydicom>=3.0``)."""
+    or whose installed version does not meet the requirement (e.g. an older torch than
+    ``torch>=2.2``)."""
     required = BASE_PACKAGES if required is None else required
     return [requirement for module, requirement in required.items()
             if not satisfied(requirement, installed_version(module, requirement))]
@@ -105,7 +105,7 @@ def stale_modules(required: Mapping[str, str]) -> list[str]:
 
 def describe_requirements(required: Mapping[str, str], requirements: Sequence[str]) -> list[str]:
     """One line per requirement for a confirmation dialog: what pip will install, and for an upgrade the
-    version installed now ("pydicom>=3.0 (installed: 2.4.4)")."""
+    version installed now ("torch>=2.2 (installed: 2.1.0)")."""
     by_requirement = {requirement: module for module, requirement in required.items()}
     lines = []
     for requirement in requirements:

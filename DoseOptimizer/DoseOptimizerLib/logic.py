@@ -39,7 +39,7 @@ TASK_PACKAGES: dict[str, dict[str, str]] = {
     "objectives": {**BASE_PACKAGES, "torch": TORCH_REQUIREMENT, "scipy": PLAN_PACKAGES["scipy"]},
     "optimize": {**BASE_PACKAGES, "torch": TORCH_REQUIREMENT, "tqdm": "tqdm>=4.60", **PLAN_PACKAGES,
                  "pyRadPlan": PYRADPLAN_REQUIREMENT},
-    "export": {**BASE_PACKAGES, "pydicom": "pydicom>=3.0", "matplotlib": "matplotlib>=3.7"},
+    "export": {**BASE_PACKAGES, "pydicom": "pydicom>=2.4", "matplotlib": "matplotlib>=3.7"},
 }
 OBJECTIVE_FILES = ("objectives.json", "objectives.csv")  # what exportObjectives writes
 

@@ -29,7 +29,7 @@ REQUIRED_PACKAGES: dict[str, str] = BASE_PACKAGES
 TASK_PACKAGES: dict[str, dict[str, str]] = {
     "dvh": REQUIRED_PACKAGES,
     "predict": {**REQUIRED_PACKAGES, "torch": TORCH_REQUIREMENT, "monai": "monai>=1.4"},
-    "export": {**REQUIRED_PACKAGES, "pydicom": "pydicom>=3.0", "contourpy": "contourpy>=1.0",
+    "export": {**REQUIRED_PACKAGES, "pydicom": "pydicom>=2.4", "contourpy": "contourpy>=1.0",
                "matplotlib": "matplotlib>=3.7"},
 }
 

@@ -198,8 +198,13 @@ def _fill_plane(ds: Dataset, geometry: ImageGeometry, k: int = 0) -> None:
 
 
 def _save(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file with preamble and file meta. pydicom 3 names this ``enforce_file_format``;
+    pydicom 2.4 (what Slicer 5.10 bundles) names it ``write_like_original=False``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,11 +417,23 @@ def _pixels_with_pydicom(path: Path) -> np.ndarray:
     return pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
 
 
+def _is_compressed(path: Path) -> bool:
+    """Whether the file's transfer syntax compresses its pixel data (unknown counts as compressed)."""
+    try:
+        syntax = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID
+        return bool(syntax.is_compressed)
+    except Exception:  # noqa: BLE001 - no file meta, unknown syntax: let GDCM try
+        return True
+
+
 def _slice_hu(path: Path) -> np.ndarray:
     """HU of one slice: pydicom first; GDCM (SimpleITK) for compressed data pydicom has no decoder for."""
     try:
         return _pixels_with_pydicom(path)
     except Exception as pydicom_error:  # noqa: BLE001
+        if not _is_compressed(path):  # uncompressed data pydicom cannot read is corrupt (some GDCM builds pad it)
+            raise UnreadableInputError(
+                f"cannot decode the pixel data of {path} ({pydicom_error}); the file may be truncated") from None
         try:  # GDCM applies RescaleSlope/Intercept itself
             return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))[0].astype(np.float64)
         except Exception:  # noqa: BLE001
