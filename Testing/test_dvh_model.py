@@ -423,7 +423,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     dose = predictor.predict(predictor.dvh_vector(small_case.dose))
     assert dose.shape == small_case.geometry.shape and np.isfinite(dose).all() and dose.max() > 0
     # the shipped fp16 weights are the trained ones, rounded
-    trained = torch.load(checkpoint, weights_only=False)["model"]
+    trained = torch.load(checkpoint, weights_only=True)["model"]
     shipped = torch.load(weights, weights_only=True)
     assert shipped.keys() == trained.keys()
     for key, value in trained.items():

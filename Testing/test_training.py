@@ -52,8 +52,8 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
 
     checkpoint = train_preference(TINY, prior, "tiny_preference", epochs=1, threads=1, neutral_fraction=0.6,
                                   metric_weight=1.0)
-    state = torch.load(checkpoint, weights_only=False)
-    prior_state = torch.load(prior, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
+    prior_state = torch.load(prior, weights_only=True)
     frozen = {k[len("prior."):]: v for k, v in state["model"].items() if k.startswith("prior.")}
     for key, value in prior_state["model"].items():  # Stage II left the prior untouched
         assert torch.equal(frozen[key], value), key
@@ -173,7 +173,7 @@ def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
     snapped = replace(TINY, snap_to_case=True)
     checkpoint = train_preference(snapped, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
                                   time_budget_s=1e-3)
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 0
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 0
     assert _log_epochs(checkpoint.parent / "log.jsonl") == [0]
     # trained on the snapped grid: the card says so and prediction uses the same placement
     weights = export_model(checkpoint, None, tmp_path / "snapped.pt")
@@ -188,7 +188,7 @@ def test_prior_from_shipped_weights_loads_into_the_prior_and_keeps_its_record(tm
     from doseai.train.export import prior_from_weights
 
     out = prior_from_weights(weights, tmp_path / "prior.pt")
-    state = torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=True)
     build_dose_prior(state["config"]).load_state_dict(state["model"])  # strict: every weight of the prior, no more
     card = json.loads(weights.with_suffix(".json").read_text())["dose_prior"]
     assert state["epoch"] + 1 == card["epochs"] and state["training_doses"] == card["training_doses"]

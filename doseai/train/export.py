@@ -14,6 +14,7 @@ from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
+from doseai.safe_load import load_checkpoint, load_state_dict_file, plain
 
 SLIDER_TEXT = (
     "oar_sparing = w in [-1, 1] asks every OAR's mean dose to change by {oar:+.0%} x w relative to the typical "
@@ -37,7 +38,7 @@ def _write_half_weights(checkpoint: Path, out: Path, force: bool) -> tuple[dict,
     never overwrites without ``force``."""
     out = Path(out)
     refuse_overwrite(out, force)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}, out)
     return state, out
@@ -70,7 +71,8 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
     from doseai.train.train_preference import loss_text as preference_loss_text
 
     state, out = _write_half_weights(checkpoint, out, force)
-    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
+    prior_state = load_checkpoint(prior_checkpoint, ("model", "config"), "Stage I prior checkpoint") \
+        if prior_checkpoint else None
     semantics = state["semantics"]
     card = {
         **_card_header(out, "head-and-neck IMRT dose prediction steerable by preference sliders (OAR sparing, "
@@ -122,7 +124,7 @@ def average_weights(weights: list[Path], out: Path, force: bool = False) -> Path
         raise DoseAIError("averaging needs at least two weight files")
     out = Path(out)
     refuse_overwrite(out, force)
-    states = [torch.load(path, map_location="cpu", weights_only=True) for path in weights]
+    states = [load_state_dict_file(path) for path in weights]
     for path, state in zip(weights[1:], states[1:]):
         if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):
             raise UnreadableInputError(f"{path} is not the same network as {weights[0]}: cannot average them")
@@ -146,14 +148,14 @@ def prior_from_weights(weights: Path, out: Path, force: bool = False) -> Path:
     out = Path(out)
     refuse_overwrite(out, force)
     card = json.loads(Path(weights).with_suffix(".json").read_text())["dose_prior"]
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(weights)
     prior = {key[len("prior."):]: value.float() for key, value in state.items() if key.startswith("prior.")}
     if not prior:
         raise UnreadableInputError(f"{weights}: no dose prior in these weights")
     record = ({"epoch": card["epochs"] - 1, "val_mae_gy": card.get("validation_reconstruction_mae_gy"),
                "training_doses": card.get("training_doses")} if "epochs" in card else {})
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": card["config"], "model": prior, **record}, out)
+    torch.save(plain({"config": card["config"], "model": prior, **record}), out)
     return out
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from doseai.safe_load import load_checkpoint, plain
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
@@ -48,11 +50,11 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save(plain(state), tmp)  # plain types only, so that resuming loads it with weights_only=True
         os.replace(tmp, self.path)
 
     def load(self) -> dict | None:
-        return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.is_file() else None
+        return load_checkpoint(self.path, ("model", "optimizer", "epoch")) if self.path.is_file() else None
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load the last state into ``model`` and ``optimizer``; returns the epoch to start from (0 if none)."""

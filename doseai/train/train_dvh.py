@@ -46,6 +46,7 @@ from doseai.models.dvh_conditioned import (DEFAULT_DVH_LAYOUT, DEFAULT_DVH_NET_C
 from doseai.errors import DoseAIError
 from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
+from doseai.safe_load import load_state_dict_file
 from doseai.paths import cache_root
 from doseai.train.dataset import cache_folder, prepare_split
 from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everything
@@ -307,7 +308,7 @@ def train_dvh(
     rng = seed_everything(seed)
     torch_device = pick_device(device)
     layout = dict(DEFAULT_DVH_LAYOUT)
-    shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
+    shipped = load_state_dict_file(init_weights)
     card = json.loads(Path(init_weights).with_suffix(".json").read_text())
     prior_config = card["dose_prior"]["config"]
     config = {**DEFAULT_DVH_NET_CONFIG, "mean_offset_sigma_zyx": list(MEAN_OFFSET_SIGMA_ZYX) if mean_offset else None}

@@ -25,6 +25,7 @@ from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
 from doseai.paths import cache_root
+from doseai.safe_load import load_checkpoint, load_state_dict_file
 from doseai.train.dataset import load_split
 from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
 from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap
@@ -198,13 +199,14 @@ def train_preference(
     torch.backends.cudnn.benchmark = torch_device.type == "cuda"  # one input shape: autotuned kernels pay off
     semantics = {**DEFAULT_SEMANTICS, **(semantics or {})}
     config = {**DEFAULT_PREFERENCE_CONFIG, **(config or {})}
-    prior_state = torch.load(prior_checkpoint, map_location="cpu", weights_only=False) if prior_checkpoint else None
+    prior_state = load_checkpoint(prior_checkpoint, ("model", "config"), "Stage I prior checkpoint") \
+        if prior_checkpoint else None
     prior_config = prior_state["config"] if prior_state else None
     net = PreferenceDoseNet(len(CHANNELS), prior_config, config)
     if prior_state:
         net.prior.load_state_dict(prior_state["model"])
     if init_weights:  # parts the earlier model lacks (e.g. a new refine_film) keep their neutral initialisation
-        shipped = torch.load(init_weights, map_location="cpu", weights_only=True)
+        shipped = load_state_dict_file(init_weights)
         missing, unexpected = net.load_state_dict({k: v.float() for k, v in shipped.items()}, strict=False)
         if unexpected or any(not key.startswith("refine_film.") for key in missing):
             raise ValueError(f"{init_weights} does not fit this network (missing {missing}, unexpected {unexpected})")
