@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from doseai.errors import GeometryMismatchError, InvalidDoseError, MissingStructureError
+from doseai.errors import GeometryMismatchError, InvalidDoseError, InvalidImageError, MissingStructureError
 from doseai.geometry import ImageGeometry
 from doseai.structures import is_target, match_structures, prescription_from_name
 
@@ -20,6 +20,18 @@ def validate_dose(dose: np.ndarray, what: str = "dose") -> np.ndarray:
     if dose.min(initial=0.0) < -1e-3:
         raise InvalidDoseError(f"{what} has negative values (min {dose.min():.3g} Gy)")
     return dose
+
+
+def validate_ct(ct: np.ndarray, what: str = "CT") -> np.ndarray:
+    """Return ``ct`` as float32 HU, refusing NaN and infinite voxels (no model or dose engine can use them)."""
+    ct = np.asarray(ct, dtype=np.float32)
+    bad = ~np.isfinite(ct)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidImageError(
+            f"{what} has {int(bad.sum())} NaN or infinite voxel(s) of {ct.size} (first at index z, y, x = {first}): "
+            "repair the image (e.g. replace them with -1000 HU) before using it")
+    return ct
 
 
 @dataclass
@@ -42,7 +54,7 @@ class PlanningCase:
 
     def __post_init__(self) -> None:
         if self.ct is not None:
-            self.ct = self._on_grid(self.ct, "CT").astype(np.float32, copy=False)
+            self.ct = validate_ct(self._on_grid(self.ct, "CT"))
         self.structures = {name: self._on_grid(mask, f"structure '{name}'").astype(bool, copy=False)
                            for name, mask in self.structures.items()}
         if self.dose is not None:
@@ -102,12 +114,27 @@ class PlanningCase:
 
     def require_target(self) -> None:
         if not self.prescriptions:
-            raise MissingStructureError(
-                "no target with a prescription: name a PTV with its dose (e.g. 'PTV_70') or give prescriptions"
-            )
+            raise MissingStructureError(f"no target with a prescription. {self._naming_help()}")
         for name in self.prescriptions:
             if name not in self.structures or not self.structures[name].any():
                 raise MissingStructureError(f"target '{name}' has a prescription but its mask is missing or empty")
+
+    def _naming_help(self) -> str:
+        """What the case holds and how to name a target, for the error when it has none."""
+        from doseai.structures import canonical_name
+
+        targets = [name for name in self.structures if is_target(name)]
+        unknown = [name for name in self.structures if canonical_name(name) is None]
+        parts = [f"Structures: {', '.join(self.structures) or 'none'}."]
+        if targets:
+            parts.append(f"Target(s) without a dose in the name: {', '.join(targets)}; give it with "
+                         f"--prescription {targets[0]}=70 (Slicer: the structure table's prescription).")
+        if unknown:
+            parts.append(f"Names not recognised: {', '.join(unknown)}; map one to a target with "
+                         f"--map '{unknown[0]}=PTV_70' (Slicer: the structure table).")
+        if not targets and not unknown:
+            parts.append("None is a target: a PTV named with its dose (e.g. 'PTV_70', 'PTV7000') is needed.")
+        return " ".join(parts)
 
     @property
     def max_prescription(self) -> float:

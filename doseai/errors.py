@@ -21,6 +21,10 @@ class InvalidDoseError(DoseAIError):
     """A dose array holds NaN/inf or negative values."""
 
 
+class InvalidImageError(DoseAIError):
+    """An image holds values no CT can have (NaN, inf)."""
+
+
 class MissingPackageError(DoseAIError):
     """A Python package an action needs (e.g. the dose engine pyRadPlan) is not installed."""
 
@@ -48,3 +52,28 @@ def refuse_nonempty_folder(folder, force: bool) -> None:
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not force:
         raise OutputExistsError(f"{folder} is not empty; pass --force to overwrite")
+
+
+# What a reader's parsing raises on a damaged file; at the file boundary these become the user's error.
+MALFORMED_INPUT_ERRORS = (AttributeError, KeyError, ValueError, TypeError, IndexError, OverflowError, EOFError,
+                          ArithmeticError, MemoryError, OSError)
+
+
+def refuse_malformed(what: str):
+    """Decorate a reader whose first argument is the path: a parsing error of a damaged file (see
+    MALFORMED_INPUT_ERRORS) becomes one UnreadableInputError line that names the file; our own errors pass."""
+    import functools
+
+    def decorate(read):
+        @functools.wraps(read)
+        def guarded(path, *args, **kwargs):
+            try:
+                return read(path, *args, **kwargs)
+            except DoseAIError:
+                raise
+            except MALFORMED_INPUT_ERRORS as error:
+                detail = " ".join(str(error).split())[:200] or "no detail"
+                raise UnreadableInputError(f"{path}: a damaged or malformed {what} ({type(error).__name__}: "
+                                           f"{detail})") from error
+        return guarded
+    return decorate

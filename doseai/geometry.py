@@ -32,6 +32,13 @@ class ImageGeometry:
             raise GeometryMismatchError(f"voxel spacing must be three positive numbers, got {self.spacing}")
         if len(self.direction) != 9:
             raise GeometryMismatchError("direction must hold 9 numbers (a row-major 3x3 matrix)")
+        if not np.isfinite(self.spacing + self.origin + self.direction).all():
+            raise GeometryMismatchError(f"the grid has a NaN or infinite spacing, origin or direction "
+                                        f"(spacing {self.spacing}, origin {self.origin})")
+        d = np.array(self.direction).reshape(3, 3)
+        if np.abs(d.T @ d - np.eye(3)).max() > 1e-3:
+            raise GeometryMismatchError(f"the grid's direction cosines {self.direction} are not orthonormal: the "
+                                        "image header is corrupt")
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -40,6 +47,12 @@ class ImageGeometry:
     @property
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def obliquity_deg(self) -> float:
+        """How far the grid's axes turn from the nearest patient axes (0 for an axial, sagittal or coronal
+        grid; an oblique acquisition or a tilted gantry gives more)."""
+        d = np.abs(self.direction_matrix)
+        return float(np.degrees(np.arccos(np.clip(d.max(axis=0), -1.0, 1.0))).max())
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> "ImageGeometry":

@@ -27,10 +27,18 @@ DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v3.pt"
 
 
 def load_card(weights: Path) -> dict:
+    """The model card (``<weights>.json``, written with the weights by ``doseai train export``)."""
     card_path = weights.with_suffix(".json")
     if not card_path.is_file():
-        raise UnreadableInputError(f"{card_path}: model card missing next to the weights")
-    return json.loads(card_path.read_text())
+        raise UnreadableInputError(f"{card_path}: model card missing: a weights file needs the card .json that was "
+                                   "exported with it beside it, under the same name")
+    try:
+        card = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableInputError(f"{card_path}: not a model card: not valid JSON ({error})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("inputs"), dict):
+        raise UnreadableInputError(f"{card_path}: not a model card: it has no 'inputs' section")
+    return card
 
 
 @dataclass
@@ -63,6 +71,7 @@ class _ModelPredictor:
 
         from doseai.models.features import GridSpec
         from doseai.models.onednn import route_convolutions_to_onednn
+        from doseai.safe_load import load_into, load_state_dict_file
         from doseai.train.loop import pick_device
 
         self.weights = Path(weights) if weights else self.default_weights
@@ -80,9 +89,12 @@ class _ModelPredictor:
         self.mirror_neutral = bool(inference.get("mirror_neutral", False))
         self.spec = GridSpec.from_card(self.card)
         self.device = pick_device(device)
-        self.net = self._build_net()
-        state = torch.load(self.weights, map_location="cpu", weights_only=True)
-        self.net.load_state_dict({k: v.float() for k, v in state.items()})
+        try:
+            self.net = self._build_net()
+        except (KeyError, TypeError, ValueError) as error:
+            raise UnreadableInputError(f"{self.weights.with_suffix('.json')}: not a model card of "
+                                       f"{type(self).__name__}: cannot build its network ({error!r})") from None
+        load_into(self.net, load_state_dict_file(self.weights), self.weights, self.card.get("name", "?"))
         self.net.freeze_prior()
         self.net.eval().to(self.device)
         route_convolutions_to_onednn(self.net)
@@ -96,14 +108,14 @@ class _ModelPredictor:
     def set_case(self, case: PlanningCase) -> None:
         """Prepare ``case``; ``case_warnings`` then lists what in it the model may get wrong (logged): structures
         unlike the training cases', targets outside the model's field."""
-        from doseai.models.features import body_mask, case_features, outside_field, unlike_training
+        from doseai.models.features import body_mask, case_features, ct_notes, outside_field, unlike_training
 
         case.require_target()
         start = time.perf_counter()
         norm_gy = case.max_prescription  # the network sees prescriptions relative to the highest one
         channels, grid = case_features(case, self.spec, norm_gy=norm_gy)
         prepared_at = time.perf_counter()
-        self.case_warnings = unlike_training(case, self.card) + outside_field(case, grid)
+        self.case_warnings = ct_notes(case) + unlike_training(case, self.card) + outside_field(case, grid)
         for note in self.case_warnings:
             logger.warning("%s: %s", case.patient_id, note)
         with self._torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from doseai.case import PlanningCase, validate_dose
-from doseai.errors import UnreadableInputError, refuse_nonempty_folder
+from doseai.errors import UnreadableInputError, refuse_malformed, refuse_nonempty_folder
 from doseai.io import images, openkbp
 
 CASE_FORMATS = ("nrrd", "nifti", "dicom", "openkbp-npz", "openkbp-csv")
@@ -41,6 +41,7 @@ def _looks_like_dicom(folder: Path) -> bool:
     return False
 
 
+@refuse_malformed("planning case")
 def load_case(
     path: str | os.PathLike,
     overrides: Mapping[str, str | None] | None = None,
@@ -70,9 +71,27 @@ def load_case(
     return case
 
 
+def _case_info(path: Path) -> dict:
+    """``case.json`` beside an image case (patient id, prescriptions, label names), checked."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableInputError(f"{path}: not valid JSON ({error})") from None
+    prescriptions = info.get("prescriptions", {}) if isinstance(info, dict) else None
+    if not isinstance(prescriptions, dict) or not all(
+            isinstance(gy, (int, float)) and not isinstance(gy, bool) for gy in prescriptions.values()):
+        raise UnreadableInputError(f"{path}: expected an object whose 'prescriptions' map target names to doses in "
+                                   'Gy, e.g. {"prescriptions": {"PTV_70": 70}}')
+    if not isinstance(info.get("labels", {}), dict) or not isinstance(info.get("metadata", {}), dict):
+        raise UnreadableInputError(f"{path}: 'labels' and 'metadata' must be objects")
+    return info
+
+
 def load_image_case(folder: Path, overrides: Mapping[str, str | None] | None = None) -> PlanningCase:
     ct, geometry = images.read_image(_find(folder, "ct"))
-    info = json.loads((folder / "case.json").read_text()) if (folder / "case.json").is_file() else {}
+    info = _case_info(folder / "case.json")
     seg_path = folder / "structures.seg.nrrd"
     structures_path = seg_path if seg_path.is_file() else _find(folder, "structures")
     if structures_path is None:
@@ -133,6 +152,7 @@ def save_image_case(case: PlanningCase, folder: Path, ext: str = ".nrrd", force:
     return folder
 
 
+@refuse_malformed("dose file")
 def load_dose(path: str | os.PathLike, case: PlanningCase) -> np.ndarray:
     """A dose for ``case`` from an image file (same grid), an RTDOSE (resampled onto the case grid),
     an OpenKBP ``.npz`` (``dose_cgy``) or an OpenKBP sparse ``.csv`` (Gy, 128^3)."""

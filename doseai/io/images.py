@@ -8,6 +8,7 @@ A ``.seg.nrrd`` carries Slicer's segment metadata (``SegmentN_Name``, ``SegmentN
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from doseai.errors import UnreadableInputError, refuse_overwrite
 from doseai.geometry import ImageGeometry
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+MAX_VOXELS = 1_000_000_000  # 13x a 512 x 512 x 300 CT; 4 GB as float32
 
 
 def has_image_suffix(path: str | os.PathLike) -> bool:
@@ -29,10 +31,25 @@ def read_sitk(path: str | os.PathLike) -> sitk.Image:
     if not path.is_file():
         raise UnreadableInputError(f"{path}: no such file")
     try:
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header first: a corrupt size must not allocate terabytes
+        voxels = int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
+        if voxels > MAX_VOXELS:
+            raise UnreadableInputError(f"{path}: the header declares {' x '.join(map(str, reader.GetSize()))} "
+                                       f"voxels, more than {MAX_VOXELS:.0e} (a corrupt header, or not a CT)")
+        return reader.Execute()
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
-        raise UnreadableInputError(f"{path}: not a readable image ({first_line})") from error
+        raise UnreadableInputError(f"{path}: not a readable image ({_itk_reason(error)})") from None
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The informative line of an ITK exception: its deepest cause in words (ITK's text runs from the call site
+    down to the cause; bare numbers and the 'Exception thrown in' banner say nothing to a user)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    wordy = [re.sub(r"^(itk::ERROR|ITK ERROR): \w+\(0x[0-9a-f]+\):\s*", "", line) for line in lines
+             if sum(c.isalpha() for c in line) > 10 and not line.startswith("Exception thrown")]
+    return " ".join((wordy[-1] if wordy else "unknown format").split())[:200]
 
 
 def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, ImageGeometry]:

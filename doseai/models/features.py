@@ -61,6 +61,9 @@ def with_slice_spacing(spec: GridSpec, slice_mm: float) -> GridSpec:
 # an OAR more than this many times larger (or smaller) than in any training case is flagged: most likely
 # another structure under its name, which the network reads as that OAR
 VOLUME_FACTOR_FLAGGED = 2.0
+CT_CLIP_HU = (-1000.0, 1500.0)  # what the network reads (training clipped the same way)
+PLAUSIBLE_HU = (-3100.0, 31000.0)  # beyond padding (-3024) and extended-range metal: not HU at all
+OBLIQUE_NOTE_DEG = 0.5
 
 
 def channel_names(oars=OPENKBP_OARS) -> list[str]:
@@ -159,7 +162,7 @@ def case_features(case: PlanningCase, spec: GridSpec, norm_gy: float = 70.0, oar
     grid = model_geometry(case, spec)
     source = case.geometry
     ct = case.ct if case.ct is not None else np.where(body_mask(case), 0.0, -1000.0)
-    channels = [np.clip(resample_to(ct, source, grid, default_value=-1000.0), -1000, 1500) / 1000.0]
+    channels = [np.clip(resample_to(ct, source, grid, default_value=-1000.0), *CT_CLIP_HU) / 1000.0]
     target = resample_to(target_dose_map(case), source, grid, interpolation="nearest")
     channels.append(target / norm_gy)
     for name in oars:
@@ -186,6 +189,24 @@ def unlike_training(case: PlanningCase, card: dict) -> list[str]:
         if volume > VOLUME_FACTOR_FLAGGED * high or volume < low / VOLUME_FACTOR_FLAGGED:
             notes.append(f"{name} is {volume:.0f} cc, against {low:.0f}-{high:.0f} cc in the training cases: check "
                          f"that this structure is the {name}; the network reads it as one, and the dose may be off")
+    return notes
+
+
+def ct_notes(case: PlanningCase) -> list[str]:
+    """A line when the CT holds values no CT in HU has (the network reads HU clipped to [-1000, 1500], as
+    in training, so such values are read as air or dense bone), and one when the CT grid is oblique."""
+    notes = []
+    if case.ct is not None:
+        low, high = PLAUSIBLE_HU
+        outside = (case.ct < low) | (case.ct > high)
+        if outside.any():
+            notes.append(f"the CT has {int(outside.sum())} voxel(s) outside {low:g} to {high:g} HU (min "
+                         f"{float(case.ct.min()):.4g}, max {float(case.ct.max()):.4g}): is it in HU? The model "
+                         f"reads HU clipped to [{CT_CLIP_HU[0]:g}, {CT_CLIP_HU[1]:g}], as in training")
+    tilt = case.geometry.obliquity_deg()
+    if tilt > OBLIQUE_NOTE_DEG:
+        notes.append(f"the CT grid is oblique ({tilt:.1f} deg from the patient axes): the model runs on an "
+                     "axis-aligned grid and the dose is resampled back onto the CT's grid")
     return notes
 
 
