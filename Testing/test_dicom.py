@@ -394,7 +394,7 @@ def test_rtdose_errors(case, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_case_round_trip(case, tmp_path):
     written = dicom.write_dicom_case(case, tmp_path / "out")
-    assert sorted(os.listdir(tmp_path / "out")) == ["CT", "RD.dcm", "RS.dcm"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["CT", "RD.dcm", "RP.dcm", "RS.dcm"]
     read = dicom.read_dicom_case(tmp_path / "out")
     assert isinstance(read, PlanningCase) and set(read.structures) == set(case.structures)
     assert read.prescriptions == {"PTV_70": 70.0, "PTV_63": 63.0, "PTV_56": 56.0}

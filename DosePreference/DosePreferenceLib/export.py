@@ -27,9 +27,11 @@ def safe_file_stem(name: str) -> str:
 
 
 def export_paths(folder: str | Path, stem: str) -> dict[str, Path]:
-    """Where an export of a dose named ``stem`` goes: RTDOSE, DVH CSV and metrics CSV."""
+    """Where an export of a dose named ``stem`` goes: RTDOSE, its RTPLAN (see doseai.io.rtplan), DVH CSV and
+    metrics CSV."""
     folder = Path(folder)
-    return {"rtdose": folder / f"{stem}_RTDOSE.dcm", "dvh": folder / f"{stem}_dvh.csv",
+    return {"rtdose": folder / f"{stem}_RTDOSE.dcm", "rtplan": folder / f"{stem}_RTPLAN.dcm",
+            "dvh": folder / f"{stem}_dvh.csv",
             "metrics": folder / f"{stem}_metrics.csv"}
 
 

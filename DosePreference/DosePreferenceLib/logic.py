@@ -733,8 +733,10 @@ class DosePreferenceLogic:
         case = case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
         reference = dicom_reference(ctNode, lookup or self.dicomLookup(), segNode)
         reference["DoseDescription"] = self._doseDescription(doseNode)
+        from doseai.io.rtplan import PlanDescription
+
         write_rtdose(volume_array(doseNode), geometry_from_volume_node(doseNode), paths["rtdose"], reference,
-                     force=force)
+                     force=force, plan=PlanDescription(prescriptions=dict(case.prescriptions)))
         write_dvh_csv(case_dvhs(case, case.dose, bin_width_gy=self.dvhBinWidthGy), paths["dvh"], force=force)
         write_metrics_csv(case_metrics(case, case.dose), paths["metrics"], force=force)
         logging.info(f"DosePreference: exported {', '.join(str(p) for p in paths.values())}")

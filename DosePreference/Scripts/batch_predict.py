@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUMMARY_COLUMNS = ("patient", "status", "error", "ptv", "ptv_d95_gy", "mean_oar_dose_gy", "seconds")
-PATIENT_FILES = ("RD.dcm", "dvh.csv", "metrics.csv", "dvh.png")
+PATIENT_FILES = ("RD.dcm", "RP.dcm", "dvh.csv", "metrics.csv", "dvh.png")  # RP: the dose's RTPLAN
 
 
 def _make_doseai_importable() -> None:
@@ -90,6 +90,7 @@ def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, hom
                      force: bool) -> PatientResult:
     from doseai.errors import DoseAIError, OutputExistsError
     from doseai.io.dicom import read_dicom_case, write_rtdose
+    from doseai.io.rtplan import PlanDescription
     from doseai.report import case_dvhs, case_metrics, plot_dvhs, write_dvh_csv, write_metrics_csv
 
     start = time.perf_counter()
@@ -104,7 +105,7 @@ def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, hom
         dvhs = case_dvhs(case, dose)
         description = f"DoseAI {predictor.card['name']} OAR {oar_sparing:+.2f} HI {homogeneity:+.2f}"[:64]
         write_rtdose(dose, case.geometry, out / "RD.dcm", {**case.metadata, "DoseDescription": description},
-                     force=force)
+                     force=force, plan=PlanDescription(prescriptions=dict(case.prescriptions)))
         write_dvh_csv(dvhs, out / "dvh.csv", force=force)
         write_metrics_csv(metrics, out / "metrics.csv", force=force)
         reference = case_dvhs(case, case.dose) if case.dose is not None else None

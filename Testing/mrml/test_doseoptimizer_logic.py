@@ -123,14 +123,14 @@ def test_optimize_twice_reusing_the_influence_matrix_then_export(scene, mrml_cas
     folder = tmp_path / "plan"
     paths = logic.exportPlan(folder)
     names = sorted(path.name for path in paths)
-    assert names == sorted(p.name for p in folder.iterdir()) and "RD_plan.dcm" in names and len(names) == 9
+    assert names == sorted(p.name for p in folder.iterdir()) and "RD_plan.dcm" in names and len(names) == 10
     assert all(path.is_file() for path in paths)
     from doseai.io.dicom import read_rtdose
 
     rtdose, rt_geometry, _ = read_rtdose(folder / "RD_plan.dcm")
     assert rt_geometry.matches(g) and rtdose.max() == pytest.approx(logic.lastPlan.dose.max(), rel=1e-3)
     stamps = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
-    with pytest.raises(OutputExistsError, match="9 file"):
+    with pytest.raises(OutputExistsError, match="10 file"):
         logic.exportPlan(folder)
     with pytest.raises(OutputExistsError, match="objectives.json"):
         logic.exportObjectives(folder)

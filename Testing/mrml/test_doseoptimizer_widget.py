@@ -85,7 +85,7 @@ def test_optimize_both_modes_export_and_scene_close(gui, scene, mrml_case, plan_
     parameters.exportFolder = tmp_path
     ui.exportPlanButton.click()
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 9 and ui.statusLabel.text.startswith("Exported plan_dose.nrrd")
+    assert len(files) == 10 and ui.statusLabel.text.startswith("Exported plan_dose.nrrd")
     stamps = [f.stat().st_mtime_ns for f in files]
     gui.answers.append(False)
     ui.exportPlanButton.click()

@@ -57,8 +57,9 @@ def test_export_writes_rtdose_in_the_ct_study_and_the_dvh(scene, mrml_case, tmp_
     folder = tmp_path / "new" / "folder"
     paths = logic.exportResults(ct_node, seg_node, dose_node, folder, lookup=_lookup)
     assert paths == export_paths(folder, "pt_1_predicted_dose")
-    assert [p.name for p in paths.values()] == ["pt_1_predicted_dose_RTDOSE.dcm", "pt_1_predicted_dose_dvh.csv",
-                                                "pt_1_predicted_dose_metrics.csv"]
+    assert [p.name for p in paths.values()] == ["pt_1_predicted_dose_RTDOSE.dcm", "pt_1_predicted_dose_RTPLAN.dcm",
+                                                "pt_1_predicted_dose_dvh.csv", "pt_1_predicted_dose_metrics.csv"]
+    assert all(path.is_file() for path in paths.values())
 
     dose, geometry, meta = read_rtdose(paths["rtdose"])
     assert geometry.matches(mrml_case.geometry)

@@ -184,7 +184,7 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     parameters.exportFolder = tmp_path
     ui.exportButton.click()
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 3 and "Exported" in ui.statusLabel.text
+    assert len(files) == 4 and "Exported" in ui.statusLabel.text
     stamps = [f.stat().st_mtime_ns for f in files]
     preference_gui.answers.append(False)
     ui.exportButton.click()

@@ -79,6 +79,23 @@ class DoseInfluence:
             flat = self.dose(w.to(self.matrix.device))
         return flat.float().cpu().numpy().reshape(self.geometry.shape)
 
+    def jaws_mm(self, weights: torch.Tensor | np.ndarray) -> list[tuple[float, float, float, float]]:
+        """Per beam, the jaws (X1, X2, Y1, Y2 in mm at the isocentre plane, beam's-eye-view axes) around its
+        bixels with weight (all its bixels when none has)."""
+        w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float32)
+        half = self.beams.bixel_width_mm / 2
+        jaws = []
+        for beam in range(len(self.beams.gantry_angles_deg)):
+            own = self.bixel_beam == beam
+            lit = own & (w > 0)
+            xy = self.bixel_position_mm[lit if lit.any() else own]
+            if len(xy) == 0:
+                jaws.append((0.0, 0.0, 0.0, 0.0))
+                continue
+            low, high = xy.min(axis=0) - half, xy.max(axis=0) + half
+            jaws.append((float(low[0]), float(high[0]), float(low[1]), float(high[1])))
+        return jaws
+
     def fluence_maps(self, weights: torch.Tensor | np.ndarray) -> list[np.ndarray]:
         """One 2D map per beam (rows: beam's-eye-view y, columns: x), 0 outside the bixels that exist."""
         w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float32)

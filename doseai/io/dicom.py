@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import contourpy
 import numpy as np
@@ -34,10 +34,14 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from doseai.case import PlanningCase, validate_dose
-from doseai.errors import DoseAIError, GeometryMismatchError, OutputExistsError, UnreadableInputError, refuse_overwrite
+from doseai.errors import (DoseAIError, GeometryMismatchError, OutputExistsError, UnreadableInputError, refuse_malformed,
+                           refuse_overwrite)
 from doseai.geometry import ImageGeometry
 from doseai.resample import resample_to
 from doseai.structures import canonical_name, is_target
+
+if TYPE_CHECKING:
+    from doseai.io.rtplan import PlanDescription
 
 __all__ = [
     "read_ct_series",
@@ -284,6 +288,7 @@ def _scan(folder: PathLike) -> _Scan:
 # ------------------------------------------------------------------------------------------------
 # CT series
 # ------------------------------------------------------------------------------------------------
+@refuse_malformed("DICOM CT series")
 def read_ct_series(
     folder: PathLike, series_uid: str | None = None
 ) -> tuple[np.ndarray, ImageGeometry, dict[str, Any]]:
@@ -513,6 +518,7 @@ def _ct_slice(
     _fill_series(ds, "CT", series_uid, str(meta.get("SeriesNumber") or "1"),
                  str(meta.get("SeriesDescription") or "CT"))
     ds.PatientPosition = str(meta.get("PatientPosition") or "")
+    ds.Laterality = ""  # Type 2C of General Series: unknown, as for the whole head and neck
     ds.FrameOfReferenceUID = info["FrameOfReferenceUID"]
     ds.PositionReferenceIndicator = ""
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
@@ -554,6 +560,7 @@ def _read_rt_object(path: PathLike, modality: str) -> Dataset:
     return ds
 
 
+@refuse_malformed("RTSTRUCT")
 def read_rtstruct(
     path: PathLike, geometry: ImageGeometry, ct_meta: Mapping[str, Any] | None = None
 ) -> dict[str, np.ndarray]:
@@ -728,6 +735,8 @@ def write_rtstruct(
     ds = _new_dataset(RT_STRUCTURE_SET_STORAGE, generate_uid())
     _fill_patient_study(ds, info)
     _fill_series(ds, "RTSTRUCT", generate_uid(), "2", "DoseAI structures")
+    ds.FrameOfReferenceUID = str(ct_meta["FrameOfReferenceUID"])  # the Frame of Reference module (C.7.4.1)
+    ds.PositionReferenceIndicator = ""
     ds.InstanceNumber = "1"
     ds.StructureSetLabel = "DoseAI"
     ds.StructureSetDate, ds.StructureSetTime = _now()
@@ -812,20 +821,32 @@ def write_rtdose(
     path: PathLike,
     reference_meta: Mapping[str, Any] | None = None,
     force: bool = False,
+    plan: "PlanDescription | None" = None,
 ) -> str:
-    """Write ``dose_gy`` as a multi-frame RT Dose (uint32, DoseGridScaling, GY, PHYSICAL, PLAN).
+    """Write ``dose_gy`` as a multi-frame RT Dose (uint32, DoseGridScaling, GY, PHYSICAL, PLAN) and, unless
+    ``reference_meta`` names its plan (``RTPlanSOPInstanceUID``), an RTPLAN beside it
+    (:func:`doseai.io.rtplan.rtplan_path_for`; ``plan``, by default a predicted dose's plan without beams).
 
     ``reference_meta`` (CT metadata or ``PlanningCase.metadata``) supplies the patient, StudyInstanceUID and
-    FrameOfReferenceUID so the dose lands on the CT; without it new UIDs are made. An ``RTPlanSOPInstanceUID``
-    or ``RTStructSOPInstanceUID`` in it is referenced too (a predicted dose usually has no plan). Returns the
-    SOPInstanceUID.
+    FrameOfReferenceUID so the dose lands on the CT; without it new UIDs are made. Its ``RTStructSOPInstanceUID``
+    is referenced by the dose and the plan. Returns the RTDOSE's SOPInstanceUID.
     """
+    from doseai.io.rtplan import PlanDescription, rtplan_path_for, write_rtplan
+
     dose = validate_dose(_check_on_grid(dose_gy, geometry, "dose"))
     path = Path(path)
-    refuse_overwrite(path, force)
+    reference = dict(reference_meta or {})
+    plan_path = None if reference.get("RTPlanSOPInstanceUID") else rtplan_path_for(path)
+    for output in (path, plan_path):  # both checked before either is written
+        if output is not None:
+            refuse_overwrite(output, force)
     dose, geometry = _right_handed(dose, geometry)
-    reference = reference_meta or {}
     info = _study_info(reference)
+    # one study and frame of reference for the dose and its plan, even when the reference brings none
+    reference.update({key: info[key] for key in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate",
+                                                 "StudyTime", "StudyID", "FrameOfReferenceUID")})
+    if plan_path is not None:
+        reference["RTPlanSOPInstanceUID"] = write_rtplan(plan_path, reference, plan or PlanDescription(), force)
     ds = _new_dataset(RT_DOSE_STORAGE, generate_uid())
     _fill_patient_study(ds, info)
     _fill_series(ds, "RTDOSE", generate_uid(), "3", str(reference.get("DoseDescription") or "DoseAI dose"))
@@ -870,6 +891,7 @@ def _add_dose_references(ds: Dataset, reference: Mapping[str, Any]) -> None:
             setattr(ds, keyword, DicomSequence([item]))
 
 
+@refuse_malformed("RTDOSE")
 def read_rtdose(path: PathLike) -> tuple[np.ndarray, ImageGeometry, dict[str, Any]]:
     """Read an RTDOSE file: float32 dose in Gy [z, y, x] on its own grid, and its metadata.
 
@@ -998,6 +1020,7 @@ def _choose_rtdose(scan: _Scan, frame_uid: str) -> _Entry | None:
     return plans[0]
 
 
+@refuse_malformed("DICOM case")
 def read_dicom_case(
     folder: PathLike,
     overrides: Mapping[str, str | None] | None = None,
@@ -1031,7 +1054,8 @@ def read_dicom_case(
 
 
 def write_dicom_case(case: PlanningCase, folder: PathLike, force: bool = False) -> dict[str, Any]:
-    """Write ``case`` as ``folder/CT/CT_*.dcm``, ``folder/RS.dcm`` (structures) and ``folder/RD.dcm`` (dose).
+    """Write ``case`` as ``folder/CT/CT_*.dcm``, ``folder/RS.dcm`` (structures), ``folder/RD.dcm`` (dose) and
+    ``folder/RP.dcm`` (the dose's plan, see :func:`write_rtdose`).
 
     A folder that already holds DICOM files is refused unless ``force`` (then those three are replaced, and
     an RS/RD left from an earlier write that this case has no counterpart for is removed).
@@ -1040,10 +1064,12 @@ def write_dicom_case(case: PlanningCase, folder: PathLike, force: bool = False) 
     sit with the original study; the CT gets a new series (its instances are new files, and reusing the old
     series UID would mix two copies in a DICOM database). Returns the paths written and the UIDs used.
     """
+    from doseai.io.rtplan import PlanDescription
+
     if case.ct is None:
         raise DoseAIError("the case has no CT; DICOM structures and dose need a CT series to refer to")
     folder = Path(folder)
-    ct_folder, rs_path, rd_path = folder / "CT", folder / "RS.dcm", folder / "RD.dcm"
+    ct_folder, rs_path, rd_path, rp_path = folder / "CT", folder / "RS.dcm", folder / "RD.dcm", folder / "RP.dcm"
     if not force and folder.is_dir():  # checked first so that nothing is half written
         existing = [p for p in folder.rglob("*") if p.is_file() and _looks_like_dicom_file(p)]
         if existing:
@@ -1056,10 +1082,11 @@ def write_dicom_case(case: PlanningCase, folder: PathLike, force: bool = False) 
     ct_meta = write_ct_series(case.ct, case.geometry, ct_folder, meta=reference, force=force)
     written: dict[str, Any] = {
         "ct_files": ct_meta["files"], "rtstruct": None, "rtdose": None,
-        **{key: ct_meta[key] for key in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")},
+        **{key: ct_meta[key] for key in _PATIENT_STUDY_KEYS + ("FrameOfReferenceUID",) if ct_meta.get(key)},
         "CTSeriesInstanceUID": ct_meta["SeriesInstanceUID"],
     }
-    for path, kept in ((rs_path, bool(case.structures)), (rd_path, case.dose is not None)):
+    for path, kept in ((rs_path, bool(case.structures)), (rd_path, case.dose is not None),
+                       (rp_path, case.dose is not None)):
         if force and not kept and path.is_file():
             path.unlink()  # a stale RS/RD of an earlier write would otherwise be read with this CT
     if case.structures:
@@ -1069,6 +1096,8 @@ def write_dicom_case(case: PlanningCase, folder: PathLike, force: bool = False) 
         written["rtstruct"] = str(rs_path)
     if case.dose is not None:
         dose_reference = {**ct_meta, "RTStructSOPInstanceUID": written.get("RTStructSOPInstanceUID", "")}
-        written["RTDoseSOPInstanceUID"] = write_rtdose(case.dose, case.geometry, rd_path, dose_reference, force=force)
-        written["rtdose"] = str(rd_path)
+        plan = PlanDescription(prescriptions=dict(case.prescriptions))
+        written["RTDoseSOPInstanceUID"] = write_rtdose(case.dose, case.geometry, rd_path, dose_reference, force=force,
+                                                       plan=plan)
+        written["rtdose"], written["rtplan"] = str(rd_path), str(rp_path)
     return written

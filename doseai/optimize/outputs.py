@@ -13,7 +13,7 @@ from doseai.errors import refuse_overwrite
 from doseai.optimize.from_dose import PlanObjective, objectives_to_csv, objectives_to_json
 from doseai.optimize.plan import PlanResult, mean_difference_in_body
 
-PLAN_FILES = ("plan_dose.nrrd", "RD_plan.dcm", "fluence.npz", "fluence.png", "objectives.json", "objectives.csv",
+PLAN_FILES = ("plan_dose.nrrd", "RD_plan.dcm", "RP_plan.dcm", "fluence.npz", "fluence.png", "objectives.json", "objectives.csv",
               "dvh_comparison.png", "metrics.csv", "summary.json")
 
 
@@ -60,8 +60,9 @@ def write_plan(plan: PlanResult, case: PlanningCase, desired: np.ndarray, out: P
         refuse_overwrite(out / name, force)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_image(plan.dose, case.geometry, out / "plan_dose.nrrd", force=force)]
-    write_rtdose(plan.dose, case.geometry, out / "RD_plan.dcm", reference_meta=case.metadata or None, force=force)
-    written.append(out / "RD_plan.dcm")  # (write_rtdose returns the SOPInstanceUID, not the path)
+    write_rtdose(plan.dose, case.geometry, out / "RD_plan.dcm", reference_meta=case.metadata or None, force=force,
+                 plan=plan_description(plan, case))
+    written += [out / "RD_plan.dcm", out / "RP_plan.dcm"]  # (write_rtdose returns the SOPInstanceUID, not paths)
     np.savez_compressed(out / "fluence.npz", weights=plan.fluence.weights,
                         gantry_angles_deg=np.asarray(plan.beams.gantry_angles_deg),
                         bixel_width_mm=plan.beams.bixel_width_mm,
@@ -80,6 +81,23 @@ def write_plan(plan: PlanResult, case: PlanningCase, desired: np.ndarray, out: P
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     written.append(out / "summary.json")
     return written
+
+
+def plan_description(plan: PlanResult, case: PlanningCase):
+    """The RTPLAN of an optimized plan: its beams, isocentre, energy and jaws around the optimized fluence."""
+    from doseai.io.rtplan import PlanBeam, PlanDescription
+
+    beams = plan.beams
+    jaws = plan.jaws_mm or [(-50.0, 50.0, -50.0, 50.0)] * len(beams.gantry_angles_deg)
+    return PlanDescription(
+        label="DoseAI plan",
+        description=(f"{len(beams.gantry_angles_deg)}-beam IMRT optimized by DoseAI ({plan.settings.mode} toward a "
+                     f"desired dose, engine {plan.settings.engine}); fluence maps in fluence.npz, no leaf sequence: "
+                     "research, not deliverable as written"),
+        prescriptions=dict(case.prescriptions),
+        beams=[PlanBeam(gantry_deg=g, couch_deg=c, isocenter_lps_mm=tuple(beams.isocenter_lps_mm),
+                        energy_mv=beams.energy_mv, jaws_mm=j)
+               for g, c, j in zip(beams.gantry_angles_deg, beams.couches, jaws)])
 
 
 def plan_summary(plan: PlanResult, case: PlanningCase, desired: np.ndarray) -> dict:

@@ -65,6 +65,7 @@ class PlanResult:
     settings: PlanSettings
     engine_card: dict
     timings_s: dict[str, float]
+    jaws_mm: list[tuple[float, float, float, float]] = field(default_factory=list)  # per beam, X1 X2 Y1 Y2
 
     def summary(self) -> str:
         t = self.timings_s
@@ -127,7 +128,8 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
 
     return PlanResult(dose=case_dose(fluence.dose_image, work, case), fluence=fluence,
                       fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
-                      objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings)
+                      objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings,
+                      jaws_mm=influence.jaws_mm(fluence.weights))
 
 
 def case_dose(working_dose: np.ndarray, work: PlanningCase, case: PlanningCase) -> np.ndarray:
