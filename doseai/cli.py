@@ -15,6 +15,7 @@ from doseai.errors import (
     refuse_nonempty_folder,
     refuse_overwrite,
 )
+from doseai.output_paths import DOSE_SUFFIXES, check_output_file, check_output_folder
 from doseai.predict import DEFAULT_DVH_MODEL, DEFAULT_MODEL
 
 # the training commands' defaults: the shipped weights, relative to the repository root they run from
@@ -22,21 +23,77 @@ SHIPPED_PREFERENCE = str(Path("Resources") / "Models" / DEFAULT_MODEL.name)
 SHIPPED_DVH = str(Path("Resources") / "Models" / DEFAULT_DVH_MODEL.name)
 
 
+CASE_HELP = ("the patient: an OpenKBP pt_N.npz or CSV patient folder, a folder with ct.nrrd (.nii.gz, .mha) and "
+             "structures.seg.nrrd (or a structures labelmap + case.json), or a DICOM folder with a CT series and "
+             "an RTSTRUCT")
+REPORT_FILES = ("dvh.csv", "metrics.csv", "dvh.png")
+
+
 def _add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
+def _device(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is not one of auto, cpu, cuda, cuda:N")
+
+
+def _add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", type=_device, default=default, metavar="{auto,cpu,cuda,cuda:N}",
+                        help="where the network runs (default: %(default)s: CUDA when available)")
+
+
+def _pair(text: str, kind: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"'{text}': expected {kind}")
+    return name.strip(), value.strip()
+
+
+def _name_map(text: str) -> tuple[str, str | None]:
+    """argparse type of --map: 'RAW=CANONICAL' (or 'RAW=' to leave the structure out)."""
+    raw, name = _pair(text, "ROI=NAME, e.g. 'High risk PTV=PTV_70' (or 'ROI=' to leave it out)")
+    return raw, name or None
+
+
+def _prescription(text: str) -> tuple[str, float]:
+    """argparse type of --prescription: 'NAME=GY' with a positive, finite dose."""
+    name, value = _pair(text, "NAME=GY, e.g. PTV_70=70")
+    try:
+        gy = float(value)
+    except ValueError:
+        gy = float("nan")
+    if not (0 < gy < 1000):
+        raise argparse.ArgumentTypeError(f"'{text}': the prescription must be a positive dose in Gy")
+    return name, gy
+
+
+def _add_case(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--case", required=True, help=CASE_HELP)
+    parser.add_argument("--map", type=_name_map, action="append", default=[], metavar="ROI=NAME",
+                        help="read structure ROI as NAME (e.g. --map 'High risk PTV=PTV_70', --map 'Lt Parot=Parotid_L'"
+                             "; 'ROI=' leaves it out); repeatable. Unmapped names are matched automatically")
+    parser.add_argument("--prescription", type=_prescription, action="append", default=[], metavar="NAME=GY",
+                        help="the prescription of target NAME (after --map), when its name holds none; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="doseai", description="SlicerDoseAI: dose prediction and DVH tools")
+    parser = argparse.ArgumentParser(prog="doseai", description="SlicerDoseAI: dose prediction and DVH tools. Bad "
+                                     "input stops with a one-line error and exit code 2; nothing is overwritten "
+                                     "without --force.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job on the built-in sample case: predict its dose, write CT, "
-                                       "structures and dose as DICOM and NRRD, and report the DVH")
+                                       "structures and dose as DICOM and NRRD, report the DVH, edit one parotid's "
+                                       "DVH with the DVH-conditioned model, and optimize a plan toward the dose")
     demo.add_argument("--out", default="doseai-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1]")
     demo.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_device(demo)
     demo.add_argument("--no-plan", action="store_true",
                       help="skip the plan optimized toward the predicted dose (done when pyRadPlan is installed)")
     _add_force(demo)
@@ -49,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(sample)
 
     dvh = sub.add_parser("dvh", help="DVH metrics table, DVH CSV and plot of a dose on a case")
-    dvh.add_argument("--case", required=True, help="case: OpenKBP .npz/CSV folder, NRRD case folder or DICOM folder")
+    _add_case(dvh)
     dvh.add_argument("--dose", help="dose file (NRRD/NIfTI/MHA, RTDOSE .dcm, OpenKBP .npz/.csv); "
                                     "default: the case's own dose")
     dvh.add_argument("--reference", help="a reference dose drawn dashed in the plot")
@@ -65,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(evaluate)
 
     predict = sub.add_parser("predict", help="predict a dose for a case with the shipped preference model")
-    predict.add_argument("--case", required=True)
+    _add_case(predict)
     predict.add_argument("--out", required=True, help="dose file: .nrrd/.nii.gz/.mha, or .dcm for RTDOSE")
     predict.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     predict.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
-    predict.add_argument("--weights", help=f"model weights (default: {SHIPPED_PREFERENCE})")
+    predict.add_argument("--weights", help=f"model weights (default: {SHIPPED_PREFERENCE}); the model card (the "
+                                           "same name with .json) must sit beside them")
     predict.add_argument("--no-calibration", action="store_true",
                          help="the network's dose alone, without the model card's calibration (doseai/calibration.py)")
     predict.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
@@ -81,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "as the model card's inference section says)")
     predict.add_argument("--desired-dvh", help="CSV of desired DVH curves (dose_gy, <structure>_volume_pct, ...: the "
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
-    predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH})")
-    predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH}), with their "
+                                               "card .json beside them")
+    _add_device(predict)
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
 
@@ -94,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
         stage.add_argument("--epochs", type=int, default=30)
         stage.add_argument("--lr", type=float, default=1e-3)
-        stage.add_argument("--device", default="auto")
+        _add_device(stage)
         stage.add_argument("--threads", type=int)
     preference.add_argument("--prior", help="Stage I checkpoint (omit with --no-freeze for the ablation)")
     preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
@@ -145,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: the shipped preference model)")
     dvh.add_argument("--epochs", type=int, default=20)
     dvh.add_argument("--lr", type=float, default=5e-4)
-    dvh.add_argument("--device", default="auto")
+    _add_device(dvh)
     dvh.add_argument("--threads", type=int)
     dvh.add_argument("--targets", choices=("mixes", "plans"), default="mixes",
                      help="projection onto the Pareto set: the nearest mix of two plans (default) or plan")
@@ -201,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     optimize = sub.add_parser("optimize", help="optimize beam fluences toward a desired (e.g. predicted) dose: "
                                                "plan dose, fluence maps, TPS objectives and a DVH comparison")
-    optimize.add_argument("--case", required=True)
+    _add_case(optimize)
     optimize.add_argument("--dose", help="the desired dose (default: the case's own dose)")
     optimize.add_argument("--out", required=True, help="output folder")
     optimize.add_argument("--mode", default="mimic", choices=["mimic", "objectives"],
@@ -216,13 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(optimize)
 
     objectives = sub.add_parser("objectives", help="DVH objectives derived from a dose, as JSON and CSV for a TPS")
-    objectives.add_argument("--case", required=True)
+    _add_case(objectives)
     objectives.add_argument("--dose", help="the desired dose (default: the case's own dose)")
     objectives.add_argument("--out", default=".", help="folder for objectives.json and objectives.csv")
     _add_force(objectives)
 
     convert = sub.add_parser("convert", help="convert a case between formats")
-    convert.add_argument("--case", required=True)
+    _add_case(convert)
     convert.add_argument("--to", required=True, choices=["nrrd", "nifti", "mha", "dicom", "openkbp-npz", "openkbp-csv"])
     convert.add_argument("--out", required=True)
     convert.add_argument("--dose", help="attach this dose to the case before writing")
@@ -230,12 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("doseai")
+    except PackageNotFoundError:  # run from a folder (e.g. the installed Slicer extension), not pip-installed
+        return "(not pip-installed)"
+
+
+def _load_case(args):
+    """The case of ``--case``, with the --map overrides and --prescription doses."""
+    from doseai.io import load_case
+
+    return load_case(args.case, overrides=dict(args.map) or None, prescriptions=dict(args.prescription) or None)
+
+
+DICOM_STUDY_KEYS = ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+                    "FrameOfReferenceUID", "RTStructSOPInstanceUID")
+
+
 def _cmd_demo(args) -> int:
     from doseai.io import save_case
+    from doseai.io.dicom import write_dicom_case
     from doseai.predict import DosePredictor
     from doseai.sample import make_sample_case
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, (), args.force, "--out")
     refuse_nonempty_folder(out, args.force)
     case = make_sample_case(seed=args.seed, with_dose=False)
     print(f"sample case {case.patient_id}: grid {case.geometry.shape[::-1]} (x, y, z) voxels of "
@@ -251,9 +331,11 @@ def _cmd_demo(args) -> int:
           f"{' (with the mirror at neutral sliders)' if mirror_s else ''}, slider-dependent part "
           f"{timings['condition_network_s'] - mirror_s + timings['resample_back_s']:.2f} s "
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
-    save_case(case, out / "dicom", "dicom", force=args.force)
+    written = write_dicom_case(case, out / "dicom", force=args.force)
+    # what follows (the plan's RTDOSE and RTPLAN) joins the patient, study and frame of reference just written
+    case.metadata.update({key: value for key, value in written.items() if key in DICOM_STUDY_KEYS})
     save_case(case, out / "nrrd", "nrrd", force=args.force)
-    print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
+    print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) + RTPLAN (saying so) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
     _report(case, case.dose, out / "report", force=args.force)
     _demo_dvh_edit(case, out / "dvh_edit", args.device, args.force)
     if not args.no_plan:
@@ -347,9 +429,11 @@ def _report(case, dose, out: Path | None, reference=None, force: bool = False) -
 
 
 def _cmd_dvh(args) -> int:
-    from doseai.io import load_case, load_dose
+    from doseai.io import load_dose
 
-    case = load_case(args.case)
+    if args.out:
+        check_output_folder(args.out, REPORT_FILES, args.force, "--out")
+    case = _load_case(args)
     if args.dose:
         dose = load_dose(args.dose, case)
     elif case.dose is not None:
@@ -380,7 +464,7 @@ def _cmd_evaluate(args) -> int:
     from doseai.scoring import score_patient, Evaluation
 
     if args.json:
-        refuse_overwrite(args.json, args.force)
+        check_output_file(args.json, (".json",), args.force, "--json")
     patients = openkbp.list_patients(args.reference)
     predictions = Path(args.predictions)
     if not predictions.is_dir():
@@ -416,9 +500,10 @@ def _format_evaluation(evaluation) -> str:
 
 
 def _cmd_convert(args) -> int:
-    from doseai.io import load_case, load_dose, save_case
+    from doseai.io import load_dose, save_case
 
-    case = load_case(args.case)
+    check_output_folder(Path(args.out).parent if args.to == "openkbp-npz" else args.out, (), args.force, "--out")
+    case = _load_case(args)
     if args.dose:
         case = case.with_dose(load_dose(args.dose, case))
     path = save_case(case, args.out, args.to, force=args.force)
@@ -432,7 +517,10 @@ def _write_dose(dose, case, out: Path, force: bool) -> None:
     if out.suffix.lower() == ".dcm":
         from doseai.io.dicom import write_rtdose
 
-        write_rtdose(dose, case.geometry, out, reference_meta=case.metadata or None, force=force)
+        from doseai.io.rtplan import PlanDescription
+
+        write_rtdose(dose, case.geometry, out, reference_meta=case.metadata or None, force=force,
+                     plan=PlanDescription(prescriptions=dict(case.prescriptions)))
     else:
         images.write_image(dose, case.geometry, out, force=force)
 
@@ -440,12 +528,24 @@ def _write_dose(dose, case, out: Path, force: bool) -> None:
 def _cmd_predict(args) -> int:
     import time
 
-    from doseai.io import load_case
     from doseai.predict import DosePredictor
 
-    out = Path(args.out)
-    refuse_overwrite(out, args.force)
-    case = load_case(args.case)
+    # every output and input checked before the seconds of prediction
+    out = check_output_file(args.out, DOSE_SUFFIXES, args.force, "--out")
+    if out.suffix.lower() == ".dcm":  # the RTPLAN written beside the RTDOSE
+        from doseai.io.rtplan import rtplan_path_for
+
+        check_output_file(rtplan_path_for(out), (".dcm",), args.force, "the RTPLAN beside --out")
+    if args.report:
+        check_output_folder(args.report, REPORT_FILES + (("dvh_vs_desired.png",) if args.desired_dvh else ()),
+                            args.force, "--report")
+    curves = None
+    if args.desired_dvh:
+        from doseai.report import read_dvh_csv
+
+        curves = read_dvh_csv(args.desired_dvh)
+    case = _load_case(args)
+    case.require_target()  # before the model loads
     predictor = DosePredictor(args.weights, device=args.device)
     predictor.calibrated = not args.no_calibration
     if args.mirror_average is not None:
@@ -469,8 +569,8 @@ def _cmd_predict(args) -> int:
     if scale != 1.0:
         print(f"note: the network's plan level lay outside the training plans' range; dose scaled by {scale:.3f} "
               "(model card: calibration.plan_level_range)", file=sys.stderr)
-    if args.desired_dvh:
-        return _predict_from_dvh(args, case, dose, out)
+    if curves is not None:
+        return _predict_from_dvh(args, case, dose, out, curves)
     _write_dose(dose, case, out, args.force)
     print(f"wrote {out}")
     if args.report:
@@ -478,7 +578,7 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _predict_from_dvh(args, case, slider_dose, out: Path) -> int:
+def _predict_from_dvh(args, case, slider_dose, out: Path, curves: dict) -> int:
     """``predict --desired-dvh``: the DVH-conditioned model, from the edited curves (the slider prediction's
     DVH for the structures the file leaves out)."""
     import time
@@ -486,9 +586,7 @@ def _predict_from_dvh(args, case, slider_dose, out: Path) -> int:
     import numpy as np
 
     from doseai.predict import DVHDosePredictor
-    from doseai.report import read_dvh_csv
 
-    curves = read_dvh_csv(args.desired_dvh)
     predictor = DVHDosePredictor(args.dvh_weights, device=args.device)
     predictor.set_case(case)
     desired, edited = predictor.desired_from_curves(curves, slider_dose)
@@ -516,9 +614,9 @@ def _predict_from_dvh(args, case, slider_dose, out: Path) -> int:
 
 
 def _case_and_desired_dose(args):
-    from doseai.io import load_case, load_dose
+    from doseai.io import load_dose
 
-    case = load_case(args.case)
+    case = _load_case(args)
     if args.dose:
         return case, load_dose(args.dose, case)
     if case.dose is None:
@@ -530,9 +628,7 @@ def _cmd_optimize(args) -> int:
     from doseai.optimize.outputs import PLAN_FILES, write_plan
     from doseai.optimize.plan import PlanSettings, plan_from_dose
 
-    out = Path(args.out)
-    for name in PLAN_FILES:  # before the minutes of work, not after
-        refuse_overwrite(out / name, args.force)
+    out = check_output_folder(args.out, PLAN_FILES, args.force, "--out")  # before the minutes of work
     case, desired = _case_and_desired_dose(args)
     settings = PlanSettings(mode=args.mode, engine=args.engine, n_beams=args.beams, bixel_width_mm=args.bixel_mm,
                             lateral_cutoff_mm=args.lateral_cutoff_mm, smoothness=args.smoothness,
@@ -551,6 +647,7 @@ def _cmd_objectives(args) -> int:
     from doseai.optimize.from_dose import objectives_from_case
     from doseai.optimize.outputs import write_objectives
 
+    check_output_folder(args.out, ("objectives.json", "objectives.csv"), args.force, "--out")
     case, desired = _case_and_desired_dose(args)
     objectives = objectives_from_case(case, desired)
     paths = write_objectives(objectives, Path(args.out), args.force)
@@ -647,10 +744,21 @@ COMMANDS = {"predict": _cmd_predict, "train": _cmd_train, "demo": _cmd_demo, "sa
             "objectives": _cmd_objectives}
 
 
+def _one_line_warnings(command: str):
+    """Print the warnings of the readers and models as one line each (not Python's file:line and source)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"doseai {command}: warning: {message}", file=sys.stderr)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            return COMMANDS[args.command](args)
     except DoseAIError as error:
         print(f"doseai {args.command}: error: {error}", file=sys.stderr)
         return 2

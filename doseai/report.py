@@ -70,6 +70,10 @@ def write_dvh_csv(dvhs: Mapping[str, DVH], path: str | os.PathLike, force: bool 
     return path
 
 
+MAX_DVH_DOSE_GY = 200.0  # no DVH of a radiotherapy plan reaches this; beyond it a column is not in Gy
+VOLUME_RISE_TOLERANCE_PCT = 0.01  # rounding in a written CSV
+
+
 def read_dvh_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Cumulative DVH curves from a CSV in ``write_dvh_csv``'s layout (``dose_gy``, then one
     ``<structure>_volume_pct`` column per structure; a bare structure name is accepted too):
@@ -93,9 +97,18 @@ def read_dvh_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
     dose = table[:, 0]
     if np.any(np.diff(dose) <= 0):
         raise UnreadableInputError(f"{path}: dose_gy must increase from row to row")
+    if dose[0] < 0 or dose[-1] > MAX_DVH_DOSE_GY:
+        raise UnreadableInputError(f"{path}: dose_gy runs from {dose[0]:g} to {dose[-1]:g} Gy; a DVH's doses lie "
+                                   f"within 0-{MAX_DVH_DOSE_GY:g} Gy")
     volume = table[:, 1:]
     if volume.min() < 0 or volume.max() > 100.0001:
         raise UnreadableInputError(f"{path}: volumes must be percentages in [0, 100]")
+    rises = np.diff(volume, axis=0) > VOLUME_RISE_TOLERANCE_PCT
+    if rises.any():
+        row, column = (int(i) for i in np.argwhere(rises)[0])
+        raise UnreadableInputError(
+            f"{path}: the curve of {names[column]} rises from {volume[row, column]:g} % at {dose[row]:g} Gy to "
+            f"{volume[row + 1, column]:g} % at {dose[row + 1]:g} Gy; a cumulative DVH never rises with dose")
     return {name: (dose, volume[:, column]) for column, name in enumerate(names)}
 
 
