@@ -100,10 +100,12 @@ desired DVH (<code>Resources/Models/dose_dvh_v3.pt</code>, loaded on first use).
 pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH chart, dashed with
 markers, and the plot view switches to moving points; drag the markers up or down (the doses stay
 where they are; the curve is kept between 0 and 100&nbsp;% and non-increasing). Each time the curve
-rests for 150&nbsp;ms the dose is predicted again from the desired DVH (edited curves as drawn, the other
-structures as in the dose before editing), on the worker thread; after the network, each structure's hottest
-0.1&nbsp;cc is set to what its desired curve gives (near-max matching, from the model card); the chart shows the new DVH solid and
-the desired curves of the edited structures dashed, and the status line how far apart they are.
+rests for 150&nbsp;ms, on the worker thread, the dose before editing is changed by what the desired DVH
+(edited curves as drawn, the other structures as in the dose before editing) asks: the model's dose for the
+desired DVH less its dose for the DVH before editing, scaled by the card's per-structure gain, is added to it,
+so no edit changes nothing and an edit moves the other structures only as the trade-off does. The chart shows
+the new DVH solid and the desired curves of the edited structures dashed; the status line gives each edited
+structure's mean dose and D0.1cc against what its curve asks (a curve out of reach shows there).
 <i>Undo</i> takes the last change back, <i>Reset</i> drops every edit (the dose before editing again).
 Releasing <i>Edit DVH</i> returns the plot view to panning; moving a slider or <i>Predict dose</i>
 discards the edits. Only the curve with markers is read: the plot view lets the solid curves be dragged
@@ -717,7 +719,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     parameters.ctVolume, parameters.segmentation, session.desiredVector(),
                     doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
                     chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
-                    editedStructures=sorted(session.edited))
+                    editedStructures=sorted(session.edited), startDose=session.startDose)
                 self._pendingSliders = None
             else:
                 self._startSliderPrediction(overrides, prescriptions)
@@ -732,9 +734,10 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return ""
         edited = ", ".join(name for name in session.structures if name in session.edited) or "none"
         text = f"Edited: {edited}."
-        if self._result is not None and self._result.dvhDistancePct:
-            text += " Predicted vs desired DVH (mean distance): " + ", ".join(
-                f"{name} {gap:.1f} %" for name, gap in self._result.dvhDistancePct.items()) + "."
+        if self._result is not None and self._result.dvhEditReport:
+            from DosePreferenceLib.logic import editReportText
+
+            text += f" Achieved: {editReportText(self._result.dvhEditReport)}."
         if self._dvhEditing:
             text = (f"Drag the markers of {self.ui.dvhStructureComboBox.currentText}'s desired curve up or down "
                     "in the plot view. " + text)

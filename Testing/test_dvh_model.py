@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -211,7 +213,8 @@ def test_cli_predict_from_a_desired_dvh(tmp_path, tiny_dvh_model, capsys):
     assert code == 0 and out.is_file()
     assert (tmp_path / "report" / "dvh_vs_desired.png").is_file()
     printed = capsys.readouterr().out
-    assert "from the desired DVH of Brainstem" in printed and "mean |DVH predicted - desired|" in printed
+    assert "from the desired DVH of Brainstem" in printed and "other structures' mean change" in printed
+    assert re.search(r"Brainstem +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+", printed)  # achieved vs asked, mean and D0.1cc
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("dose_gy,Liver_volume_pct\n0,100\n10,0\n")
     assert main(["predict", "--case", str(case_path), "--desired-dvh", str(unknown), "--dvh-weights",
@@ -462,3 +465,29 @@ def test_mirroring_swaps_the_parotid_rows_and_their_weights():
     for one, original in zip(mirrored, stack):
         np.testing.assert_array_equal(one[left], original[right])
         np.testing.assert_array_equal(one[right], original[left])
+
+
+def test_an_edit_changes_the_start_dose_by_the_networks_difference(tiny_dvh_model, small_case):
+    """predict_edit: no edit returns the start dose itself; an edit adds f(desired) - f(DVH of start) to it."""
+    from doseai.predict import DVHDosePredictor
+    from doseai.train.train_dvh import stretch_curve
+
+    predictor = DVHDosePredictor(tiny_dvh_model, device="cpu")
+    predictor.set_case(small_case)
+    start = small_case.dose
+    unedited = predictor.dvh_vector(start)
+    assert np.array_equal(predictor.predict_edit(start, unedited), start)
+    desired = unedited.copy()
+    row = predictor.structures.index("Parotid_L")
+    desired[row] = stretch_curve(desired[row], 0.8)
+    expected = np.clip(start + predictor.predict(desired) - predictor.predict(unedited), 0, None)
+    expected *= small_case.structures["External"] if "External" in small_case.structures else 1
+    edited = predictor.predict_edit(start, desired)
+    np.testing.assert_allclose(edited, expected, atol=1e-4)
+    assert not np.allclose(edited, start)
+    report = predictor.edit_report(edited, desired, ["Parotid_L"])
+    mask = small_case.structures["Parotid_L"]
+    assert report["Parotid_L"]["mean_gy"] == pytest.approx(float(edited[mask].mean()))
+    assert report["Parotid_L"]["desired_mean_gy"] < float(start[mask].mean())  # the curve asks for less
+    with pytest.raises(DoseAIError, match="starts from has shape"):
+        predictor.predict_edit(start[:-1], desired)

@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--weights", default=SHIPPED_DVH)
     calibrate.add_argument("--pareto-run", required=True)
     calibrate.add_argument("--limit", type=int, default=10, help="training patients (default: %(default)s)")
+    calibrate_edit = train_sub.add_parser("calibrate-edit", help="fit on training patients, from the preference "
+                                          "model's dose, the gain on a DVH edit's change per OAR (so that an edit "
+                                          "achieves what it asks) and write it into the DVH model's card")
+    calibrate_edit.add_argument("--weights", default=SHIPPED_DVH)
+    calibrate_edit.add_argument("--limit", type=int, default=15, help="training patients (default: %(default)s)")
+    calibrate_edit.add_argument("--threads", type=int)
     calibrate_pref = train_sub.add_parser("calibrate-preference",
                                           help="fit the preference model's case-grid calibration (target lift, OAR "
                                                "near-max) on training patients and write it into its card")
@@ -361,19 +367,19 @@ def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | No
         print("note: no DVH edit: the case has no parotid", file=sys.stderr)
         return
     parotid = max(parotids, key=lambda n: case.dose[case.structures[n]].mean())
-    unedited = predictor.dvh_vector(case.dose)
-    before = predictor.predict(unedited)  # the same model from the unedited DVH: the change is the edit's alone
-    desired = unedited.copy()
+    before = case.dose  # the edit starts from the predicted dose
+    desired = predictor.dvh_vector(before)
     row = predictor.structures.index(parotid)
     desired[row] = stretch_curve(desired[row], 0.8)
-    edited = predictor.predict(desired)
+    edited = predictor.predict_edit(before, desired)
     target = case.structures[max(case.prescriptions, key=case.prescriptions.get)]
     mask = case.structures[parotid]
     seconds = predictor.timings["condition_network_s"] + predictor.timings["resample_back_s"]
     print(f"DVH edit with {predictor.card.get('name', predictor.weights.stem)} ({seconds:.2f} s): "
           f"{parotid} curve moved to 80 % of its doses -> its mean {before[mask].mean():.1f} -> "
           f"{edited[mask].mean():.1f} Gy; top PTV D95 {dose_at_volume_pct(before[target], 95):.1f} -> "
-          f"{dose_at_volume_pct(edited[target], 95):.1f} Gy (DVH model, from the slider dose's DVH and edited)")
+          f"{dose_at_volume_pct(edited[target], 95):.1f} Gy (the predicted dose, changed as the edit asks)")
+    print(format_edit(case, before, edited, predictor.edit_report(edited, desired, [parotid])))
     for name in ("desired_dvh.csv", "dvh_vs_desired.png"):
         refuse_overwrite(out / name, force)
     write_dvh_csv(predictor.as_dvhs(desired, [parotid]), out / "desired_dvh.csv", force=force)
@@ -583,25 +589,19 @@ def _predict_from_dvh(args, case, slider_dose, out: Path, curves: dict) -> int:
     DVH for the structures the file leaves out)."""
     import time
 
-    import numpy as np
-
     from doseai.predict import DVHDosePredictor
 
     predictor = DVHDosePredictor(args.dvh_weights, device=args.device)
     predictor.set_case(case)
     desired, edited = predictor.desired_from_curves(curves, slider_dose)
     start = time.perf_counter()
-    dose = predictor.predict(desired)
+    dose = predictor.predict_edit(slider_dose, desired)  # the slider dose, changed as the edit asks
     print(f"predicted {case.patient_id} from the desired DVH of {', '.join(edited)} in "
-          f"{time.perf_counter() - start:.2f} s")
+          f"{time.perf_counter() - start:.2f} s (the edit applied to the slider prediction)")
     ignored = sorted(set(curves) - set(edited))
     if ignored:
         print(f"note: curves the model does not read were ignored: {', '.join(ignored)}", file=sys.stderr)
-    achieved = predictor.dvh_vector(dose)
-    for row, name in enumerate(predictor.structures):
-        if name in edited:
-            gap = 100 * np.abs(achieved[row] - desired[row]).mean()
-            print(f"{name:<12} mean |DVH predicted - desired| {gap:5.1f} % volume")
+    print(format_edit(case, slider_dose, dose, predictor.edit_report(dose, desired, edited)))
     _write_dose(dose, case, out, args.force)
     print(f"wrote {out}")
     if args.report:
@@ -611,6 +611,19 @@ def _predict_from_dvh(args, case, slider_dose, out: Path, curves: dict) -> int:
         plot_dvhs(case_dvhs(case, dose), Path(args.report) / "dvh_vs_desired.png", reference=predictor.as_dvhs(desired, edited),
                   title=f"{case.patient_id}: predicted DVH", reference_label="desired", force=args.force)
     return 0
+
+
+def format_edit(case, before, after, report: dict) -> str:
+    """The lines that say what a DVH edit did: each edited structure's mean and D0.1cc against what its desired
+    curve asks, then every other structure's and the body's mean change."""
+    lines = [f"{'edited':<12}{'mean':>8}{'asked':>8}{'D0.1cc':>9}{'asked':>8}  [Gy]"]
+    for name, row in report.items():
+        lines.append(f"{name:<12}{row['mean_gy']:8.1f}{row['desired_mean_gy']:8.1f}{row['d01cc_gy']:9.1f}"
+                     f"{row['desired_d01cc_gy']:8.1f}")
+    changes = [f"{name} {after[mask].mean() - before[mask].mean():+.1f}"
+               for name, mask in case.structures.items() if name not in report and mask.any()]
+    lines.append("other structures' mean change [Gy]: " + ", ".join(changes))
+    return "\n".join(lines)
 
 
 def _case_and_desired_dose(args):
@@ -698,6 +711,13 @@ def _cmd_train(args) -> int:
 
         matching = calibrate_near_max(Path(args.weights), args.pareto_run, args.limit)
         print(f"near-max matching offset {matching['offset_relative']:+.4f} x Rx ({matching['calibration']})")
+        path = Path(args.weights).with_suffix(".json")
+    elif args.stage == "calibrate-edit":
+        from doseai.train.train_dvh import calibrate_edit_gain
+
+        calibration = calibrate_edit_gain(Path(args.weights), args.limit, threads=args.threads)
+        print("edit gains: " + ", ".join(f"{name} {gain:.3f}" for name, gain in calibration["gains"].items())
+              + f" ({calibration['calibration']})")
         path = Path(args.weights).with_suffix(".json")
     elif args.stage == "calibrate-preference":
         from doseai.train.calibrate_preference import calibrate_preference

@@ -342,6 +342,65 @@ class DVHDosePredictor(_ModelPredictor):
             dose = self._match_near_max(dose, np.asarray(desired_dvh, np.float32), matching["offset_relative"])
         return dose
 
+    def predict_edit(self, start_dose: np.ndarray, desired_dvh: np.ndarray) -> np.ndarray:
+        """The dose the user started from (``start_dose``, e.g. the slider prediction, on the case grid) changed as
+        the DVH edit asks: ``start + f(desired) - f(DVH of start)``, where f is the network (:meth:`predict`).
+
+        The network has learned the engine's Pareto plans, not the dose the user edits, so its absolute dose
+        carries that plan style; its *difference* between the desired DVH and the start's own DVH is the change
+        the edit asks for. No edit is no change, by construction; an edit moves what the trade-off moves. The
+        network's dose for the start's DVH is kept per case and start, so an edit costs one network run."""
+        start_dose = np.asarray(start_dose, np.float32)
+        p = self._require_case()
+        if start_dose.shape != p.case.geometry.shape:
+            raise DoseAIError(f"the dose the edit starts from has shape {start_dose.shape}, the case grid is "
+                              f"{p.case.geometry.shape}")
+        start_vector = self.dvh_vector(start_dose)
+        key = (id(p), start_vector.tobytes())
+        if getattr(self, "_edit_start", (None,))[0] != key:
+            self._edit_start = (key, self.predict(start_vector))
+        network_start = self._edit_start[1]
+        desired = np.asarray(desired_dvh, np.float32)
+        if np.array_equal(desired, start_vector):
+            return start_dose.copy()
+        change = (self.predict(desired) - network_start) * self.edit_gain(start_vector, desired)
+        return np.clip(start_dose + change, 0.0, None) * p.body
+
+    def edit_gain(self, start_vector: np.ndarray, desired: np.ndarray) -> float:
+        """The card's gain on an edit's change (``edit_calibration``, fitted on training patients by
+        ``doseai train calibrate-edit`` so that an edit achieves what it asks, in the median): the mean gain
+        of the structures whose curve the edit moved; 1 without a calibration or with ``edit_calibrated`` off."""
+        gains = self.card.get("edit_calibration", {}).get("gains", {})
+        if not gains or not getattr(self, "edit_calibrated", True):
+            return 1.0
+        moved = [name for row, name in enumerate(self.structures)
+                 if not np.allclose(desired[row], start_vector[row], atol=1e-6)]
+        return float(np.mean([gains.get(name, 1.0) for name in moved])) if moved else 1.0
+
+    def edit_report(self, dose: np.ndarray, desired_dvh: np.ndarray, names) -> dict[str, dict[str, float]]:
+        """Per structure of ``names``: the achieved mean dose and D0.1cc of ``dose`` beside those the desired
+        curve asks for (Gy), for honest feedback when a curve cannot be reached."""
+        from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc
+
+        p = self._require_case()
+        voxel_cc = float(np.prod(p.case.geometry.spacing)) / 1000.0
+        top = self.card["dvh"]["max_relative_dose"]
+        report = {}
+        for row, name in enumerate(self.structures):
+            mask = p.case.structures.get(name)
+            if name not in names or mask is None or not mask.any():
+                continue
+            curve = np.asarray(desired_dvh[row], np.float64)
+            values = dose[mask]
+            volume_cc = values.size * voxel_cc
+            report[name] = {
+                "mean_gy": float(values.mean()),
+                "desired_mean_gy": float(np.trapezoid(curve, dx=top / (curve.size - 1))) * p.norm_gy,
+                "d01cc_gy": dose_at_volume_cc(values, 0.1, voxel_cc),
+                "desired_d01cc_gy": dose_at_fraction_from_row(curve, min(1.0, 0.1 / volume_cc), top) * p.norm_gy,
+            }
+        return report
+
     def _match_near_max(self, dose: np.ndarray, desired_dvh: np.ndarray, offset_relative: float) -> np.ndarray:
         from doseai.dvh import match_near_max
 

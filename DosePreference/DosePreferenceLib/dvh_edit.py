@@ -73,8 +73,10 @@ class DVHEditSession:
     [0, 100] %, 100 % at 0 Gy (every voxel gets at least 0 Gy) and non-increasing with dose.
     """
 
-    def __init__(self, structures: Sequence[str], dose_levels_gy, base_vector, editable: Iterable[str] | None = None):
+    def __init__(self, structures: Sequence[str], dose_levels_gy, base_vector, editable: Iterable[str] | None = None,
+                 start_dose=None):
         self.structures: list[str] = list(structures)
+        self.startDose = start_dose  # the dose (case grid) whose DVH base_vector is: what every edit changes
         self.doseLevelsGy: np.ndarray = np.array(dose_levels_gy, dtype=np.float64)
         self.doseLevelsGy.flags.writeable = False
         if self.doseLevelsGy.ndim != 1 or np.any(np.diff(self.doseLevelsGy) <= 0):

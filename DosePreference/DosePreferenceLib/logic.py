@@ -86,15 +86,16 @@ class PredictionResult:
     desiredDVH: object = None
     editedStructures: list[str] | None = None
     dvhDistancePct: dict[str, float] = field(default_factory=dict)
+    # per edited structure: achieved and desired mean dose and D0.1cc (Gy), see DVHDosePredictor.edit_report
+    dvhEditReport: dict[str, dict[str, float]] = field(default_factory=dict)
     caseWarnings: list[str] = field(default_factory=list)  # the predictor's case_warnings: what it may get wrong
 
     def summary(self) -> str:
         text = f"Predicted in {self.predictSeconds:.2f} s"
         if self.editedStructures is not None:
             text += " from the desired DVH"
-            if self.dvhDistancePct:
-                text += " (mean distance to it: " + ", ".join(
-                    f"{name} {gap:.1f} %" for name, gap in self.dvhDistancePct.items()) + ")"
+            if self.dvhEditReport:
+                text += f" ({editReportText(self.dvhEditReport)})"
         text += f" (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
         if self.missingStructures:
             text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
@@ -122,6 +123,12 @@ def _calibrationText(predictor) -> str:
     return text
 
 
+def editReportText(report: Mapping[str, Mapping[str, float]]) -> str:
+    """'Parotid_L mean 19.8 Gy (asked 19.2), D0.1cc 55.0 (asked 54.1)' per edited structure."""
+    return "; ".join(f"{name} mean {row['mean_gy']:.1f} Gy (asked {row['desired_mean_gy']:.1f}), D0.1cc "
+                     f"{row['d01cc_gy']:.1f} (asked {row['desired_d01cc_gy']:.1f})" for name, row in report.items())
+
+
 @dataclass
 class _DVHRequest:
     """A prediction from a desired DVH, checked on the main thread: ``run`` is what the worker does."""
@@ -130,17 +137,18 @@ class _DVHRequest:
     case: object
     vector: np.ndarray
     edited: list[str]
+    startDose: np.ndarray  # the dose the edit changes (DVHDosePredictor.predict_edit)
 
-    def run(self, start: float) -> tuple[np.ndarray, float, dict[str, float]]:
-        """The dose, the seconds since ``start`` and, per edited structure, the mean distance (% volume)
-        between the predicted DVH and the desired one."""
-        dose = self.predictor.predict(self.vector)
+    def run(self, start: float) -> tuple[np.ndarray, float, dict[str, float], dict[str, dict[str, float]]]:
+        """The dose, the seconds since ``start``, per edited structure the mean distance (% volume) between the
+        predicted DVH and the desired one, and its mean and D0.1cc against the desired curve's."""
+        dose = self.predictor.predict_edit(self.startDose, self.vector)
         seconds = time.time() - start
         achieved = self.predictor.dvh_vector(dose)
         rows = {name: row for row, name in enumerate(self.predictor.structures)}
         distances = {name: float(100.0 * np.abs(achieved[rows[name]] - self.vector[rows[name]]).mean())
                      for name in self.edited}
-        return dose, seconds, distances
+        return dose, seconds, distances, self.predictor.edit_report(dose, self.vector, self.edited)
 
 
 class PendingPrediction:
@@ -408,6 +416,7 @@ class DosePreferenceLogic:
         editedStructures: Sequence[str] | None = None,
         weights=None,
         progress: Progress | None = None,
+        startDose: np.ndarray | None = None,
     ) -> PredictionResult:
         """Predict the dose whose DVH should follow ``desiredDVH``, with the DVH-conditioned model
         (:meth:`dvhPredictor`); create (or update ``doseNode``) the RT dose volume and show its DVH with the
@@ -422,11 +431,15 @@ class DosePreferenceLogic:
 
         Raises DoseAIError when the DVH model is missing, the array has the wrong shape or holds NaN or
         values outside [0, 1], or a curve names a structure the model does not know or the segmentation lacks.
+
+        The edit changes the dose it starts from (``startDose`` on the case grid, e.g. a session's
+        :attr:`DVHEditSession.startDose`; default: the dose in ``doseNode``, else the sliders' typical plan) by
+        what the desired DVH asks (:meth:`doseai.predict.DVHDosePredictor.predict_edit`): no edit, no change.
         """
         report = progress or (lambda text, percent: None)
         start = time.time()
         request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
-                                   editedStructures, weights, report)
+                                   editedStructures, weights, report, startDose)
         report("Predicting the dose from the desired DVH", 60)
         self._waitForWorker()  # one prediction at a time
         done = request.run(start)
@@ -438,12 +451,12 @@ class DosePreferenceLogic:
 
     def predictFromDVHAsync(self, ctNode, segNode, desiredDVH: np.ndarray | Curves, doseNode=None, overrides=None, prescriptions=None,
                             chartNode=None, metricsTableNode=None, editedStructures=None,
-                            weights=None) -> "PendingPrediction":
+                            weights=None, startDose=None) -> "PendingPrediction":
         """:meth:`predictFromDVH` with the network on the worker thread, as :meth:`predictAsync` (the
         desired DVH is checked here, so a bad one raises at once)."""
         start = time.time()
         request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
-                                   editedStructures, weights, lambda *a: None)
+                                   editedStructures, weights, lambda *a: None, startDose)
         return self._submit(lambda: request.run(start),
                             lambda done: self._showDVHPrediction(request, done, start, ctNode, segNode, doseNode,
                                                                  overrides, chartNode, metricsTableNode))
@@ -457,7 +470,7 @@ class DosePreferenceLogic:
         predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
         base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
         return DVHEditSession(predictor.structures, predictor.dose_levels_gy(), predictor.dvh_vector(base),
-                              editable=self._presentStructures(predictor, case))
+                              editable=self._presentStructures(predictor, case), start_dose=base)
 
     def _prepareDVHCase(self, ctNode, segNode, doseNode, overrides, prescriptions, weights, report):
         if self.dvhModelProblem(weights):
@@ -487,7 +500,7 @@ class DosePreferenceLogic:
         return slider.predict(0.0, 0.0)
 
     def _dvhRequest(self, ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions, editedStructures,
-                    weights, report) -> "_DVHRequest":
+                    weights, report, startDose=None) -> "_DVHRequest":
         """On the calling thread: the DVH model with the case, the desired DVH checked and in the model's
         layout, and the structures to show as edited."""
         predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
@@ -506,7 +519,14 @@ class DosePreferenceLogic:
                 raise DesiredDVHError("the desired DVH has no curve")
             check_names(desiredDVH, "desired DVH")
             curves = {name: check_curve(name, *curve) for name, curve in desiredDVH.items()}
+        if startDose is None:
             base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
+        elif np.shape(startDose) != case.geometry.shape:
+            raise DesiredDVHError(f"the dose the edit starts from is on a {np.shape(startDose)} grid, the case on "
+                                  f"{case.geometry.shape}")
+        else:
+            base = np.asarray(startDose, np.float32)
+        if isinstance(desiredDVH, Mapping):
             vector, edited = predictor.desired_from_curves(curves, base)
         else:
             vector = check_desired_vector(desiredDVH, structures, predictor.card["dvh"]["n_points"])
@@ -514,11 +534,11 @@ class DosePreferenceLogic:
         if editedStructures is not None:
             check_names(editedStructures, "edited structures")
             edited = [name for name in structures if name in set(editedStructures)]
-        return _DVHRequest(predictor, case, vector, list(edited))
+        return _DVHRequest(predictor, case, vector, list(edited), base)
 
     def _showDVHPrediction(self, request, done, start, ctNode, segNode, doseNode, overrides, chartNode,
                            metricsTableNode) -> PredictionResult:
-        dose, predictSeconds, distances = done
+        dose, predictSeconds, distances, editReport = done
         predictor = request.predictor
         result = self._showPrediction(
             request.case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
@@ -526,6 +546,7 @@ class DosePreferenceLogic:
             {"DoseAI.Model": _modelName(predictor), "DoseAI.DesiredDVH": ", ".join(request.edited) or "-"},
             reference=predictor.as_dvhs(request.vector, request.edited), referenceLabel="desired")
         result.desiredDVH, result.editedStructures, result.dvhDistancePct = request.vector, request.edited, distances
+        result.dvhEditReport = editReport
         return result
 
     # --- the desired-DVH curve the user drags --------------------------------------------------------

@@ -199,14 +199,16 @@ def test_predict_from_dvh_async_updates_mrml_only_on_finish(scene, sample, dvh_m
     logic = DosePreferenceLogic()
     desired = _vector_of(logic.dvhPredictor(), sample, sample.dose)
     original = desired.copy()
-    dose_node = logic.predictFromDVH(ct_node, seg_node, desired).doseNode
+    start = sample.dose  # every edit changes the dose it starts from (as a DVHEditSession's startDose)
+    dose_node = logic.predictFromDVH(ct_node, seg_node, desired, startDose=start).doseNode
     expected = volume_array(dose_node).copy()
+    np.testing.assert_allclose(expected, start, atol=1e-3)  # no edit: the start dose itself
     desired[6] *= 0.3
-    changed = logic.predictFromDVH(ct_node, seg_node, desired, doseNode=dose_node)
+    changed = logic.predictFromDVH(ct_node, seg_node, desired, doseNode=dose_node, startDose=start)
     before = volume_array(dose_node).copy()
     assert not np.array_equal(before, expected)
 
-    pending = logic.predictFromDVHAsync(ct_node, seg_node, original, doseNode=dose_node,
+    pending = logic.predictFromDVHAsync(ct_node, seg_node, original, doseNode=dose_node, startDose=start,
                                         chartNode=changed.dvh.chartNode, editedStructures=["Parotid_L"])
     pending._future.result(timeout=60)
     assert pending.done() and np.array_equal(volume_array(dose_node), before)  # MRML waits for finish()

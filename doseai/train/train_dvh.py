@@ -427,3 +427,62 @@ def calibrate_near_max(weights: Path, pareto_run: str, limit: int = 10, every: i
                                f"{every}, {len(offsets)} structure plans (doseai train calibrate-dvh)"}
     update_card(weights, lambda card: card.update(near_max_matching=matching))
     return matching
+
+
+EDIT_CALIBRATION_STRUCTURES = ("Parotid_L", "Parotid_R", "Larynx", "Mandible", "SpinalCord", "Esophagus", "Brainstem")
+EDIT_GAIN_RANGE = (0.5, 1.5)
+
+
+def calibrate_edit_gain(weights: Path, limit: int = 15, factor: float = 0.8, threads: int | None = None) -> dict:
+    """Per OAR, the gain on an edit's change (``DVHDosePredictor.predict_edit``) that makes the median edit
+    achieve the mean-dose change it asks for, measured where the user starts: the shipped preference model's
+    dose at neutral sliders, on the first ``limit`` training patients with a CT, each OAR's curve moved to
+    ``factor`` of its doses. Written into the DVH model's card as ``edit_calibration``. Training patients only."""
+    from doseai.io import openkbp
+    from doseai.paths import openkbp_root
+    from doseai.predict import DosePredictor, DVHDosePredictor
+    from doseai.train.export import update_card
+
+    preference, dvh = DosePredictor(threads=threads), DVHDosePredictor(Path(weights), threads=threads)
+    dvh.edit_calibrated = False  # measure the network's own change
+    layout = dvh.card["dvh"]
+    shares: dict[str, list[float]] = {name: [] for name in EDIT_CALIBRATION_STRUCTURES}
+    used = 0
+    for pid, path in tqdm(list(openkbp.list_patients(openkbp_root() / "train").items()), desc="patients"):
+        if used >= limit:
+            break
+        case = openkbp.load_patient(path)
+        if case.ct is None:
+            continue
+        used += 1
+        start = preference.predict_case(case)
+        dvh.set_case(case)
+        unedited = dvh.dvh_vector(start)
+        norm = case.max_prescription
+        for name in EDIT_CALIBRATION_STRUCTURES:
+            mask = case.structures.get(name)
+            if mask is None or not mask.any():
+                continue
+            row = dvh.structures.index(name)
+            desired = unedited.copy()
+            desired[row] = stretch_curve(desired[row], factor)
+            step = layout["max_relative_dose"] / (desired.shape[1] - 1)
+            asked = float(np.trapezoid(desired[row] - unedited[row], dx=step)) * norm
+            if abs(asked) < 0.01 * norm:  # too small to measure
+                continue
+            edited = dvh.predict_edit(start, desired)
+            shares[name].append(float(edited[mask].mean() - start[mask].mean()) / asked)
+    low, high = EDIT_GAIN_RANGE
+    gains = {name: float(np.clip(1.0 / np.median(values), low, high)) for name, values in shares.items() if values}
+    calibration = {
+        "gains": gains,
+        "median_share_before": {name: float(np.median(values)) for name, values in shares.items() if values},
+        "edits": {name: len(values) for name, values in shares.items()},
+        "text": "an edit's change (the network's dose for the desired DVH less its dose for the start's DVH) is "
+                "multiplied by the mean gain of the structures it moves, so that the median edit achieves the "
+                f"mean-dose change it asks for (gains clipped to {low}-{high})",
+        "calibration": f"{used} training patients with a CT, from {preference.card['name']} at neutral sliders, "
+                       f"each OAR's curve moved to {factor:.0%} of its doses (doseai train calibrate-edit)",
+    }
+    update_card(weights, lambda card: card.update(edit_calibration=calibration))
+    return calibration
