@@ -89,7 +89,8 @@ structures and beams again, e.g. in the other mode, skips the dose engine. The p
 the CT with the dose colour table, under the CT's study, tagged as an RT dose; the DVH chart shows the plan
 solid and the desired dose dashed, the metrics table the plan's metrics.</li>
 <li><b>Export</b>: <i>Export plan</i> writes the plan dose (NRRD and RTDOSE, in the CT's DICOM study when the
-CT was loaded from DICOM), the fluence maps (PNG and arrays), the objectives (JSON, CSV), a DVH plot against
+CT was loaded from DICOM), the RTPLAN the RTDOSE references (beams, isocentre, energy and jaws; the fluence itself
+is in the arrays, as DICOM holds no fluence without a leaf sequence), the fluence maps (PNG and arrays), the objectives (JSON, CSV), a DVH plot against
 the desired dose, the metrics (CSV) and a summary (JSON); <i>Export objectives</i> writes the objectives
 only. Existing files are overwritten only after you confirm.</li>
 </ol>

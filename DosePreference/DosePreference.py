@@ -117,8 +117,9 @@ Dmax, Dmin, D0.1cc, D2, D50, D95, D98; for targets HI, Paddick CI, V100&nbsp;% a
 organs V20, V30, V50&nbsp;Gy) appear in the plot and table views. A <i>reference dose</i> (e.g. the clinical RTDOSE) adds its
 DVH as dashed curves; without a prediction, selecting it shows its own DVH.</li>
 <li><b>Export</b>: writes the output dose as RTDOSE (in the CT's DICOM study and frame of reference
-when the CT was loaded from DICOM, new UIDs otherwise) and its DVH and metrics as CSV into the chosen
-folder. Existing files are overwritten only after you confirm.</li>
+when the CT was loaded from DICOM, new UIDs otherwise) with the RTPLAN it references (a minimal plan that says
+the dose is a prediction: research intent, unapproved, the prescriptions, no beams) and its DVH and metrics as
+CSV into the chosen folder. Existing files are overwritten only after you confirm.</li>
 </ol>
 <p>Python console: <code>logic = slicer.util.getModuleLogic("DosePreference")</code> (or
 <code>DosePreference.DosePreferenceLogic()</code>), then
