@@ -41,6 +41,9 @@ class PlanningCase:
     ``structures`` is keyed by canonical name (see :mod:`doseai.structures`); ``prescriptions`` maps
     target names to Gy. ``possible_dose_mask`` is where dose may be non-zero (OpenKBP scoring);
     ``metadata`` keeps provenance such as DICOM StudyInstanceUID and FrameOfReferenceUID.
+    ``partial_volumes`` holds, for a case on a grid coarser than its structures (a dose grid, see
+    :mod:`doseai.dose_grid`), each structure's :class:`~doseai.dvh.PartialVolume`: DVHs and metrics weigh the
+    boundary voxels by it, while ``structures`` (the masks the model reads) hold the voxels at least half inside.
     """
 
     geometry: ImageGeometry
@@ -51,6 +54,7 @@ class PlanningCase:
     possible_dose_mask: np.ndarray | None = None
     patient_id: str = "anonymous"
     metadata: dict[str, str] = field(default_factory=dict)
+    partial_volumes: dict[str, object] = field(default_factory=dict)  # name -> doseai.dvh.PartialVolume
 
     def __post_init__(self) -> None:
         if self.ct is not None:
@@ -61,6 +65,10 @@ class PlanningCase:
             self.dose = validate_dose(self._on_grid(self.dose, "dose"))
         if self.possible_dose_mask is not None:
             self.possible_dose_mask = self._on_grid(self.possible_dose_mask, "possible-dose mask").astype(bool)
+        for name, partial in self.partial_volumes.items():
+            if tuple(partial.shape) != self.geometry.shape:
+                raise GeometryMismatchError(f"partial volumes of '{name}' are on a {partial.shape} grid, "
+                                            f"the case on {self.geometry.shape}")
         for name, gy in self.prescriptions.items():
             if not np.isfinite(gy) or gy <= 0:
                 raise MissingStructureError(f"prescription of '{name}' must be a positive dose in Gy, got {gy}")
@@ -146,5 +154,5 @@ class PlanningCase:
         return PlanningCase(
             geometry=self.geometry, ct=self.ct, structures=self.structures, prescriptions=self.prescriptions,
             dose=dose, possible_dose_mask=self.possible_dose_mask, patient_id=self.patient_id,
-            metadata=dict(self.metadata),
+            metadata=dict(self.metadata), partial_volumes=self.partial_volumes,
         )

@@ -18,7 +18,9 @@ TABLE_COLUMNS = ("volume_cc", "Dmean", "Dmax", "D0.1cc", "D2", "D95", "D98", "HI
 
 
 def case_dvhs(case: PlanningCase, dose: np.ndarray, bin_width_gy: float = 0.1) -> dict[str, DVH]:
-    return compute_dvhs(dose, case.structures, case.geometry.voxel_volume_mm3 / 1000.0, bin_width_gy)
+    """DVHs of the case's structures (by partial volume where the case has them, see PlanningCase)."""
+    return compute_dvhs(dose, case.structures, case.geometry.voxel_volume_mm3 / 1000.0, bin_width_gy,
+                        partial_volumes=case.partial_volumes)
 
 
 def case_metrics(case: PlanningCase, dose: np.ndarray) -> dict[str, dict[str, float]]:
@@ -30,10 +32,14 @@ def case_metrics(case: PlanningCase, dose: np.ndarray) -> dict[str, dict[str, fl
         if not mask.any():
             continue
         rx = case.prescriptions.get(name)
+        partial = case.partial_volumes.get(name)
         metrics = structure_metrics(dose, mask, voxel_cc, name, prescription_gy=rx,
-                                    v_levels_gy=() if rx else OAR_V_LEVELS_GY)
-        if rx:
+                                    v_levels_gy=() if rx else OAR_V_LEVELS_GY, partial_volume=partial)
+        if rx and partial is None:
             metrics["V95%"] = volume_at_dose(dose[mask], 0.95 * rx)
+        elif rx:
+            values, weights = partial.sample(dose)
+            metrics["V95%"] = 100.0 * float(weights[values >= 0.95 * rx].sum() / weights.sum())
         table[name] = metrics
     return table
 
