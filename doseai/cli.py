@@ -311,13 +311,9 @@ def _load_case(args):
     return load_case(args.case, overrides=dict(args.map) or None, prescriptions=dict(args.prescription) or None)
 
 
-DICOM_STUDY_KEYS = ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
-                    "FrameOfReferenceUID", "RTStructSOPInstanceUID")
-
-
 def _cmd_demo(args) -> int:
     from doseai.io import save_case
-    from doseai.io.dicom import write_dicom_case
+    from doseai.io.dicom import REFERENCE_KEYS, write_dicom_case
     from doseai.predict import DosePredictor
     from doseai.sample import make_sample_case
 
@@ -339,7 +335,7 @@ def _cmd_demo(args) -> int:
           f"(oar_sparing {args.oar_sparing:+.2f}, homogeneity {args.homogeneity:+.2f})")
     written = write_dicom_case(case, out / "dicom", force=args.force)
     # what follows (the plan's RTDOSE and RTPLAN) joins the patient, study and frame of reference just written
-    case.metadata.update({key: value for key, value in written.items() if key in DICOM_STUDY_KEYS})
+    case.metadata.update({key: value for key, value in written.items() if key in REFERENCE_KEYS})
     save_case(case, out / "nrrd", "nrrd", force=args.force)
     print(f"wrote DICOM CT + RTSTRUCT + RTDOSE (predicted) + RTPLAN (saying so) to {out / 'dicom'} and NRRD to {out / 'nrrd'}")
     _report(case, case.dose, out / "report", force=args.force)
@@ -354,7 +350,7 @@ def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | No
     from doseai.dvh import dose_at_volume_pct
     from doseai.predict import DEFAULT_DVH_MODEL, DVHDosePredictor
     from doseai.report import case_dvhs, plot_dvhs, write_dvh_csv
-    from doseai.train.train_dvh import stretch_curve
+    from doseai.train.train_dvh import one_curve_edit
 
     weights = weights or DEFAULT_DVH_MODEL
     if not weights.is_file():
@@ -368,9 +364,7 @@ def _demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | No
         return
     parotid = max(parotids, key=lambda n: case.dose[case.structures[n]].mean())
     before = case.dose  # the edit starts from the predicted dose
-    desired = predictor.dvh_vector(before)
-    row = predictor.structures.index(parotid)
-    desired[row] = stretch_curve(desired[row], 0.8)
+    desired, _ = one_curve_edit(predictor, predictor.dvh_vector(before), parotid, 0.8)
     edited = predictor.predict_edit(before, desired)
     target = case.structures[max(case.prescriptions, key=case.prescriptions.get)]
     mask = case.structures[parotid]
@@ -522,7 +516,6 @@ def _write_dose(dose, case, out: Path, force: bool) -> None:
 
     if out.suffix.lower() == ".dcm":
         from doseai.io.dicom import write_rtdose
-
         from doseai.io.rtplan import PlanDescription
 
         write_rtdose(dose, case.geometry, out, reference_meta=case.metadata or None, force=force,

@@ -250,6 +250,13 @@ def dvh_vector(dose: np.ndarray, masks: Mapping[str, np.ndarray], names, prescri
     return rows
 
 
+def mean_from_row(row: np.ndarray, max_relative_dose: float = 1.2) -> float:
+    """The mean dose (in units of the prescription) a DVH-vector row implies: the area under the cumulative curve
+    (trapezoid rule over its evenly spaced doses from 0 to ``max_relative_dose``)."""
+    row = np.asarray(row, np.float64)
+    return float(np.trapezoid(row, dx=max_relative_dose / (row.size - 1)))
+
+
 def dose_at_fraction_from_row(row: np.ndarray, fraction: float, max_relative_dose: float = 1.2) -> float:
     """The dose (in units of the prescription) at which a DVH-vector row (cumulative volume fraction at evenly
     spaced doses from 0 to ``max_relative_dose``) falls to ``fraction``, interpolated linearly between its two

@@ -288,6 +288,9 @@ class DVHDosePredictor(_ModelPredictor):
     default_weights = DEFAULT_DVH_MODEL
     # the card's near-max matching (when it has one) runs after the network; False: the network's dose alone
     near_max_matching = True
+    # predict_edit applies the card's edit_calibration gains; False: the network's change alone
+    edit_calibrated = True
+    _edit_start: tuple = (None, None)  # (case and start DVH, the network's dose for it): see predict_edit
 
     def _mirrored(self, p: _Prepared, keep: bool = True) -> _Prepared:
         raise DoseAIError(f"{self.weights.name}: the DVH model cannot average over the mirrored anatomy (its desired "
@@ -315,6 +318,11 @@ class DVHDosePredictor(_ModelPredictor):
     @property
     def structures(self) -> list[str]:
         return list(self.card["dvh"]["structures"])
+
+    @property
+    def norm_gy(self) -> float:
+        """The dose the DVH vector's levels are relative to: the current case's highest prescription."""
+        return self._require_case().norm_gy
 
     def dose_levels_gy(self) -> np.ndarray:
         layout = self.card["dvh"]
@@ -357,7 +365,7 @@ class DVHDosePredictor(_ModelPredictor):
                               f"{p.case.geometry.shape}")
         start_vector = self.dvh_vector(start_dose)
         key = (id(p), start_vector.tobytes())
-        if getattr(self, "_edit_start", (None,))[0] != key:
+        if self._edit_start[0] != key:
             self._edit_start = (key, self.predict(start_vector))
         network_start = self._edit_start[1]
         desired = np.asarray(desired_dvh, np.float32)
@@ -371,7 +379,7 @@ class DVHDosePredictor(_ModelPredictor):
         ``doseai train calibrate-edit`` so that an edit achieves what it asks, in the median): the mean gain
         of the structures whose curve the edit moved; 1 without a calibration or with ``edit_calibrated`` off."""
         gains = self.card.get("edit_calibration", {}).get("gains", {})
-        if not gains or not getattr(self, "edit_calibrated", True):
+        if not gains or not self.edit_calibrated:
             return 1.0
         moved = [name for row, name in enumerate(self.structures)
                  if not np.allclose(desired[row], start_vector[row], atol=1e-6)]
@@ -380,7 +388,7 @@ class DVHDosePredictor(_ModelPredictor):
     def edit_report(self, dose: np.ndarray, desired_dvh: np.ndarray, names) -> dict[str, dict[str, float]]:
         """Per structure of ``names``: the achieved mean dose and D0.1cc of ``dose`` beside those the desired
         curve asks for (Gy), for honest feedback when a curve cannot be reached."""
-        from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc
+        from doseai.dvh import dose_at_fraction_from_row, dose_at_volume_cc, mean_from_row
 
         p = self._require_case()
         voxel_cc = float(np.prod(p.case.geometry.spacing)) / 1000.0
@@ -395,7 +403,7 @@ class DVHDosePredictor(_ModelPredictor):
             volume_cc = values.size * voxel_cc
             report[name] = {
                 "mean_gy": float(values.mean()),
-                "desired_mean_gy": float(np.trapezoid(curve, dx=top / (curve.size - 1))) * p.norm_gy,
+                "desired_mean_gy": mean_from_row(curve, top) * p.norm_gy,
                 "d01cc_gy": dose_at_volume_cc(values, 0.1, voxel_cc),
                 "desired_d01cc_gy": dose_at_fraction_from_row(curve, min(1.0, 0.1 / volume_cc), top) * p.norm_gy,
             }

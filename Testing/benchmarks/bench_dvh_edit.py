@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from doseai.dvh import dose_at_volume_cc, dose_at_volume_cc_from_row, dose_at_volume_pct
+from doseai.dvh import dose_at_volume_cc, dose_at_volume_cc_from_row, dose_at_volume_pct, mean_from_row
 from doseai.io import openkbp
 from doseai.models.features import DEFAULT_GRID, model_geometry
 from doseai.paths import cache_root, openkbp_root
@@ -55,8 +55,7 @@ def _mean_max(dose, mask, voxel_cc) -> tuple[float, float]:
 
 def _mean_from_curve(curve: np.ndarray) -> float:
     """Mean dose in % of the prescription from a DVH-vector row (cumulative, 0..max_relative_dose x Rx)."""
-    step = DEFAULT_DVH_LAYOUT["max_relative_dose"] / (curve.size - 1)
-    return 100.0 * float(np.trapezoid(curve, dx=step))
+    return 100.0 * mean_from_row(curve, DEFAULT_DVH_LAYOUT["max_relative_dose"])
 
 
 def _projection_changes(vectors: np.ndarray, middle: int, desired: np.ndarray, row: int) -> dict[str, float]:

@@ -34,7 +34,7 @@ from doseai.dvh import dose_at_volume_cc, dose_at_volume_pct
 from doseai.io import openkbp
 from doseai.paths import openkbp_root
 from doseai.predict import DEFAULT_DVH_MODEL, DosePredictor, DVHDosePredictor
-from doseai.train.train_dvh import stretch_curve
+from doseai.train.train_dvh import one_curve_edit
 
 EDITED = ("Parotid_L", "Parotid_R", "Larynx", "Mandible", "SpinalCord")
 FACTOR = 0.8
@@ -42,10 +42,6 @@ MEASURABLE_PCT_RX = 1.0
 BARS = {"identity_mean_gy": 0.5, "identity_d95_pct_rx": 1.0, "identity_share": 0.95,
         "achieved_low": 0.5, "achieved_high": 1.5, "ptv_d95_pct_rx": 2.0, "oar_mean_gy": 1.5, "body_mean_gy": 1.0,
         "locality_share": 0.90}
-
-
-def _curve_mean_gy(row: np.ndarray, max_relative: float, norm_gy: float) -> float:
-    return float(np.trapezoid(row, dx=max_relative / (row.size - 1))) * norm_gy
 
 
 def _patient(case, preference: DosePredictor, dvh: DVHDosePredictor) -> dict:
@@ -61,21 +57,16 @@ def _patient(case, preference: DosePredictor, dvh: DVHDosePredictor) -> dict:
                 "d95_change_pct_rx": {t: 100 * (dose_at_volume_pct(same[case.structures[t]], 95)
                                                 - dose_at_volume_pct(start[case.structures[t]], 95))
                                       / case.prescriptions[t] for t in targets}}
-    layout = dvh.card["dvh"]
     oars = [n for n in dvh.structures if n not in targets and n in case.structures and case.structures[n].any()]
     edits, seconds = [], []
     for name in EDITED:
         if name not in oars:
             continue
-        row = dvh.structures.index(name)
-        desired = unedited.copy()
-        desired[row] = stretch_curve(desired[row], FACTOR)
+        desired, asked = one_curve_edit(dvh, unedited, name, FACTOR)
         begin = time.perf_counter()
         edited = dvh.predict_edit(start, desired)
         seconds.append(time.perf_counter() - begin)
         mask = case.structures[name]
-        asked = (_curve_mean_gy(desired[row], layout["max_relative_dose"], dvh._require_case().norm_gy)
-                 - _curve_mean_gy(unedited[row], layout["max_relative_dose"], dvh._require_case().norm_gy))
         achieved = float(edited[mask].mean() - start[mask].mean())
         others = {o: {"mean_gy": float(edited[case.structures[o]].mean() - start[case.structures[o]].mean()),
                       "d01cc_gy": dose_at_volume_cc(edited[case.structures[o]], 0.1, voxel_cc)

@@ -70,6 +70,9 @@ _PATIENT_STUDY_KEYS = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "StudyDescription", "AccessionNumber",
     "ReferringPhysicianName",
 )
+# What a case's metadata needs so that objects written later (a plan's RTDOSE and RTPLAN) join the patient, study,
+# frame of reference and structure set just written: write_dicom_case returns them.
+REFERENCE_KEYS = _PATIENT_STUDY_KEYS + ("FrameOfReferenceUID", "RTStructSOPInstanceUID")
 _META_KEYS = _PATIENT_STUDY_KEYS + (
     "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "FrameOfReferenceUID", "Modality",
     "Manufacturer", "PatientPosition",

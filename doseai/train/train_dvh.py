@@ -433,6 +433,19 @@ EDIT_CALIBRATION_STRUCTURES = ("Parotid_L", "Parotid_R", "Larynx", "Mandible", "
 EDIT_GAIN_RANGE = (0.5, 1.5)
 
 
+def one_curve_edit(predictor, unedited: np.ndarray, name: str, factor: float) -> tuple[np.ndarray, float]:
+    """The desired DVH with ``name``'s curve of ``unedited`` (the start dose's DVH vector) moved to ``factor`` of
+    its doses, and the mean-dose change it asks for (Gy, read off the two curves)."""
+    from doseai.dvh import mean_from_row
+
+    row = predictor.structures.index(name)
+    desired = unedited.copy()
+    desired[row] = stretch_curve(desired[row], factor)
+    top = predictor.card["dvh"]["max_relative_dose"]
+    asked = (mean_from_row(desired[row], top) - mean_from_row(unedited[row], top)) * predictor.norm_gy
+    return desired, asked
+
+
 def calibrate_edit_gain(weights: Path, limit: int = 15, factor: float = 0.8, threads: int | None = None) -> dict:
     """Per OAR, the gain on an edit's change (``DVHDosePredictor.predict_edit``) that makes the median edit
     achieve the mean-dose change it asks for, measured where the user starts: the shipped preference model's
@@ -445,7 +458,6 @@ def calibrate_edit_gain(weights: Path, limit: int = 15, factor: float = 0.8, thr
 
     preference, dvh = DosePredictor(threads=threads), DVHDosePredictor(Path(weights), threads=threads)
     dvh.edit_calibrated = False  # measure the network's own change
-    layout = dvh.card["dvh"]
     shares: dict[str, list[float]] = {name: [] for name in EDIT_CALIBRATION_STRUCTURES}
     used = 0
     for pid, path in tqdm(list(openkbp.list_patients(openkbp_root() / "train").items()), desc="patients"):
@@ -458,17 +470,12 @@ def calibrate_edit_gain(weights: Path, limit: int = 15, factor: float = 0.8, thr
         start = preference.predict_case(case)
         dvh.set_case(case)
         unedited = dvh.dvh_vector(start)
-        norm = case.max_prescription
         for name in EDIT_CALIBRATION_STRUCTURES:
             mask = case.structures.get(name)
             if mask is None or not mask.any():
                 continue
-            row = dvh.structures.index(name)
-            desired = unedited.copy()
-            desired[row] = stretch_curve(desired[row], factor)
-            step = layout["max_relative_dose"] / (desired.shape[1] - 1)
-            asked = float(np.trapezoid(desired[row] - unedited[row], dx=step)) * norm
-            if abs(asked) < 0.01 * norm:  # too small to measure
+            desired, asked = one_curve_edit(dvh, unedited, name, factor)
+            if abs(asked) < 0.01 * case.max_prescription:  # too small to measure
                 continue
             edited = dvh.predict_edit(start, desired)
             shares[name].append(float(edited[mask].mean() - start[mask].mean()) / asked)
