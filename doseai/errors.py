@@ -54,9 +54,11 @@ def refuse_nonempty_folder(folder, force: bool) -> None:
         raise OutputExistsError(f"{folder} is not empty; pass --force to overwrite")
 
 
-# What a reader's parsing raises on a damaged file; at the file boundary these become the user's error.
+# What a reader's parsing raises on a damaged file; at the file boundary these become the user's error. Not
+# MemoryError (a real case too big for this machine is not a damaged file), nor a missing or unreadable path
+# (FileNotFoundError, PermissionError: the CLI reports those as they are).
 MALFORMED_INPUT_ERRORS = (AttributeError, KeyError, ValueError, TypeError, IndexError, OverflowError, EOFError,
-                          ArithmeticError, MemoryError, OSError)
+                          ArithmeticError, OSError)
 
 
 def refuse_malformed(what: str):
@@ -69,7 +71,7 @@ def refuse_malformed(what: str):
         def guarded(path, *args, **kwargs):
             try:
                 return read(path, *args, **kwargs)
-            except DoseAIError:
+            except (DoseAIError, FileNotFoundError, PermissionError):
                 raise
             except MALFORMED_INPUT_ERRORS as error:
                 detail = " ".join(str(error).split())[:200] or "no detail"
