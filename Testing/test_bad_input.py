@@ -279,3 +279,15 @@ def test_version_and_device_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--case", "x", "--out", "y.nrrd", "--device", "gpu"])
     assert exit_info.value.code == 2 and "not one of auto, cpu, cuda, cuda:N" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_one_line_not_a_damaged_file(sample, tmp_path, capsys, monkeypatch):
+    import doseai.io
+
+    def too_big(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(doseai.io, "load_image_case", too_big)
+    assert main(["predict", "--case", str(_save(sample, tmp_path / "case")), "--out", str(tmp_path / "d.nrrd")]) == 2
+    line = _one_line(capsys)
+    assert "out of memory" in line and "damaged" not in line

@@ -778,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
         print(f"doseai {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"doseai {args.command}: error: out of memory: the case is too large for this machine's memory",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
