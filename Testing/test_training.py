@@ -276,3 +276,56 @@ def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path, capsys):
     assert main([*common, "--slice-mm", "0"]) == 2 and len(grids) == 2  # refused before any training
     assert capsys.readouterr().err.strip() == ("doseai train: error: slice spacing must be a positive number of mm, "
                                                "got 0.0")
+
+
+@pytest.mark.parametrize("lower, upper", [((4, 5, 9), (11, 12, 20)), ((0, 0, 0), (15, 15, 31)), ((0, 3, 25), (6, 15, 31))])
+def test_refinement_on_the_case_box_is_the_whole_grid_s_there(lower, upper):
+    """Prediction runs the refinement head only on the box of model-grid voxels the dose is read at (the head
+    has no normalisation): inside the box the dose equals the whole grid's, at the grid's edges too; outside it
+    the correction is 0. The mirrored case's box is the box flipped."""
+    from doseai.models.preference import PreferenceDoseNet, RefinementBox
+
+    torch.manual_seed(3)
+    net = PreferenceDoseNet(11, config={"refine_film": True, "refine_channels": 8}).eval()
+    for module in net.refine.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    torch.nn.init.normal_(net.refine_film[1].mlp[-1].weight, std=0.5)
+    x, sliders = torch.rand(1, 11, 16, 16, 32), torch.tensor([[0.4, -0.8]])
+    box = RefinementBox.around(lower, upper, (16, 16, 32))
+    with torch.no_grad():
+        latent = net.latent(net.encode_anatomy(x), sliders)
+        whole = net.decode(latent, x, sliders, net.refinement_anatomy_term(x))
+        boxed = net.decode(latent, x, sliders, net.refinement_anatomy_term(x, box), box)
+        coarse = torch.relu(net.prior.decode(latent))
+    assert (whole - coarse)[(..., *box.inner)].abs().mean() > 1e-2  # the head does change the dose there
+    torch.testing.assert_close(boxed[(..., *box.inner)], whole[(..., *box.inner)], rtol=1e-5, atol=1e-6)
+    outside = torch.ones_like(whole, dtype=torch.bool)
+    outside[(..., *box.inner)] = False
+    torch.testing.assert_close(boxed[outside], coarse[outside])
+    flipped = box.mirrored(32)
+    assert flipped.mirrored(32) == box
+    assert [flipped.inner[2].start, flipped.inner[2].stop] == [32 - box.inner[2].stop, 32 - box.inner[2].start]
+
+
+def test_predictor_dose_with_the_case_box_is_the_whole_grid_s(small_case):
+    """The shipped model's dose on the case grid (neutral and moved sliders, with the mirror correction) is the
+    same whether its refinement runs on the case's box or on the whole model grid."""
+    from doseai.models.preference import RefinementBox
+    from doseai.predict import DosePredictor
+
+    predictor = DosePredictor(threads=2)
+    predictor.set_case(small_case)
+    boxed = [predictor.predict(), predictor.predict(0.6, -0.4)]
+    prepared = predictor._prepared
+    assert np.prod([s.stop - s.start for s in prepared.refinement_box.inner]) < np.prod(prepared.grid.shape)
+    whole_box = RefinementBox.around((0, 0, 0), prepared.grid.shape, prepared.grid.shape)
+    predictor.set_case(small_case)
+    prepared = predictor._prepared
+    prepared.refinement_box = whole_box
+    with torch.no_grad():
+        prepared.refinement_anatomy = predictor.net.refinement_anatomy_term(prepared.anatomy, whole_box)
+    whole = [predictor.predict(), predictor.predict(0.6, -0.4)]
+    for a, b in zip(boxed, whole):
+        assert b.max() > 30
+        np.testing.assert_allclose(a, b, atol=1e-3)

@@ -41,6 +41,25 @@ def load_card(weights: Path) -> dict:
     return card
 
 
+def refinement_box(body: np.ndarray, source, channels: np.ndarray, grid):
+    """The :class:`~doseai.models.preference.RefinementBox` of a case: the model-grid voxels that resampling the
+    dose back onto the case grid ``source`` reads for the voxels of ``body`` (the corners of its bounding box,
+    mapped into the model grid, one voxel out for the linear interpolation), and those where the anatomy
+    ``channels`` (model grid) hold a target, an organ or the body, which the DVH model's offset layer reads."""
+    from doseai.models.preference import RefinementBox
+
+    hit = [np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(h.size == 0 for h in hit):
+        return RefinementBox.around((0, 0, 0), grid.shape, grid.shape)
+    corners = np.array(np.meshgrid(*[(h[0], h[-1]) for h in hit], indexing="ij")).reshape(3, -1).T
+    kji = grid.physical_to_index(source.index_to_physical(corners.astype(float)))
+    lower, upper = np.floor(kji.min(0)) - 1, np.ceil(kji.max(0)) + 1
+    anatomy = np.argwhere(channels[1:-1].max(axis=0) > 0)  # target_dose, the organs, body
+    if anatomy.size:
+        lower, upper = np.minimum(lower, anatomy.min(0)), np.maximum(upper, anatomy.max(0))
+    return RefinementBox.around(lower, upper, grid.shape)
+
+
 @dataclass
 class _Prepared:
     case: PlanningCase
@@ -51,6 +70,7 @@ class _Prepared:
     norm_gy: float
     timings: dict = field(default_factory=dict)
     refinement_anatomy: object = None  # the refinement head's condition-free part (see PreferenceDoseNet)
+    refinement_box: object = None  # doseai.models.preference.RefinementBox: where the refinement head runs
     decode_extras: dict = field(default_factory=dict)  # more per-case inputs of the network's decode
     calibration_regions: object = None  # doseai.calibration.CaseRegions, from the first calibrated dose on
     mirrored: "_Prepared | None" = None  # the left-right mirrored anatomy, from the first mirror-averaged dose on
@@ -118,13 +138,15 @@ class _ModelPredictor:
         self.case_warnings = ct_notes(case) + unlike_training(case, self.card) + outside_field(case, grid)
         for note in self.case_warnings:
             logger.warning("%s: %s", case.patient_id, note)
+        body = body_mask(case)
+        box = refinement_box(body, case.geometry, channels, grid)
         with self._torch.no_grad():
             x = self._torch.from_numpy(channels[np.newaxis]).to(self.device)
             features = self.net.encode_anatomy(x)
-            refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
-        self._prepared = _Prepared(case, grid, x, features, body_mask(case), norm_gy,
+            refinement = self.net.refinement_anatomy_term(x, box) if self.net.refine is not None else None
+        self._prepared = _Prepared(case, grid, x, features, body, norm_gy,
                                    {"features_s": prepared_at - start, "encoder_s": time.perf_counter() - prepared_at},
-                                   refinement)
+                                   refinement, refinement_box=box)
 
     def _require_case(self) -> _Prepared:
         if self._prepared is None:
@@ -140,9 +162,10 @@ class _ModelPredictor:
 
         with self._torch.no_grad():
             x = p.anatomy.flip(-1)[:, mirror_order(self.card["inputs"]["channels"])]
-            refinement = self.net.refinement_anatomy_term(x) if self.net.refine is not None else None
+            box = p.refinement_box.mirrored(x.shape[-1])
+            refinement = self.net.refinement_anatomy_term(x, box) if self.net.refine is not None else None
             mirrored = _Prepared(p.case, p.grid, x, self.net.encode_anatomy(x), p.body, p.norm_gy,
-                                 refinement_anatomy=refinement)
+                                 refinement_anatomy=refinement, refinement_box=box)
         if keep:
             p.mirrored = mirrored
         return mirrored
@@ -151,7 +174,8 @@ class _ModelPredictor:
         """The network's dose on the model grid (relative to the case's highest prescription)."""
         with self._torch.no_grad():
             latent = self.net.latent(p.features, condition)
-            dose = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, **p.decode_extras)
+            dose = self.net.decode(latent, p.anatomy, condition, p.refinement_anatomy, p.refinement_box,
+                                   **p.decode_extras)
             return dose[0, 0].float().cpu().numpy()
 
     def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:

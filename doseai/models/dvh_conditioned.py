@@ -110,14 +110,14 @@ class DVHDoseNet(PreferenceDoseNet):
         sigma = config.get("mean_offset_sigma_zyx")
         self.offset = MeanDoseOffset(layout, sigma) if sigma else None
 
-    def decode_parts(self, latent, anatomy=None, sliders=None, anatomy_term=None, masks=None):
-        coarse, dose = super().decode_parts(latent, anatomy, sliders, anatomy_term)
+    def decode_parts(self, latent, anatomy=None, sliders=None, anatomy_term=None, box=None, masks=None):
+        coarse, dose = super().decode_parts(latent, anatomy, sliders, anatomy_term, box)
         if self.offset is not None and masks is not None:
             dose = self.offset(dose, sliders, masks)
         return coarse, dose
 
-    def decode(self, latent, anatomy=None, sliders=None, anatomy_term=None, masks=None):
-        return self.decode_parts(latent, anatomy, sliders, anatomy_term, masks)[1]
+    def decode(self, latent, anatomy=None, sliders=None, anatomy_term=None, box=None, masks=None):
+        return self.decode_parts(latent, anatomy, sliders, anatomy_term, box, masks)[1]
 
 
 def build_dvh_net(in_channels: int, prior_config: dict | None, layout: dict,

@@ -10,6 +10,7 @@ the up path and the decoder.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import Convolution
@@ -73,6 +74,40 @@ class UpBlock(nn.Module):
         return self.act(self.film(x, condition))
 
 
+REFINEMENT_REACH = 2  # voxels: the refinement head's two 3x3x3 convolutions each read one voxel further
+
+
+@dataclass(frozen=True)
+class RefinementBox:
+    """Where the refinement head runs at inference for one case: ``inner`` (slices of the model grid) holds every
+    voxel the dose is read at (a case fills a fraction of the model grid: a neck CT of 160 mm about half its
+    z, ~200 mm of its 500 x 312 mm in-plane); ``outer`` adds the head's reach, clipped to the grid. The head has
+    no normalisation, so on ``inner`` its correction on ``outer`` equals the whole grid's exactly (zero
+    padding at the edges of ``outer`` changes only voxels within the reach, outside ``inner``, where the
+    grid's own edge is not); outside ``inner`` the correction is left 0."""
+
+    inner: tuple[slice, slice, slice]
+    outer: tuple[slice, slice, slice]
+
+    @classmethod
+    def around(cls, lower, upper, shape) -> "RefinementBox":
+        """The box of model-grid voxels ``lower``..``upper`` (inclusive, z y x; clipped to ``shape``)."""
+        inner = tuple(slice(max(0, int(lo)), min(n, int(hi) + 1)) for lo, hi, n in zip(lower, upper, shape))
+        outer = tuple(slice(max(0, s.start - REFINEMENT_REACH), min(n, s.stop + REFINEMENT_REACH))
+                      for s, n in zip(inner, shape))
+        return cls(inner, outer)
+
+    @property
+    def inner_in_outer(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(self.inner, self.outer))
+
+    def mirrored(self, nx: int) -> "RefinementBox":
+        """The box of the left-right mirrored case (x flipped on a grid of ``nx`` columns)."""
+        def flip(s: slice) -> slice:
+            return slice(nx - s.stop, nx - s.start)
+        return RefinementBox((*self.inner[:2], flip(self.inner[2])), (*self.outer[:2], flip(self.outer[2])))
+
+
 class PreferenceDoseNet(nn.Module):
     """Anatomy channels + sliders -> dose (normalised by the card's norm_gy), through the prior's decoder."""
 
@@ -128,11 +163,14 @@ class PreferenceDoseNet(nn.Module):
             x = block(x, skip, sliders)
         return self.latent_head(x)
 
-    def refinement_anatomy_term(self, anatomy: torch.Tensor) -> torch.Tensor:
+    def refinement_anatomy_term(self, anatomy: torch.Tensor, box: RefinementBox | None = None) -> torch.Tensor:
         """The refinement head's first convolution applied to the anatomy channels alone (with its bias). A
         convolution is linear in its input channels, so this part does not depend on the condition: a
         predictor computes it once per case, and each slider or DVH change convolves only the decoded dose
-        (the anatomy is 11 of its 12 input channels)."""
+        (the anatomy is 11 of its 12 input channels). With ``box``: on its ``outer`` part only (exact on the
+        voxels the inner part's correction reads)."""
+        if box is not None:
+            anatomy = anatomy[(..., *box.outer)]
         conv_in = self.refine[0]
         channels = anatomy.shape[1]
         return conv3d(anatomy.to(conv_in.weight.dtype), conv_in.weight[:, :channels], conv_in.bias,
@@ -184,25 +222,32 @@ class PreferenceDoseNet(nn.Module):
         return out.view(1, *hidden.shape[2:]).unsqueeze(1)
 
     def decode_parts(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
-                     sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None,
+                     box: RefinementBox | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the frozen decoder's dose, the final dose after the refinement head's correction);
-        ``anatomy_term``: :meth:`refinement_anatomy_term` of ``anatomy``, when cached."""
+        ``anatomy_term``: :meth:`refinement_anatomy_term` of ``anatomy``, when cached; ``box`` (inference, with
+        the term of the same box): the correction on the box only (see :class:`RefinementBox`)."""
         coarse = self.prior.decode(latent)
         dose = coarse
         if self.refine is not None and anatomy is not None:
             if self.refine_film is not None and sliders is None:
                 raise ValueError("this model's refinement head needs the slider values")
             if anatomy_term is not None and not torch.is_grad_enabled() and coarse.shape[0] == 1:
-                dose = coarse + self._refinement_inference(coarse, sliders, anatomy_term)
+                if box is None:
+                    dose = coarse + self._refinement_inference(coarse, sliders, anatomy_term)
+                else:
+                    correction = self._refinement_inference(coarse[(..., *box.outer)], sliders, anatomy_term)
+                    dose = coarse.clone()
+                    dose[(..., *box.inner)] += correction[(..., *box.inner_in_outer)]
             else:
                 dose = coarse + self._refinement(anatomy, coarse, sliders, anatomy_term)
         return coarse, torch.relu(dose)
 
     def decode(self, latent: torch.Tensor, anatomy: torch.Tensor | None = None,
-               sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None) -> torch.Tensor:
+               sliders: torch.Tensor | None = None, anatomy_term: torch.Tensor | None = None,
+               box: RefinementBox | None = None) -> torch.Tensor:
         """Dose from a latent; with the input ``anatomy`` the refinement head adds its correction."""
-        return self.decode_parts(latent, anatomy, sliders, anatomy_term)[1]
+        return self.decode_parts(latent, anatomy, sliders, anatomy_term, box)[1]
 
     def forward(self, x: torch.Tensor, sliders: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latent(self.encode_anatomy(x), sliders), x, sliders)
