@@ -153,10 +153,11 @@ Histogram modules work on them too.
 @parameterNodeWrapper
 class DosePreferenceParameterNode:
     """
-    ctVolume: the planning CT; its grid is the grid of the prediction.
+    ctVolume: the planning CT; the dose grid is aligned with it (see doseGridMm).
     segmentation: the structures (targets and organs at risk).
     structureMapping: the structure-mapping table as JSON (DosePreferenceLib.rows_to_json).
     outputDose: the predicted dose volume (created by the first Predict when empty).
+    doseGridMm: the predicted dose's own grid, the CT's voxels binned to about this spacing; 0: the CT's grid.
     oarSparing, homogeneity: the preference sliders.
     showIsodose, isodoseLevels: isodose lines and their levels (percent of the highest prescription).
     isodoseSegmentation: the segmentation that draws the isodose lines.
@@ -169,6 +170,7 @@ class DosePreferenceParameterNode:
     segmentation: vtkMRMLSegmentationNode
     structureMapping: str = ""
     outputDose: vtkMRMLScalarVolumeNode
+    doseGridMm: Annotated[float, WithinRange(0.0, 10.0)] = 2.5
     oarSparing: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
     homogeneity: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
     showIsodose: bool = True
@@ -437,6 +439,10 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _mappingArguments(self):
+        """(overrides, prescriptions) of the mapping table, for every logic call; the logic takes the case's
+        dose grid from the panel here too (a changed grid is a new case)."""
+        spacing = self._parameterNode.doseGridMm if self._parameterNode else 0.0
+        self.logic.doseGridMm = spacing if spacing > 0 else None
         return DosePreferenceLib.mapping_arguments(self._rows())
 
     # --- buttons -------------------------------------------------------------------------------------

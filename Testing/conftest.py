@@ -15,6 +15,13 @@ def small_case():
 
 
 @pytest.fixture(scope="session")
+def fine_case():
+    """The sample phantom on a CT finer than a dose grid: 192 x 192 x 128 voxels of 1.3 x 1.3 x 1.25 mm (its dose
+    grid at the default 2.5 mm is 2.6 x 2.6 x 2.5 mm)."""
+    return make_sample_case(seed=1, shape=(128, 192, 192), spacing_xyz=(1.3, 1.3, 1.25), with_dose=False)
+
+
+@pytest.fixture(scope="session")
 def openkbp_validation():
     folder = OPENKBP / "validation" / "128"
     if not folder.is_dir():

@@ -98,3 +98,30 @@ def test_a_copy_with_a_dose_keeps_the_partial_volumes():
     case, _ = _phantom()
     binned = on_dose_grid(case, 3.0)
     assert binned.with_dose(binned.dose).partial_volumes is binned.partial_volumes
+
+
+def test_cli_predicts_on_the_dose_grid_and_keeps_the_ct_grid_on_request(fine_case, tmp_path, capsys):
+    """`doseai predict` on a CT finer than 2.5 mm writes the dose on its dose grid (said in one line), near the
+    prediction on the CT grid (`--dose-grid ct`); a spacing out of range is refused with exit code 2."""
+    pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+    from doseai.cli import main
+    from doseai.io import images, save_case
+    from doseai.resample import resample_to
+
+    folder = save_case(fine_case, tmp_path / "case", "nrrd")
+    assert main(["predict", "--case", str(folder), "--out", str(tmp_path / "grid.nrrd")]) == 0
+    assert "dose grid: 80 x 64 x 64 voxels of 2.6 x 2.6 x 2.5 mm over the body" in capsys.readouterr().out
+    grid_dose, grid = images.read_image(tmp_path / "grid.nrrd")
+    assert grid.matches(on_dose_grid(fine_case).geometry)
+    assert main(["predict", "--case", str(folder), "--dose-grid", "ct", "--out", str(tmp_path / "ct.nrrd")]) == 0
+    ct_dose, ct = images.read_image(tmp_path / "ct.nrrd")
+    assert ct.matches(fine_case.geometry)
+    body = fine_case.structures["External"]
+    on_ct = resample_to(grid_dose, grid, ct)
+    assert np.abs(on_ct - ct_dose)[body].mean() < 0.5  # Gy: the same prediction, on another grid
+    ptv = fine_case.structures["PTV_70"]
+    assert on_ct[ptv].mean() == pytest.approx(ct_dose[ptv].mean(), abs=0.5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage line and the reason
+        main(["predict", "--case", str(folder), "--dose-grid", "0.1", "--out", str(tmp_path / "x.nrrd")])
+    assert exit_info.value.code == 2 and "0.5 to 10" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from doseai.errors import (
     refuse_nonempty_folder,
     refuse_overwrite,
 )
+from doseai.dose_grid import DEFAULT_DOSE_GRID_MM
 from doseai.output_paths import DOSE_SUFFIXES, check_output_file, check_output_folder
 from doseai.predict import DEFAULT_DVH_MODEL, DEFAULT_MODEL
 
@@ -68,6 +69,16 @@ def _prescription(text: str) -> tuple[str, float]:
     if not (0 < gy < 1000):
         raise argparse.ArgumentTypeError(f"'{text}': the prescription must be a positive dose in Gy")
     return name, gy
+
+
+def _dose_grid(text: str) -> float | None:
+    """argparse type of --dose-grid (doseai.dose_grid.parse_dose_grid)."""
+    from doseai.dose_grid import parse_dose_grid
+
+    try:
+        return parse_dose_grid(text)
+    except DoseAIError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_case(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH}), with their "
                                                "card .json beside them")
     _add_device(predict)
+    predict.add_argument("--dose-grid", type=_dose_grid, default=DEFAULT_DOSE_GRID_MM, metavar="MM|ct",
+                         help="the dose's own grid: the CT's voxels binned to about MM (default: %(default)s mm; a CT "
+                              "no finer is its own dose grid), aligned with the CT, over the body, as a planning "
+                              "system stores an RTDOSE; 'ct': the dose on the CT's grid (slower on a 512 x 512 CT)")
     predict.add_argument("--report", help="folder for the DVH report (dvh.csv, metrics.csv, dvh.png)")
     _add_force(predict)
 
@@ -309,6 +324,19 @@ def _load_case(args):
     from doseai.io import load_case
 
     return load_case(args.case, overrides=dict(args.map) or None, prescriptions=dict(args.prescription) or None)
+
+
+def _on_dose_grid(case, spacing_mm: float | None):
+    """``case`` on its dose grid (doseai.dose_grid), said in one line when that is not the CT's grid."""
+    from doseai.dose_grid import on_dose_grid
+
+    binned = on_dose_grid(case, spacing_mm)
+    if binned is not case:
+        g = binned.geometry
+        print(f"dose grid: {' x '.join(map(str, g.shape[::-1]))} voxels of {' x '.join(f'{v:.3g}' for v in g.spacing)}"
+              f" mm over the body (the CT: {' x '.join(map(str, case.geometry.shape[::-1]))} of "
+              f"{' x '.join(f'{v:.3g}' for v in case.geometry.spacing)} mm; --dose-grid ct keeps the CT's grid)")
+    return binned
 
 
 def _cmd_demo(args) -> int:
@@ -545,6 +573,7 @@ def _cmd_predict(args) -> int:
         curves = read_dvh_csv(args.desired_dvh)
     case = _load_case(args)
     case.require_target()  # before the model loads
+    case = _on_dose_grid(case, args.dose_grid)
     predictor = DosePredictor(args.weights, device=args.device)
     predictor.calibrated = not args.no_calibration
     if args.mirror_average is not None:

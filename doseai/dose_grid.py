@@ -23,6 +23,19 @@ BODY_HU = -400.0  # a CT without an External structure: the body is what is dens
 MARGIN_VOXELS = 1  # dose voxels kept around the body, so the dose falls off inside the grid
 
 
+def parse_dose_grid(text: str) -> float | None:
+    """A dose grid spacing as a user gives it: mm (0.5 to 10), or 'ct' (None: the CT's own grid)."""
+    if str(text).strip().lower() == "ct":
+        return None
+    try:
+        mm = float(text)
+    except ValueError:
+        mm = float("nan")
+    if not 0.5 <= mm <= 10:
+        raise DoseAIError(f"'{text}': give the dose grid spacing in mm (0.5 to 10), or 'ct' for the CT's grid")
+    return mm
+
+
 def binning_factors(spacing_xyz, spacing_mm: float) -> tuple[int, int, int]:
     """Per axis (z, y, x), how many CT voxels one dose voxel spans: ``round(spacing_mm / CT spacing)``, at least 1."""
     if not np.isfinite(spacing_mm) or spacing_mm <= 0:
@@ -54,11 +67,12 @@ def _region(body: np.ndarray, factors: tuple[int, int, int]) -> tuple[slice, ...
     return tuple(slices)
 
 
-def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Mean over f_z x f_y x f_x blocks (a partial block at the far edge is padded by its own edge values)."""
+def _block_mean(array: np.ndarray, factors: tuple[int, int, int], pad_mode: str = "edge") -> np.ndarray:
+    """Mean over f_z x f_y x f_x blocks. A partial block at the far edge of the CT is padded by its own edge
+    values (an image), or with zeros (``pad_mode`` "constant": a mask, which holds nothing beyond the CT)."""
     pad = [(0, (-n) % f) for n, f in zip(array.shape, factors)]
     if any(p for _, p in pad):
-        array = np.pad(array, pad, mode="edge")
+        array = np.pad(array, pad, mode=pad_mode)
     nz, ny, nx = (n // f for n, f in zip(array.shape, factors))
     fz, fy, fx = factors
     return array.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
@@ -89,8 +103,9 @@ def on_dose_grid(case: PlanningCase, spacing_mm: float | None = DEFAULT_DOSE_GRI
         return case
     region = _region(_body(case), factors)
     geometry = dose_grid_geometry(case.geometry, region, factors)
-    partials = {name: partial_volume(mask[region], factors) for name, mask in case.structures.items()}
-    fractions = {name: _block_mean(mask[region], factors) for name, mask in case.structures.items()}
+    partials, fractions = {}, {}
+    for name, mask in case.structures.items():
+        partials[name], fractions[name] = _binned_structure(mask[region], factors)
     return PlanningCase(
         geometry=geometry,
         ct=None if case.ct is None else _block_mean(case.ct[region], factors),
@@ -110,24 +125,32 @@ def partial_volume(mask: np.ndarray, factors: tuple[int, int, int]) -> PartialVo
     each CT voxel of the structure in a block partly inside as a point of weight 1 / (voxels per block), at its
     centre in block (dose-voxel) index units. Computed on the structure's bounding box only (a parotid's box is a
     few hundred thousand CT voxels of 67 million)."""
+    return _binned_structure(mask, factors)[0]
+
+
+def _binned_structure(mask: np.ndarray, factors: tuple[int, int, int]) -> tuple[PartialVolume, np.ndarray]:
+    """(:func:`partial_volume` of ``mask``, the share of each block inside it), both from its bounding box."""
     shape = tuple(-(-n // f) for n, f in zip(mask.shape, factors))
+    fraction = np.zeros(shape, np.float32)
     hit = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     if any(h.size == 0 for h in hit):
-        return PartialVolume(shape, np.zeros(0, np.int64), np.zeros((3, 0), np.float32), np.zeros(0, np.float32))
+        empty = PartialVolume(shape, np.zeros(0, np.int64), np.zeros((3, 0), np.float32), np.zeros(0, np.float32))
+        return empty, fraction
     lo = [int(h[0]) // f for h, f in zip(hit, factors)]  # the box, in whole blocks
     hi = [int(h[-1]) // f + 1 for h, f in zip(hit, factors)]
     box = mask[tuple(slice(a * f, b * f) for a, b, f in zip(lo, hi, factors))]
-    fraction = _block_mean(box.astype(np.float32), factors)
-    inside_blocks = np.nonzero(fraction >= 1.0)
+    box_fraction = _block_mean(box, factors, "constant")
+    fraction[tuple(slice(a, a + n) for a, n in zip(lo, box_fraction.shape))] = box_fraction
+    inside_blocks = np.nonzero(box_fraction >= 1.0)
     inside = np.ravel_multi_index(tuple(inside_blocks[a] + lo[a] for a in range(3)), shape)
     # the structure's CT voxels in the blocks partly inside
-    edge_block = (fraction > 0) & (fraction < 1.0)
+    edge_block = (box_fraction > 0) & (box_fraction < 1.0)
     fine_edge = box & np.repeat(np.repeat(np.repeat(edge_block, factors[0], 0), factors[1], 1), factors[2], 2)[
         tuple(slice(0, n) for n in box.shape)]
     kji = np.nonzero(fine_edge)
     points = np.stack([(kji[a] + lo[a] * f + 0.5) / f - 0.5 for a, f in enumerate(factors)]).astype(np.float32)
     weights = np.full(points.shape[1], 1.0 / np.prod(factors), np.float32)
-    return PartialVolume(shape, inside.astype(np.int64), points, weights)
+    return PartialVolume(shape, inside.astype(np.int64), points, weights), fraction
 
 
 def _mask_of(fraction: np.ndarray) -> np.ndarray:

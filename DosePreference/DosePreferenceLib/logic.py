@@ -181,6 +181,11 @@ class DosePreferenceLogic:
 
     def __init__(self) -> None:
         self.dvhBinWidthGy = 0.1
+        # the predicted dose's own grid (doseai.dose_grid): the CT's voxels binned to about this spacing (mm), as
+        # a planning system keeps an RTDOSE; None: the CT's grid (a 512 x 512 CT then costs seconds per change)
+        from doseai.dose_grid import DEFAULT_DOSE_GRID_MM
+
+        self.doseGridMm: float | None = DEFAULT_DOSE_GRID_MM
         self._referenceKey = None
         self._referenceDVHs = None
 
@@ -252,10 +257,8 @@ class DosePreferenceLogic:
         reason = self.missingInputs(ctNode, segNode, doseNode)
         if reason:
             raise DoseAIError(reason)
-        from doseai.mrml import case_from_nodes
-
         start = time.time()
-        case = case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
+        case = self._caseWithDose(ctNode, segNode, doseNode, overrides, prescriptions)
         result = self._showDVH(case, case.dose, segNode, doseNode.GetName(), overrides, chartNode, metricsTableNode,
                                referenceDoseNode)
         logging.info(f"DosePreference: DVH of {len(result.dvhs)} structures in {time.time() - start:.2f} s")
@@ -484,7 +487,7 @@ class DosePreferenceLogic:
 
     @staticmethod
     def _presentStructures(predictor, case) -> list[str]:
-        """The model's structures the case has (not empty on the CT grid)."""
+        """The model's structures the case has (not empty on the case's grid)."""
         return [name for name in predictor.structures
                 if name in case.structures and bool(case.structures[name].any())]
 
@@ -512,7 +515,7 @@ class DosePreferenceLogic:
                     raise DesiredDVHError(f"{what}: the DVH model does not know the structure '{name}' (it reads: "
                                           f"{', '.join(structures)})")
                 if name not in present:
-                    raise DesiredDVHError(f"{what}: {name} is not in the segmentation (or is empty on the CT grid)")
+                    raise DesiredDVHError(f"{what}: {name} is not in the segmentation (or is empty on the case's grid)")
 
         if isinstance(desiredDVH, Mapping):
             if not desiredDVH:
@@ -645,14 +648,17 @@ class DosePreferenceLogic:
                 report("Loading the dose prediction model", 5)
             loadPredictor = self.predictor
         predictor = loadPredictor()
-        key = (ctNode.GetID(), ctNode.GetMTime(), ctNode.GetImageData().GetMTime() if ctNode.GetImageData() else 0,
-               segNode.GetID(), segNode.GetSegmentation().GetMTime(), repr(overrides), repr(prescriptions))
+        key = self._caseKeyOf(ctNode, segNode, overrides, prescriptions)
         cache = DosePreferenceLogic  # the case cache describes the shared predictors, so it is shared too
         if key != cache._caseKey:
-            report("Preparing the case (structures on the CT grid, model inputs)", 20)
+            from doseai.dose_grid import on_dose_grid
+
+            report("Preparing the case (structures on the CT grid, then on the dose grid)", 20)
             self._waitForWorker()  # a running update must not see the case change
             cache._caseKey, cache._case, cache._casePredictors = None, None, []
-            cache._case = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
+            ctGridCase = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
+            cache._case = on_dose_grid(ctGridCase, self.doseGridMm)
+            del ctGridCase  # on a 512 x 512 CT its masks are most of the memory; the dose grid keeps what it needs
             cache._caseKey = key
         if not any(prepared is predictor for prepared in cache._casePredictors):
             self._waitForWorker()
@@ -660,6 +666,24 @@ class DosePreferenceLogic:
             cache._casePredictors = [p for p in cache._casePredictors if p is cache._predictor or
                                      p is cache._dvhPredictor] + [predictor]
         return predictor, cache._case
+
+    def _caseKeyOf(self, ctNode, segNode, overrides, prescriptions) -> tuple:
+        """What the cached case is made from: the nodes as they are now, the mapping and the dose grid."""
+        image = ctNode.GetImageData()
+        return (ctNode.GetID(), ctNode.GetMTime(), image.GetMTime() if image else 0, segNode.GetID(),
+                segNode.GetSegmentation().GetMTime(), repr(overrides), repr(prescriptions), self.doseGridMm)
+
+    def _caseWithDose(self, ctNode, segNode, doseNode, overrides, prescriptions):
+        """The case with the dose of ``doseNode``: the cached case on the dose grid when the dose lies on it (a
+        prediction: DVHs and metrics then weigh partial volumes as shown), else the case on the CT grid with
+        the dose resampled onto it."""
+        from doseai.mrml import case_from_nodes, geometry_from_volume_node, volume_array
+
+        cache = DosePreferenceLogic
+        if (cache._case is not None and cache._caseKey == self._caseKeyOf(ctNode, segNode, overrides, prescriptions)
+                and geometry_from_volume_node(doseNode).matches(cache._case.geometry)):
+            return cache._case.with_dose(volume_array(doseNode))
+        return case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
 
     def _showSliderPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, oarSparing, homogeneity,
                               doseNode, overrides, chartNode, metricsTableNode, referenceDoseNode) -> PredictionResult:
@@ -748,10 +772,10 @@ class DosePreferenceLogic:
             raise OutputExistsError(f"{len(existing)} file(s) exist in {Path(folder)}: "
                                     f"{', '.join(p.name for p in existing)}")
         from doseai.io.dicom import write_rtdose
-        from doseai.mrml import case_from_nodes, geometry_from_volume_node, volume_array
+        from doseai.mrml import geometry_from_volume_node, volume_array
         from doseai.report import case_dvhs, case_metrics, write_dvh_csv, write_metrics_csv
 
-        case = case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
+        case = self._caseWithDose(ctNode, segNode, doseNode, overrides, prescriptions)
         reference = dicom_reference(ctNode, lookup or self.dicomLookup(), segNode)
         reference["DoseDescription"] = self._doseDescription(doseNode)
         from doseai.io.rtplan import PlanDescription

@@ -3,13 +3,15 @@
 In Slicer::
 
     Slicer --no-main-window --python-script batch_predict.py --input DICOM_ROOT --output OUT \\
-        [--oar-sparing W --homogeneity H] [--weights MODEL.pt] [--device auto|cpu|cuda] [--force]
+        [--oar-sparing W --homogeneity H] [--dose-grid MM|ct] [--weights MODEL.pt] [--device auto|cpu|cuda]
+        [--force]
 
 or with plain Python where ``doseai`` and torch are installed (``python batch_predict.py ...``).
 
 Each patient folder must hold a CT series and an RTSTRUCT with at least one target named with its
 prescription (e.g. PTV_70). For each patient ``OUT/<folder name>/`` gets ``RD.dcm`` (RTDOSE in the CT's
-study and frame of reference), ``dvh.csv``, ``metrics.csv`` and ``dvh.png``. A patient that fails is
+study and frame of reference, on its own dose grid: the CT's voxels binned to about 2.5 mm over the body, see
+``doseai.dose_grid``; ``--dose-grid ct`` keeps the CT's grid), ``dvh.csv``, ``metrics.csv`` and ``dvh.png``. A patient that fails is
 reported and skipped, the others are still done. ``OUT/summary.csv`` lists every patient (patient,
 status, error, ptv, ptv_d95_gy, mean_oar_dose_gy, seconds), and the table is printed; for a patient that
 is done, the error column warns of an OAR far outside the training cases' volumes (another structure under
@@ -73,21 +75,22 @@ def summary_values(case, metrics: dict) -> tuple[str, float | None, float | None
 
 
 def predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
-                    force: bool = False) -> PatientResult:
+                    force: bool = False, dose_grid_mm: float | None = 2.5) -> PatientResult:
     """Read the DICOM study in ``folder``, predict, and write the RTDOSE and DVH report into ``out``.
     Any error (unreadable DICOM, no target, existing output, ...) becomes a failed result, not an
     exception, so that one bad study does not stop the batch. A clinical RTDOSE in the study is drawn
     dashed in ``dvh.png`` for comparison."""
     with warnings.catch_warnings(record=True) as caught:  # e.g. "no RTSTRUCT": the cause of a failure
         warnings.simplefilter("always")
-        result = _predict_patient(folder, out, predictor, oar_sparing, homogeneity, force)
+        result = _predict_patient(folder, out, predictor, oar_sparing, homogeneity, force, dose_grid_mm)
     if result.status != "done" and caught:
         result.error += " (" + "; ".join(" ".join(str(w.message).split()) for w in caught) + ")"
     return result
 
 
 def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
-                     force: bool) -> PatientResult:
+                     force: bool, dose_grid_mm: float | None) -> PatientResult:
+    from doseai.dose_grid import on_dose_grid
     from doseai.errors import DoseAIError, OutputExistsError
     from doseai.io.dicom import read_dicom_case, write_rtdose
     from doseai.io.rtplan import PlanDescription
@@ -98,7 +101,7 @@ def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, hom
         existing = [name for name in PATIENT_FILES if (out / name).exists()]
         if existing and not force:
             raise OutputExistsError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
-        case = read_dicom_case(folder)
+        case = on_dose_grid(read_dicom_case(folder), dose_grid_mm)
         predictor.set_case(case)  # refuses a case without a target with a prescription
         dose = predictor.predict(oar_sparing, homogeneity)
         metrics = case_metrics(case, dose)
@@ -140,7 +143,8 @@ def _log(text: str) -> None:
 
 
 def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, homogeneity: float = 0.0,
-              weights: str | None = None, device: str = "auto", force: bool = False, log=_log) -> list[PatientResult]:
+              weights: str | None = None, device: str = "auto", force: bool = False, log=_log,
+              dose_grid_mm: float | None = 2.5) -> list[PatientResult]:
     """Predict every patient folder of ``input_root`` into ``output_root``; returns one result per
     patient and writes ``output_root/summary.csv``. Raises DoseAIError when nothing can run."""
     from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
@@ -163,7 +167,8 @@ def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, hom
         f"oar_sparing {oar_sparing:+.2f}, homogeneity {homogeneity:+.2f}")
     results = []
     for folder in folders:
-        result = predict_patient(folder, output_root / folder.name, predictor, oar_sparing, homogeneity, force)
+        result = predict_patient(folder, output_root / folder.name, predictor, oar_sparing, homogeneity, force,
+                                 dose_grid_mm)
         log(f"{folder.name}: {result.status}" + (f" ({result.error})" if result.error else f" in {result.seconds:.1f} s"))
         results.append(result)
     output_root.mkdir(parents=True, exist_ok=True)
@@ -179,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder (one subfolder per patient + summary.csv)")
     parser.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
     parser.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
+    parser.add_argument("--dose-grid", default="2.5", metavar="MM|ct",
+                        help="the RTDOSE's own grid: the CT's voxels binned to about MM over the body (default: "
+                             "%(default)s mm); 'ct': the CT's grid")
     parser.add_argument("--weights", help="model weights (default: the shipped preference model in Resources/Models)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -190,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     _make_doseai_importable()
     from doseai.errors import DoseAIError
 
+    from doseai.dose_grid import parse_dose_grid
+
     try:
         results = run_batch(Path(args.input), Path(args.output), args.oar_sparing, args.homogeneity, args.weights,
-                            args.device, args.force)
+                            args.device, args.force, dose_grid_mm=parse_dose_grid(args.dose_grid))
     except DoseAIError as error:
         print(f"batch_predict: error: {error}", file=sys.stderr)
         return 2

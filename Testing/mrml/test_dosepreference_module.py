@@ -122,13 +122,14 @@ def test_dosepreference_ui_matches_module_file():
     # every setting is in the parameter node (a saved scene restores the module), typed
     assert fields == {
         "ctVolume": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode", "structureMapping": "str",
-        "outputDose": "vtkMRMLScalarVolumeNode", "oarSparing": "Annotated[float, WithinRange(-1.0, 1.0)]",
+        "outputDose": "vtkMRMLScalarVolumeNode", "doseGridMm": "Annotated[float, WithinRange(0.0, 10.0)]",
+        "oarSparing": "Annotated[float, WithinRange(-1.0, 1.0)]",
         "homogeneity": "Annotated[float, WithinRange(-1.0, 1.0)]", "showIsodose": "bool", "isodoseLevels": "str",
         "isodoseSegmentation": "vtkMRMLSegmentationNode", "referenceDose": "vtkMRMLScalarVolumeNode",
         "dvhChart": "vtkMRMLPlotChartNode", "metricsTable": "vtkMRMLTableNode", "exportFolder": "pathlib.Path"}
     bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
-                     "outputDose": "qMRMLNodeComboBox", "oarSparing": "ctkSliderWidget",
+                     "outputDose": "qMRMLNodeComboBox", "doseGridMm": "QDoubleSpinBox", "oarSparing": "ctkSliderWidget",
                      "homogeneity": "ctkSliderWidget", "showIsodose": "QCheckBox",
                      "referenceDose": "qMRMLNodeComboBox", "exportFolder": "ctkDirectoryButton"}
 
