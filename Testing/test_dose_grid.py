@@ -125,3 +125,20 @@ def test_cli_predicts_on_the_dose_grid_and_keeps_the_ct_grid_on_request(fine_cas
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage line and the reason
         main(["predict", "--case", str(folder), "--dose-grid", "0.1", "--out", str(tmp_path / "x.nrrd")])
     assert exit_info.value.code == 2 and "0.5 to 10" in capsys.readouterr().err
+
+
+def test_partial_volume_sampling_reads_the_dose_as_map_coordinates_does():
+    """The boundary points are read from cached corners and weights; the values are scipy's trilinear ones,
+    at the grid's edges (nearest beyond) too."""
+    from scipy.ndimage import map_coordinates
+
+    from doseai.dvh import PartialVolume
+
+    rng = np.random.default_rng(5)
+    dose = rng.uniform(0, 70, (5, 6, 1)).astype(np.float32)
+    points = np.stack([rng.uniform(-0.5, n - 0.5, 400) for n in dose.shape]).astype(np.float32)
+    partial = PartialVolume(dose.shape, np.array([0, 7]), points, np.full(400, 0.1, np.float32))
+    values, weights = partial.sample(dose)
+    expected = map_coordinates(dose, points, order=1, mode="nearest")
+    np.testing.assert_allclose(values[2:], expected, rtol=1e-5, atol=1e-4)
+    assert values[:2].tolist() == dose.ravel()[[0, 7]].tolist() and weights.sum() == pytest.approx(2 + 40)
