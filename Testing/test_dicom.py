@@ -21,6 +21,8 @@ from doseai.errors import (
 )
 from doseai.geometry import ImageGeometry
 from doseai.io import dicom
+from doseai.io.dicom import ct as dicom_ct
+from doseai.io.dicom.writing import save_dataset
 from doseai.sample import make_sample_case
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -139,9 +141,9 @@ def test_ct_pixels_fall_back_to_gdcm(case, tmp_path, monkeypatch):
     def no_decoder(path):
         raise RuntimeError("no pixel data handler")
 
-    assert not dicom._is_compressed(next(tmp_path.glob("*.dcm")))  # ours are uncompressed: pydicom's error is final
-    monkeypatch.setattr(dicom, "_pixels_with_pydicom", no_decoder)
-    monkeypatch.setattr(dicom, "_is_compressed", lambda path: True)  # as a JPEG-compressed series is
+    assert not dicom_ct._is_compressed(next(tmp_path.glob("*.dcm")))  # ours are uncompressed: pydicom's error is final
+    monkeypatch.setattr(dicom_ct, "_pixels_with_pydicom", no_decoder)
+    monkeypatch.setattr(dicom_ct, "_is_compressed", lambda path: True)  # as a JPEG-compressed series is
     hu, _, _ = dicom.read_ct_series(tmp_path)
     assert np.abs(hu - case.ct).max() <= 0.5 + 1e-3
 
@@ -168,7 +170,7 @@ def test_folder_without_ct_is_refused(tmp_path):
     ds = pydicom.dcmread(uids["files"][0])
     ds.Modality, ds.SOPClassUID = "MR", MR_IMAGE_STORAGE
     ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-    dicom._save(ds, Path(uids["files"][0]))
+    save_dataset(ds, Path(uids["files"][0]))
     with pytest.raises(UnreadableInputError, match=r"no CT series .*1 MR file"):
         dicom.read_ct_series(tmp_path)
 

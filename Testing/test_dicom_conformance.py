@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from doseai.io.dicom import write_dicom_case
-from doseai.io.rtplan import PlanBeam, PlanDescription, write_rtplan
+from doseai.io.dicom import PlanBeam, PlanDescription, write_rtplan
 from doseai.sample import make_sample_case
 
 DCIODVFY = shutil.which("dciodvfy")

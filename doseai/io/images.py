@@ -23,10 +23,12 @@ MAX_VOXELS = 1_000_000_000  # 13x a 512 x 512 x 300 CT; 4 GB as float32
 
 
 def has_image_suffix(path: str | os.PathLike) -> bool:
+    """Whether ``path`` ends with an image extension SimpleITK reads and writes here (:data:`IMAGE_SUFFIXES`)."""
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
 def read_sitk(path: str | os.PathLike) -> sitk.Image:
+    """The image at ``path``, its header checked first so that a corrupt size is refused before any allocation."""
     path = Path(path)
     if not path.is_file():
         raise UnreadableInputError(f"{path}: no such file")
@@ -62,6 +64,8 @@ def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, I
 
 
 def write_image(array: np.ndarray, geometry: ImageGeometry, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write ``array`` ([z, y, x] on ``geometry``) compressed, in the format of the path's extension; refuses to
+    overwrite unless ``force``."""
     path = Path(path)
     if not has_image_suffix(path):
         raise UnreadableInputError(f"{path}: unknown image format; use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -183,4 +187,5 @@ _PALETTE = [(0.90, 0.10, 0.10), (0.10, 0.60, 0.90), (0.20, 0.75, 0.25), (0.95, 0
 
 
 def default_color(index: int) -> tuple[float, float, float]:
+    """The RGB (0-1) of the ``index``-th structure without a colour of its own; the palette repeats."""
     return _PALETTE[index % len(_PALETTE)]

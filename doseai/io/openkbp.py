@@ -33,6 +33,7 @@ def to_itk_order(array: np.ndarray) -> np.ndarray:
 
 
 def from_itk_order(array: np.ndarray) -> np.ndarray:
+    """[z, y, x] -> OpenKBP [ap, rl, si]: the inverse of :func:`to_itk_order`."""
     return np.ascontiguousarray(np.transpose(array[::-1], (1, 2, 0)))
 
 
@@ -154,6 +155,11 @@ def _dense(path: Path, shape=OPENKBP_SHAPE, dtype=np.float32) -> np.ndarray:
     return array.reshape(shape)
 
 
+def load_csv_dose(path: str | os.PathLike) -> np.ndarray:
+    """A dose (Gy) from a challenge sparse CSV (``dose.csv`` or a prediction ``pt_N.csv``), as [z, y, x] on 128^3."""
+    return to_itk_order(_dense(Path(path)))
+
+
 def write_sparse_csv(array: np.ndarray, path: str | os.PathLike, mask: bool = False, force: bool = False) -> Path:
     """Write a 128^3 OpenKBP-ordered array as the challenge's sparse CSV (non-zero voxels only)."""
     path = Path(path)
@@ -170,6 +176,7 @@ def write_sparse_csv(array: np.ndarray, path: str | os.PathLike, mask: bool = Fa
 
 
 def is_csv_patient(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a challenge patient folder (it has the ``possible_dose_mask.csv`` every one has)."""
     return (Path(folder) / "possible_dose_mask.csv").is_file()
 
 
@@ -191,6 +198,8 @@ def load_csv_patient(folder: str | os.PathLike) -> PlanningCase:
 
 
 def save_csv_patient(case: PlanningCase, folder: str | os.PathLike, force: bool = False) -> Path:
+    """Write a case on the 128^3 grid as a challenge patient folder (what :func:`load_csv_patient` reads);
+    refuses a non-empty folder unless ``force``."""
     folder = Path(folder)
     if case.geometry.shape != OPENKBP_SHAPE:
         raise UnreadableInputError(f"the OpenKBP CSV layout needs a 128^3 grid, the case is {case.geometry.shape}")
@@ -229,5 +238,6 @@ def _patient_number(patient_id: str) -> tuple[int, str]:
 
 
 def load_patient(path: str | os.PathLike) -> PlanningCase:
+    """A patient of :func:`list_patients`: a ``.npz`` file or a CSV patient folder."""
     path = Path(path)
     return load_npz(path) if path.suffix == ".npz" else load_csv_patient(path)
