@@ -57,6 +57,49 @@ def write_tiny_dvh_model(folder) -> Path:
     return path
 
 
+THREE_CONDITIONS = [
+    {"name": "oar_sparing", "label": "OAR sparing", "abbreviation": "OAR", "range": [-1.0, 1.0]},
+    {"name": "homogeneity", "label": "PTV homogeneity", "abbreviation": "HI", "range": [-1.0, 1.0]},
+    {"name": "cord_margin", "label": "Cord margin", "abbreviation": "CM", "range": [-0.5, 2.0]},
+]
+
+
+def write_tiny_preference_model(folder, conditions=THREE_CONDITIONS) -> Path:
+    """A preference model with random (seeded) weights on a coarse 32^3 grid whose card lists ``conditions``
+    (by default a third one, ``cord_margin``, besides the shipped two): for the plumbing of the conditions from
+    the card through every layer, not for quality (bench_preference.py measures the shipped model)."""
+    import json
+
+    import torch
+
+    from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
+    from doseai.models.features import channel_names
+    from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
+
+    torch.manual_seed(0)
+    config = {**DEFAULT_PREFERENCE_CONFIG, "down_channels": [4, 8, 8, 8], "film_hidden": 8, "refine_channels": 4,
+              "n_sliders": len(conditions)}
+    prior = {**DEFAULT_PRIOR_CONFIG, "channels": [4, 8], "num_embeddings": 16, "embedding_dim": 4}
+    net = PreferenceDoseNet(len(channel_names()), prior, config)
+    for module in net.modules():  # the zero-initialised FiLM layers would make every slider give the same dose
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.3)
+    path = Path(folder) / "tiny_preference.pt"
+    torch.save(net.state_dict(), path)
+    text = " ".join(f"{c['name']} = x moves it." for c in conditions) + " 0 = the typical plan."
+    card = {"name": "tiny_preference", "inputs": {"channels": channel_names()},
+            "grid": {"shape_zyx": [32, 32, 32], "spacing_xyz_mm": [6.0, 6.0, 3.0]},
+            "preference": {"conditions": conditions, "text": text},
+            "dose_prior": {"config": prior}, "network": {"config": config}}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_preference_model(tmp_path_factory):
+    return write_tiny_preference_model(tmp_path_factory.mktemp("preference_model"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dvh_model(tmp_path_factory):
     return write_tiny_dvh_model(tmp_path_factory.mktemp("dvh_model"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,16 @@ def load_card(weights: Path) -> dict:
     if not isinstance(card, dict) or not isinstance(card.get("inputs"), dict):
         raise UnreadableInputError(f"{card_path}: not a model card: it has no 'inputs' section")
     return card
+
+
+def model_oars(card: Mapping | None) -> list[str]:
+    """The organ channels of a model card: what the model reads besides the CT, targets, body and beams."""
+    from doseai.models.features import channel_names
+
+    if not card:
+        return []
+    other = set(channel_names(oars=()))
+    return [name for name in card["inputs"]["channels"] if name not in other]
 
 
 def refinement_box(body: np.ndarray, source, channels: np.ndarray, grid):
@@ -92,7 +103,7 @@ class _ModelPredictor:
         from doseai.models.features import GridSpec
         from doseai.models.onednn import route_convolutions_to_onednn
         from doseai.safe_load import load_into, load_state_dict_file
-        from doseai.train.loop import pick_device
+        from doseai.device import pick_device
 
         self.weights = Path(weights) if weights else self.default_weights
         if not self.weights.is_file():
@@ -261,7 +272,8 @@ class DosePredictor(_ModelPredictor):
         return p.neutral_network_dose[self.network_mode]
 
     def _neutral_condition(self):
-        return self._torch.zeros((1, len(self.card["preference"]["sliders"])), dtype=self._torch.float32)
+        space = self.conditions
+        return self._torch.from_numpy(space.vector(space.values()))
 
     def _model_grid_dose(self, p: _Prepared, condition) -> np.ndarray:
         """With ``mirror_neutral`` (and not ``mirror_average``): once per case the network also runs at neutral
@@ -281,24 +293,42 @@ class DosePredictor(_ModelPredictor):
         return (p.neutral_model_grid if at_neutral else self._network_dose(p, condition)) + p.mirror_correction
 
     @property
-    def slider_range(self) -> tuple[float, float]:
-        return tuple(self.card["preference"]["range"])
+    def conditions(self):
+        """The model's :class:`~doseai.conditions.ConditionSpace`: the sliders' names, order, ranges, texts."""
+        from doseai.conditions import ConditionSpace
 
-    def predict(self, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
-        """Dose in Gy on the case grid (0 outside the body)."""
-        low, high = self.slider_range
-        for name, value in (("oar_sparing", oar_sparing), ("homogeneity", homogeneity)):
-            if not (np.isfinite(value) and low <= value <= high):
-                raise DoseAIError(f"{name} must be within [{low}, {high}], got {value}")
-        dose = self._dose_for(self._torch.tensor([[oar_sparing, homogeneity]], dtype=self._torch.float32))
+        if self._conditions is None:
+            self._conditions = ConditionSpace.from_card(self.card)
+        return self._conditions
+
+    _conditions = None
+
+    @property
+    def slider_range(self) -> tuple[float, float]:
+        """The range of the first slider (every slider of the shipped models has the same)."""
+        first = self.conditions.conditions[0]
+        return first.low, first.high
+
+    def predict(self, *values: float, sliders: Mapping[str, float] | None = None, **named: float) -> np.ndarray:
+        """Dose in Gy on the case grid (0 outside the body) for the slider values: a mapping ``sliders``
+        (``{"oar_sparing": 0.5}``), or values in the card's order (``predict(0.5, -0.2)``), or keywords
+        (``predict(oar_sparing=0.5)``); a slider not given is neutral. DoseAIError for a name the model does
+        not take or a value outside its range."""
+        if values and sliders is not None:
+            raise DoseAIError("give the slider values either in order or as a mapping, not both")
+        space = self.conditions
+        chosen = space.values(sliders if sliders is not None else (values or None), **named)
+        dose = self._dose_for(self._torch.from_numpy(space.vector(chosen)))
         neutral_doses = self._prepared.neutral_network_dose  # what the case's plan level scale is measured on
-        if oar_sparing == 0 and homogeneity == 0 and self.network_mode not in neutral_doses:
+        if space.is_neutral(chosen) and self.network_mode not in neutral_doses:
             neutral_doses[self.network_mode] = dose.copy()  # the caller may edit its own
         return self.calibrate(dose) if self.calibrated else dose
 
-    def predict_case(self, case: PlanningCase, oar_sparing: float = 0.0, homogeneity: float = 0.0) -> np.ndarray:
+    def predict_case(self, case: PlanningCase, *values: float, sliders: Mapping[str, float] | None = None,
+                     **named: float) -> np.ndarray:
+        """:meth:`set_case` then :meth:`predict`."""
         self.set_case(case)
-        return self.predict(oar_sparing, homogeneity)
+        return self.predict(*values, sliders=sliders, **named)
 
 
 class DVHDosePredictor(_ModelPredictor):

@@ -3,7 +3,7 @@
 In Slicer::
 
     Slicer --no-main-window --python-script batch_predict.py --input DICOM_ROOT --output OUT \\
-        [--oar-sparing W --homogeneity H] [--dose-grid MM|ct] [--weights MODEL.pt] [--device auto|cpu|cuda]
+        [--oar-sparing W --homogeneity H (the sliders of the model's card)] [--dose-grid MM|ct] [--weights MODEL.pt] [--device auto|cpu|cuda]
         [--force]
 
 or with plain Python where ``doseai`` and torch are installed (``python batch_predict.py ...``).
@@ -74,25 +74,27 @@ def summary_values(case, metrics: dict) -> tuple[str, float | None, float | None
     return ptv, metrics[ptv]["D95"], mean_oar
 
 
-def predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
+def predict_patient(folder: Path, out: Path, predictor, sliders: dict[str, float] | None = None,
                     force: bool = False, dose_grid_mm: float | None = 2.5) -> PatientResult:
     """Read the DICOM study in ``folder``, predict, and write the RTDOSE and DVH report into ``out``.
     Any error (unreadable DICOM, no target, existing output, ...) becomes a failed result, not an
     exception, so that one bad study does not stop the batch. A clinical RTDOSE in the study is drawn
-    dashed in ``dvh.png`` for comparison."""
+    dashed in ``dvh.png`` for comparison. ``sliders``: the model's slider values by name (default: neutral)."""
     with warnings.catch_warnings(record=True) as caught:  # e.g. "no RTSTRUCT": the cause of a failure
         warnings.simplefilter("always")
-        result = _predict_patient(folder, out, predictor, oar_sparing, homogeneity, force, dose_grid_mm)
+        result = _predict_patient(folder, out, predictor, predictor.conditions.values(sliders), force,
+                                  dose_grid_mm)
     if result.status != "done" and caught:
         result.error += " (" + "; ".join(" ".join(str(w.message).split()) for w in caught) + ")"
     return result
 
 
-def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, homogeneity: float,
-                     force: bool, dose_grid_mm: float | None) -> PatientResult:
+def _predict_patient(folder: Path, out: Path, predictor, sliders: dict[str, float], force: bool,
+                     dose_grid_mm: float | None) -> PatientResult:
     from doseai.dose_grid import on_dose_grid
     from doseai.errors import DoseAIError, OutputExistsError
-    from doseai.io.dicom import read_dicom_case, write_rtdose
+    from doseai.io import load_case
+    from doseai.io.dicom import write_rtdose
     from doseai.io.rtplan import PlanDescription
     from doseai.report import case_dvhs, case_metrics, plot_dvhs, write_dvh_csv, write_metrics_csv
 
@@ -101,12 +103,12 @@ def _predict_patient(folder: Path, out: Path, predictor, oar_sparing: float, hom
         existing = [name for name in PATIENT_FILES if (out / name).exists()]
         if existing and not force:
             raise OutputExistsError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
-        case = on_dose_grid(read_dicom_case(folder), dose_grid_mm)
+        case = on_dose_grid(load_case(folder, fmt="dicom"), dose_grid_mm)  # DICOM studies only, as documented
         predictor.set_case(case)  # refuses a case without a target with a prescription
-        dose = predictor.predict(oar_sparing, homogeneity)
+        dose = predictor.predict(sliders=sliders)
         metrics = case_metrics(case, dose)
         dvhs = case_dvhs(case, dose)
-        description = f"DoseAI {predictor.card['name']} OAR {oar_sparing:+.2f} HI {homogeneity:+.2f}"[:64]
+        description = f"DoseAI {predictor.card['name']} {predictor.conditions.describe_short(sliders)}"[:64]
         write_rtdose(dose, case.geometry, out / "RD.dcm", {**case.metadata, "DoseDescription": description},
                      force=force, plan=PlanDescription(prescriptions=dict(case.prescriptions)))
         write_dvh_csv(dvhs, out / "dvh.csv", force=force)
@@ -142,12 +144,13 @@ def _log(text: str) -> None:
     print(text, flush=True)  # flushed: Slicer's console and CI logs show progress as it happens
 
 
-def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, homogeneity: float = 0.0,
+def run_batch(input_root: Path, output_root: Path, sliders: dict[str, float] | None = None,
               weights: str | None = None, device: str = "auto", force: bool = False, log=_log,
               dose_grid_mm: float | None = 2.5) -> list[PatientResult]:
     """Predict every patient folder of ``input_root`` into ``output_root``; returns one result per
-    patient and writes ``output_root/summary.csv``. Raises DoseAIError when nothing can run."""
-    from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
+    patient and writes ``output_root/summary.csv``. ``sliders``: the model's slider values by name (checked
+    before any patient; default: neutral). Raises DoseAIError when nothing can run."""
+    from doseai.errors import UnreadableInputError, refuse_overwrite
     from doseai.predict import DosePredictor
 
     input_root, output_root = Path(input_root), Path(output_root)
@@ -159,16 +162,12 @@ def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, hom
     summary_path = output_root / "summary.csv"
     refuse_overwrite(summary_path, force)
     predictor = DosePredictor(weights, device=device)  # loaded once for every patient
-    low, high = predictor.slider_range
-    for name, value in (("--oar-sparing", oar_sparing), ("--homogeneity", homogeneity)):
-        if not low <= value <= high:
-            raise DoseAIError(f"{name} must be within [{low:g}, {high:g}], got {value:g}")
+    sliders = predictor.conditions.values(sliders)
     log(f"{len(folders)} patient folder(s), model {predictor.card['name']} on {predictor.device}, "
-        f"oar_sparing {oar_sparing:+.2f}, homogeneity {homogeneity:+.2f}")
+        f"{predictor.conditions.describe(sliders)}")
     results = []
     for folder in folders:
-        result = predict_patient(folder, output_root / folder.name, predictor, oar_sparing, homogeneity, force,
-                                 dose_grid_mm)
+        result = predict_patient(folder, output_root / folder.name, predictor, sliders, force, dose_grid_mm)
         log(f"{folder.name}: {result.status}" + (f" ({result.error})" if result.error else f" in {result.seconds:.1f} s"))
         results.append(result)
     output_root.mkdir(parents=True, exist_ok=True)
@@ -178,12 +177,20 @@ def run_batch(input_root: Path, output_root: Path, oar_sparing: float = 0.0, hom
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _weights_of(argv: list[str] | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--weights")
+    return pre.parse_known_args(argv)[0].weights
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options; the sliders are those of the model card of ``--weights`` in ``argv`` (default: shipped)."""
+    from doseai.cli.common import add_conditions, conditions_of
+
     parser = argparse.ArgumentParser(prog="batch_predict.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="folder with one DICOM study (CT + RTSTRUCT) per subfolder")
     parser.add_argument("--output", required=True, help="output folder (one subfolder per patient + summary.csv)")
-    parser.add_argument("--oar-sparing", type=float, default=0.0, help="OAR sparing slider in [-1, 1] (0 = typical)")
-    parser.add_argument("--homogeneity", type=float, default=0.0, help="PTV homogeneity slider in [-1, 1]")
+    add_conditions(parser, conditions_of(_weights_of(argv)))
     parser.add_argument("--dose-grid", default="2.5", metavar="MM|ct",
                         help="the RTDOSE's own grid: the CT's voxels binned to about MM over the body (default: "
                              "%(default)s mm); 'ct': the CT's grid")
@@ -194,15 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     _make_doseai_importable()
+    from doseai.cli.common import condition_values, conditions_of
+    from doseai.dose_grid import parse_dose_grid
     from doseai.errors import DoseAIError
 
-    from doseai.dose_grid import parse_dose_grid
-
+    args = build_parser(argv).parse_args(argv)
     try:
-        results = run_batch(Path(args.input), Path(args.output), args.oar_sparing, args.homogeneity, args.weights,
-                            args.device, args.force, dose_grid_mm=parse_dose_grid(args.dose_grid))
+        sliders = condition_values(args, conditions_of(args.weights))
+        results = run_batch(Path(args.input), Path(args.output), sliders, args.weights, args.device, args.force,
+                            dose_grid_mm=parse_dose_grid(args.dose_grid))
     except DoseAIError as error:
         print(f"batch_predict: error: {error}", file=sys.stderr)
         return 2
