@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Annotated
 
 
@@ -40,22 +39,20 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noq
 from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 import DosePreferenceLib  # noqa: E402
+from DosePreferenceLib.help import ACKNOWLEDGEMENT_TEXT, HELP_TEXT  # noqa: E402
+from DosePreferenceLib.sliders import POLL_INTERVAL_MS, SLIDER_UPDATE_DELAY_MS  # noqa: E402
 from doseai.mrml.app import (  # noqa: E402
     export_asking_to_overwrite,
-    in_slicer_application,
     packages_ready,
     progress_dialog,
     show_dose_and_dvh,
 )
 
-SLIDER_UPDATE_DELAY_MS = 150  # a slider update waits until the slider rested this long (debounce)
-POLL_INTERVAL_MS = 20  # how often the GUI looks whether the worker thread has finished a dose
 
 #
 # DosePreference
@@ -69,83 +66,10 @@ class DosePreference(ScriptedLoadableModule):
         self.parent.categories = ["Radiotherapy"]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerDoseAI contributors"]
-        self.parent.helpText = """
-<p>Predicts a 3D dose for a planning CT and its structures with the AI model shipped with the
-extension (head-and-neck IMRT, trained on OpenKBP), and lets you steer it with two preference sliders.</p>
-<ol>
-<li><b>Inputs</b>: select the CT and the segmentation. The table lists each segment with the structure
-name the model uses (matched automatically, e.g. <i>Lt Parotid</i> &rarr; <i>Parotid_L</i>,
-<i>PTV7000</i> &rarr; <i>PTV_70</i>), its role (target, OAR, body, ignored) and, for targets, the
-prescription in Gy; double-click a name or a prescription to correct it, pick the role from its list.
-A red warning names what is missing: at least one target (PTV) with a prescription is required. OARs the model knows but the segmentation lacks are
-listed; they are treated as absent.</li>
-<li><b>Predict dose</b>: the first click installs missing or too old Python packages after one question
-that lists them (PyTorch through the PyTorch extension when it is installed, and MONAI), loads the model and
-predicts; CPU is enough. The progress dialog's <i>Cancel</i> stops it between steps.
-After the network, a calibration fitted on training plans (from the model card) brings a dose whose level
-in the highest target lies outside the training plans' range back onto it, raises the cold part of
-each target toward its prescription and lowers the OARs' hottest voxels outside targets: the network's dose
-is smooth where a plan is steep. The status line warns of an OAR far larger or smaller than any in the
-training cases (most likely another structure under its name), which the network would misread, and of
-targets reaching beyond the model's field (about 50 &times; 31 &times; 32&nbsp;cm), where the dose is 0.
-The dose lies on a grid of its own, as a planning system keeps an RTDOSE: the CT's voxels binned to about
-the <i>Dose grid</i> spacing (default 2.5&nbsp;mm; 0 = the CT's grid), aligned with the CT, over the body; its DVH
-weighs the structures' boundary voxels by their partial volume. On a 512 &times; 512 CT this keeps a slider change
-near 0.3&nbsp;s. The dose appears over the CT with the dose colour table (0 to 110&nbsp;% of the highest prescription),
-under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's modules accept it).</li>
-<li><b>Preferences</b>: <i>OAR sparing</i> and <i>PTV homogeneity</i> (&minus;1 to 1, 0 = the typical
-plan of the training data) re-predict the dose, isodose lines and DVH once a dose was predicted, each
-time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again, on a
-worker thread, so the views stay responsive while it computes).
-Their tooltips quote the model card. <i>Reset</i> sets both to 0.</li>
-<li><b>DVH editing</b>: shapes the dose by its DVH, with a second model that predicts the dose from a
-desired DVH (<code>Resources/Models/dose_dvh_v3.pt</code>, loaded on first use). Once a dose was predicted,
-pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH chart, dashed with
-markers, and the plot view switches to moving points; drag the markers up or down (the doses stay
-where they are; the curve is kept between 0 and 100&nbsp;% and non-increasing). Each time the curve
-rests for 150&nbsp;ms, on the worker thread, the dose before editing is changed by what the desired DVH
-(edited curves as drawn, the other structures as in the dose before editing) asks: the model's dose for the
-desired DVH less its dose for the DVH before editing, scaled by the card's per-structure gain, is added to it,
-so no edit changes nothing and an edit moves the other structures only as the trade-off does. The chart shows
-the new DVH solid and the desired curves of the edited structures dashed; the status line gives each edited
-structure's mean dose and D0.1cc against what its curve asks (a curve out of reach shows there).
-<i>Undo</i> takes the last change back, <i>Reset</i> drops every edit (the dose before editing again).
-Releasing <i>Edit DVH</i> returns the plot view to panning; moving a slider or <i>Predict dose</i>
-discards the edits. Only the curve with markers is read: the plot view lets the solid curves be dragged
-too, but such a move is ignored and redrawn at the next prediction.</li>
-<li><b>Display and DVH</b>: isodose lines at the given percentages of the highest prescription
-(default 30, 50, 70, 80, 90, 95, 100, 105&nbsp;%), drawn as outlines of an isodose segmentation.
-The DVH chart (one curve per structure, in segment colours) and the metrics table (volume, Dmean,
-Dmax, Dmin, D0.1cc, D2, D50, D95, D98; for targets HI, Paddick CI, V100&nbsp;% and V95&nbsp;%; for
-organs V20, V30, V50&nbsp;Gy) appear in the plot and table views. A <i>reference dose</i> (e.g. the clinical RTDOSE) adds its
-DVH as dashed curves; without a prediction, selecting it shows its own DVH.</li>
-<li><b>Export</b>: writes the output dose as RTDOSE (in the CT's DICOM study and frame of reference
-when the CT was loaded from DICOM, new UIDs otherwise) with the RTPLAN it references (a minimal plan that says
-the dose is a prediction: research intent, unapproved, the prescriptions, no beams) and its DVH and metrics as
-CSV into the chosen folder. Existing files are overwritten only after you confirm.</li>
-</ol>
-<p>Python console: <code>logic = slicer.util.getModuleLogic("DosePreference")</code> (or
-<code>DosePreference.DosePreferenceLogic()</code>), then
-<code>result = logic.predict(ctNode, segNode, oarSparing=0.5)</code>; <code>result.doseNode</code>,
-<code>result.dvh.metrics</code>; <code>logic.computeDVH(ctNode, segNode, doseNode)</code> gives the DVH of
-any dose; <code>logic.predictFromDVH(ctNode, segNode, {"Parotid_L": (doseGy, volumePct)},
-doseNode=result.doseNode)</code> predicts from edited DVH curves;
-<code>logic.predictor().mirror_average = True</code> also runs the network on the left-right mirrored case
-and averages the two doses at every slider position (twice the time per slider change); the shipped card's
-<code>mirror_neutral</code> does that at neutral sliders only, once per case, and carries the correction to every
-slider position (one network run per slider change).
-Batch over a folder of DICOM studies:
-<code>DosePreference/Scripts/batch_predict.py</code> (see the README).</p>
-<p>Needs Slicer 5.10 or newer (tested with the Python packages Slicer 5.10 and 5.12 bundle). SlicerRT, which the
-extension depends on, loads DICOM RTSTRUCT and RTDOSE and shows our doses in its Dose Volume Histogram and Isodose
-modules like imported ones.</p>
-<p>The predicted dose is a model estimate for research, not a deliverable plan.</p>
-"""
-        self.parent.acknowledgementText = """
-Developed in the SlicerDoseAI project. The module layout follows the scripted module template of 3D Slicer;
-dose volumes follow the conventions of SlicerRT (DICOM-RT import), so that its Isodose and Dose Volume
-Histogram modules work on them too.
-"""
+        self.parent.helpText = HELP_TEXT
+
+        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+
 
 
 #
@@ -161,7 +85,8 @@ class DosePreferenceParameterNode:
     structureMapping: the structure-mapping table as JSON (DosePreferenceLib.rows_to_json).
     outputDose: the predicted dose volume (created by the first Predict when empty).
     doseGridMm: the predicted dose's own grid, the CT's voxels binned to about this spacing; 0: the CT's grid.
-    oarSparing, homogeneity: the preference sliders.
+    The preference sliders are not fields here: they come from the model card, and their values are kept as
+    DoseAI.Slider.<name> parameters of the same node (DosePreferenceLib.sliders).
     showIsodose, isodoseLevels: isodose lines and their levels (percent of the highest prescription).
     isodoseSegmentation: the segmentation that draws the isodose lines.
     referenceDose: a dose whose DVH is shown dashed for comparison.
@@ -174,8 +99,6 @@ class DosePreferenceParameterNode:
     structureMapping: str = ""
     outputDose: vtkMRMLScalarVolumeNode
     doseGridMm: Annotated[float, WithinRange(0.0, 10.0)] = 2.5
-    oarSparing: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
-    homogeneity: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
     showIsodose: bool = True
     isodoseLevels: str = "30, 50, 70, 80, 90, 95, 100, 105"
     isodoseSegmentation: vtkMRMLSegmentationNode
@@ -191,8 +114,6 @@ class DosePreferenceParameterNode:
 
 
 class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    MAPPING_COLUMNS = ("Segment", "Structure", "Role", "Rx [Gy]")
-
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
@@ -221,12 +142,8 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        table = self.ui.mappingTable
-        table.setColumnCount(len(self.MAPPING_COLUMNS))
-        table.setHorizontalHeaderLabels(list(self.MAPPING_COLUMNS))
-        table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
-        table.verticalHeader().visible = False
-        table.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
+        DosePreferenceLib.set_up_mapping_table(self.ui.mappingTable)
+        self.ui.mappingTable.connect("itemChanged(QTableWidgetItem*)", self.onMappingEdited)
 
         # one prediction per slider pause: the timer restarts on every slider step
         self._sliderTimer = qt.QTimer()
@@ -241,17 +158,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingSliders = None  # the slider values it predicts with (None: from the desired DVH)
         self._sliderMovedWhileBusy = False
 
-        # DVH editing: the session (desired DVH, undo) lives until a slider move or Predict starts over
-        self._dvhSession = None
-        self._dvhEditing = False  # the plot view drags the desired curve's points
-        self._dvhTable = None  # the table of the draggable curve (observed)
-        self._dvhWriting = False  # True while the module itself writes that table
-        self._dvhFillingCombo = False
-        self._dvhChangedWhileBusy = False
-        self._dvhTimer = qt.QTimer()  # a dragged curve is predicted once it rests, like a slider
-        self._dvhTimer.setSingleShot(True)
-        self._dvhTimer.setInterval(SLIDER_UPDATE_DELAY_MS)
-        self._dvhTimer.connect("timeout()", self.onDvhCurveTimeout)
+        self.dvhEditor = DosePreferenceLib.DVHEditor(self)  # the session of DVH edits, the dragged curve
         self.ui.dvhEditButton.connect("toggled(bool)", self.onDvhEditButton)
         self.ui.dvhUndoButton.connect("clicked(bool)", self.onDvhUndoButton)
         self.ui.dvhResetButton.connect("clicked(bool)", self.onDvhResetButton)
@@ -262,13 +169,14 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.resetButton.connect("clicked(bool)", self.onResetButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.sliders = DosePreferenceLib.PreferenceSliders(self.ui.slidersWidget, self.onSliderMoved)
         self._readModelCard()
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._sliderTimer.stop()
-        self._dvhTimer.stop()
+        self.dvhEditor.timer.stop()
         self._dropPendingUpdate()
         self.removeObservers()
 
@@ -278,7 +186,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exit(self) -> None:
         # the GUI is brought up to date again when the user comes back to the module
         self._sliderTimer.stop()
-        self._stopDVHEditing()  # the plot view pans again; the edits are kept
+        self.dvhEditor.stop()  # the plot view pans again; the edits are kept
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -286,7 +194,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._dropPendingUpdate()  # its nodes are about to go
-        self._endDVHSession(touchScene=False)
+        self.dvhEditor.end(touchScene=False)
         self.setParameterNode(None)
         self._result = None
         self._shown = {}
@@ -345,7 +253,9 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.isodoseLevelsLineEdit.text = parameters.isodoseLevels
         if self._changed("isodose", (parameters.showIsodose, parameters.isodoseLevels)):
             self.updateIsodose()
-        if self._result is not None and self._changed("sliders", (parameters.oarSparing, parameters.homogeneity)):
+        values = self._sliderValues()
+        self.sliders.show(values)  # e.g. a restored scene's
+        if self._result is not None and self._changed("sliders", tuple(values.items())):
             self._sliderTimer.start()  # (re)starts: the prediction runs once the slider rests
         self._updateButtons()
 
@@ -393,46 +303,13 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _fillMappingTable(self, rows) -> None:
-        import qt
-
-        table = self.ui.mappingTable
-        wasBlocked = table.blockSignals(True)
-        table.setRowCount(len(rows))
-        for index, row in enumerate(rows):
-            segmentItem = qt.QTableWidgetItem(row.segment)
-            segmentItem.setFlags(segmentItem.flags() & ~qt.Qt.ItemIsEditable)
-            table.setItem(index, 0, segmentItem)
-            table.setItem(index, 1, qt.QTableWidgetItem(row.canonical))
-            roleBox = qt.QComboBox()
-            roleBox.addItems(list(DosePreferenceLib.ROLES))
-            roleBox.setCurrentIndex(DosePreferenceLib.ROLES.index(row.role) if row.role in DosePreferenceLib.ROLES else 0)
-            roleBox.connect("currentIndexChanged(int)", lambda _index: self.onMappingEdited())
-            table.setCellWidget(index, 2, roleBox)
-            rxItem = qt.QTableWidgetItem(f"{row.prescriptionGy:g}" if row.prescriptionGy else "")
-            if row.role != DosePreferenceLib.mapping.TARGET:
-                rxItem.setFlags(rxItem.flags() & ~qt.Qt.ItemIsEditable & ~qt.Qt.ItemIsEnabled)
-            table.setItem(index, 3, rxItem)
-        table.blockSignals(wasBlocked)
-
-    def _rowsFromTable(self):
-        table = self.ui.mappingTable
-        rows = []
-        for index in range(table.rowCount):
-            text = table.item(index, 3).text().strip().replace(",", ".") if table.item(index, 3) else ""
-            try:
-                prescription = float(text) if text else None
-            except ValueError:
-                prescription = None  # the mapping check then asks for a prescription
-            rows.append(DosePreferenceLib.StructureRow(
-                table.item(index, 0).text(), table.item(index, 1).text(),
-                table.cellWidget(index, 2).currentText, prescription))
-        return rows
+        DosePreferenceLib.fill_mapping_table(self.ui.mappingTable, rows, lambda _index: self.onMappingEdited())
 
     def onMappingEdited(self, item=None) -> None:
         import qt
 
-        self._endDVHSession("The structure table changed: DVH edits discarded.")  # other structures, doses
-        rows = self._rowsFromTable()
+        self.dvhEditor.end("The structure table changed: DVH edits discarded.")  # other structures, doses
+        rows = DosePreferenceLib.rows_from_table(self.ui.mappingTable)
         for row in rows:  # a segment just made a target gets the prescription its name states
             if row.role == DosePreferenceLib.mapping.TARGET and row.prescriptionGy is None:
                 row.prescriptionGy = DosePreferenceLib.default_row(row.canonical).prescriptionGy
@@ -456,7 +333,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         check = DosePreferenceLib.check_mapping(self._rows(), DosePreferenceLib.model_oars(self._card))
         if parameters.segmentation is None:
             check = DosePreferenceLib.MappingCheck()
-        self.ui.mappingStatusLabel.text = self._mappingHtml(check)
+        self.ui.mappingStatusLabel.text = DosePreferenceLib.mapping_html(check)
         reason = ("Select the CT volume" if parameters.ctVolume is None
                   else "Select the segmentation" if parameters.segmentation is None
                   else "Fix the structure table first (see the warning below it)" if not check.ok
@@ -467,21 +344,26 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = canExport
         self.ui.exportButton.toolTip = ("Write the output dose as RTDOSE and its DVH and metrics as CSV" if canExport
                                         else "Predict a dose first (or select an output dose)")
-        self.ui.resetButton.enabled = parameters.oarSparing != 0.0 or parameters.homogeneity != 0.0
-        self._updateDVHButtons()
-
-    @staticmethod
-    def _mappingHtml(check) -> str:
-        errors = "".join(f'<p style="color:#c00000"><b>&#9888; {text}</b></p>' for text in check.errors)
-        notes = "".join(f'<p style="color:#606060">{text}</p>' for text in check.notes)
-        return errors + notes
+        conditions = self.sliders.conditions
+        self.ui.resetButton.enabled = bool(conditions) and not conditions.is_neutral(self._sliderValues())
+        self.dvhEditor.updateButtons()
 
     def _readModelCard(self) -> None:
-        """The card gives the slider tooltips and the OARs the model reads (no torch needed)."""
+        """The card gives the sliders (names, ranges, labels, tooltips) and the OARs the model reads (no torch
+        needed)."""
         self._card = self.logic.modelCard()
-        tips = DosePreferenceLib.slider_tooltips(self._card)
-        self.ui.oarSparingSlider.toolTip = tips.get("oar_sparing", "")
-        self.ui.homogeneitySlider.toolTip = tips.get("homogeneity", "")
+        self.sliders.build(DosePreferenceLib.model_conditions(self._card))
+        self.sliders.show(self._sliderValues())
+
+    def _sliderValues(self) -> dict:
+        """The sliders' values by name, as the parameter node keeps them."""
+        node = self._parameterNode.parameterNode if self._parameterNode else None
+        return DosePreferenceLib.stored_values(node, self.sliders.conditions or ())
+
+    def onSliderMoved(self, name: str, value: float) -> None:
+        """A user's move goes into the parameter node (whose observer then schedules the prediction)."""
+        if self._parameterNode:
+            DosePreferenceLib.store_values(self._parameterNode.parameterNode, {name: value})
 
     def onPredictButton(self) -> None:
         from doseai.errors import CancelledError
@@ -489,7 +371,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._installPackages("predict"):  # asks before the wait cursor, not under it
             return
         with slicer.util.tryWithErrorDisplay("Failed to predict the dose.", waitCursor=True):
-            self._endDVHSession("Predict started over from the sliders: DVH edits discarded.")
+            self.dvhEditor.end("Predict started over from the sliders: DVH edits discarded.")
             try:
                 with progress_dialog("Predicting the dose") as progress:
                     result = self._predict(progress=progress)
@@ -503,12 +385,12 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Predict with the current settings and remember the result (shared by Predict and the sliders)."""
         parameters = self._parameterNode
         overrides, prescriptions = self._mappingArguments()
+        values = self._sliderValues()
         result = self.logic.predict(
-            parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
-            doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+            parameters.ctVolume, parameters.segmentation, values, doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
             chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
             referenceDoseNode=parameters.referenceDose, progress=progress)
-        return self._acceptResult(result, (parameters.oarSparing, parameters.homogeneity))
+        return self._acceptResult(result, tuple(values.items()))
 
     def _acceptResult(self, result, sliders):
         """Remember a prediction made with these slider values (None: from the desired DVH) and show its
@@ -525,13 +407,12 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startSliderPrediction(self, overrides, prescriptions) -> None:
         """The sliders' dose on the worker thread (``self._pending``), remembering which values it is for."""
-        parameters = self._parameterNode
+        parameters, values = self._parameterNode, self._sliderValues()
         self._pending = self.logic.predictAsync(
-            parameters.ctVolume, parameters.segmentation, parameters.oarSparing, parameters.homogeneity,
-            doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
+            parameters.ctVolume, parameters.segmentation, values, doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
             chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
             referenceDoseNode=parameters.referenceDose)
-        self._pendingSliders = (parameters.oarSparing, parameters.homogeneity)
+        self._pendingSliders = tuple(values.items())
 
     def onSliderTimeout(self) -> None:
         """Live update after a slider rested: the network runs on a worker thread so the GUI never stalls;
@@ -539,7 +420,7 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if self._result is None or not parameters or parameters.outputDose is not self._result.doseNode:
             return
-        self._endDVHSession("The sliders changed the dose: DVH edits discarded.")
+        self.dvhEditor.end("The sliders changed the dose: DVH edits discarded.")
         if self._pending is not None:
             self._sliderMovedWhileBusy = True
             return
@@ -558,217 +439,41 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pending, self._pending = self._pending, None
         try:
             self._acceptResult(pending.finish(), self._pendingSliders)
-            if self._dvhSession is not None:
-                self.ui.dvhStatusLabel.text = self._dvhStatus()
+            if self.dvhEditor.session is not None:
+                self.ui.dvhStatusLabel.text = self.dvhEditor.status()
         except Exception as error:
             self._sliderUpdateFailed(error)
         if self._sliderMovedWhileBusy:
             self._sliderMovedWhileBusy = False
             self.onSliderTimeout()
-        elif self._dvhChangedWhileBusy:
-            self._dvhChangedWhileBusy = False
-            self._requestDVHPrediction()
+        elif self.dvhEditor.changedWhileBusy:
+            self.dvhEditor.changedWhileBusy = False
+            self.dvhEditor.requestPrediction()
 
     def _dropPendingUpdate(self) -> None:
         self._pollTimer.stop()
-        self._pending, self._sliderMovedWhileBusy, self._dvhChangedWhileBusy = None, False, False
+        self._pending, self._sliderMovedWhileBusy, self.dvhEditor.changedWhileBusy = None, False, False
 
     def _sliderUpdateFailed(self, error) -> None:
         logging.exception("DosePreference: slider update failed")
         self.ui.statusLabel.text = f"Update failed: {error}"
 
-    # --- DVH editing ---------------------------------------------------------------------------------
+    # --- DVH editing (DosePreferenceLib.dvh_editor) ---------------------------------------------------
     def onDvhEditButton(self, checked) -> None:
-        """Edit on: the desired curve of the chosen structure in the chart, the plot view moving points."""
-        if bool(checked) == self._dvhEditing:
-            return
-        if not checked:
-            self._stopDVHEditing()
-            return
-        try:
-            self._startDVHEditing()
-        except Exception as error:  # a missing model or a changed input: said in the status line
-            logging.exception("DosePreference: DVH editing could not start")
-            self._stopDVHEditing()
-            self.ui.dvhStatusLabel.text = f"DVH editing unavailable: {error}"
-
-    def _startDVHEditing(self) -> None:
-        from doseai.errors import DoseAIError
-
-        parameters = self._parameterNode
-        if self._result is None or parameters.outputDose is not self._result.doseNode or not parameters.dvhChart:
-            raise DoseAIError("predict a dose first")
-        if self._dvhSession is None:
-            import qt
-
-            overrides, prescriptions = self._mappingArguments()
-            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # the first time loads the DVH model
-            try:
-                self._dvhSession = self.logic.dvhEditSession(parameters.ctVolume, parameters.segmentation,
-                                                             parameters.outputDose, overrides, prescriptions)
-            finally:
-                slicer.app.restoreOverrideCursor()
-        self._fillDVHStructures()
-        self._dvhEditing = True
-        self.ui.dvhEditButton.checked = True
-        self._showDesiredCurve()
-        self._showViews(parameters.dvhChart, parameters.metricsTable)  # the chart in the plot view
-        self.logic.setDVHEditMode(parameters.dvhChart, True)
-        self.ui.dvhStatusLabel.text = self._dvhStatus()
-        self._updateDVHButtons()
-
-    def _stopDVHEditing(self, touchScene: bool = True) -> None:
-        """The draggable curve goes and the plot view pans again; the session (and its edits) stays."""
-        self._dvhTimer.stop()
-        wasEditing, self._dvhEditing = self._dvhEditing, False
-        self.ui.dvhEditButton.checked = False
-        if self._dvhTable is not None:
-            self.removeObserver(self._dvhTable, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
-            self._dvhTable = None
-        chart = self._parameterNode.dvhChart if self._parameterNode else None
-        if wasEditing and touchScene and chart is not None:
-            self.logic.removeDesiredDVHCurve(chart)
-            self.logic.setDVHEditMode(chart, False)
-        self._updateDVHButtons()
-
-    def _endDVHSession(self, reason: str = "", touchScene: bool = True) -> None:
-        """Forget the edits (a slider move or Predict starts over from the sliders)."""
-        if self._dvhSession is None:
-            return
-        hadEdits = bool(self._dvhSession.edited)
-        self._stopDVHEditing(touchScene)
-        self._dvhSession, self._dvhChangedWhileBusy = None, False
-        self.ui.dvhStatusLabel.text = reason if hadEdits else ""
-        self._updateDVHButtons()
-
-    def _fillDVHStructures(self) -> None:
-        """The combo box lists the model's structures the segmentation has (the choice is kept)."""
-        combo = self.ui.dvhStructureComboBox
-        names = self._dvhSession.editable
-        current = combo.currentText if combo.count else ""
-        self._dvhFillingCombo = True
-        try:
-            combo.clear()
-            combo.addItems(names)
-            preferred = current if current in names else next((n for n in names if "Parotid" in n), names[0])
-            combo.setCurrentIndex(names.index(preferred))
-        finally:
-            self._dvhFillingCombo = False
-
-    def onDvhStructureChanged(self, index=None) -> None:
-        if not self._dvhFillingCombo and self._dvhEditing:
-            self._showDesiredCurve()
-            self.ui.dvhStatusLabel.text = self._dvhStatus()
-
-    def _showDesiredCurve(self) -> None:
-        """The chosen structure's desired curve as the draggable curve of the chart, its table observed."""
-        parameters = self._parameterNode
-        overrides, _ = self._mappingArguments()
-        self._dvhWriting = True
-        try:
-            table = self.logic.desiredDVHTableNode(parameters.dvhChart, self._dvhSession,
-                                                   self.ui.dvhStructureComboBox.currentText,
-                                                   parameters.segmentation, overrides)
-        finally:
-            self._dvhWriting = False
-        if table is not self._dvhTable:
-            if self._dvhTable is not None:
-                self.removeObserver(self._dvhTable, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
-            self._dvhTable = table
-            self.addObserver(table, vtk.vtkCommand.ModifiedEvent, self.onDvhTableModified)
-
-    def onDvhTableModified(self, caller=None, event=None) -> None:
-        """A point was dragged: predict once the curve rests (the timer restarts on every move)."""
-        if self._dvhEditing and not self._dvhWriting:
-            self._dvhTimer.start()
-
-    def onDvhCurveTimeout(self) -> None:
-        if not self._dvhEditing or self._dvhSession is None or self._dvhTable is None:
-            return
-        self._dvhWriting = True
-        try:
-            changed = self.logic.applyDesiredCurve(self._dvhSession, self._dvhTable)
-        except Exception as error:  # shown, not raised: a dialog per drag would be unusable
-            logging.exception("DosePreference: the dragged DVH curve was not taken")
-            self.ui.dvhStatusLabel.text = f"Curve not taken: {error}"
-            return
-        finally:
-            self._dvhWriting = False
-        if changed:
-            self._requestDVHPrediction()
-        self._updateDVHButtons()
+        self.dvhEditor.onEditButton(checked)
 
     def onDvhUndoButton(self) -> None:
-        if self._dvhSession is not None and self._dvhSession.undo():
-            self._afterDVHSessionChange()
+        self.dvhEditor.undo()
 
     def onDvhResetButton(self) -> None:
-        if self._dvhSession is not None and self._dvhSession.reset():
-            self._afterDVHSessionChange()
+        self.dvhEditor.reset()
 
-    def _afterDVHSessionChange(self) -> None:
-        if self._dvhEditing:
-            self._showDesiredCurve()
-        self._requestDVHPrediction()
-        self._updateDVHButtons()
-
-    def _requestDVHPrediction(self) -> None:
-        """The dose for the session's desired DVH, on the worker thread (only the latest request waits while
-        it computes); without edits, the dose before editing (the sliders' prediction)."""
-        parameters, session = self._parameterNode, self._dvhSession
-        if (session is None or not parameters or self._result is None
-                or parameters.outputDose is not self._result.doseNode):
-            return  # the output dose was changed by hand: nothing is written into another node
-        if self._pending is not None:
-            self._dvhChangedWhileBusy = True
-            return
-        try:
-            overrides, prescriptions = self._mappingArguments()
-            if session.edited:
-                self._pending = self.logic.predictFromDVHAsync(
-                    parameters.ctVolume, parameters.segmentation, session.desiredVector(),
-                    doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
-                    chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
-                    editedStructures=sorted(session.edited), startDose=session.startDose)
-                self._pendingSliders = None
-            else:
-                self._startSliderPrediction(overrides, prescriptions)
-            self.ui.statusLabel.text = "Updating the dose from the desired DVH..."
-            self._pollTimer.start()
-        except Exception as error:
-            self._sliderUpdateFailed(error)
-
-    def _dvhStatus(self) -> str:
-        session = self._dvhSession
-        if session is None:
-            return ""
-        edited = ", ".join(name for name in session.structures if name in session.edited) or "none"
-        text = f"Edited: {edited}."
-        if self._result is not None and self._result.dvhEditReport:
-            from DosePreferenceLib.logic import editReportText
-
-            text += f" Achieved: {editReportText(self._result.dvhEditReport)}."
-        if self._dvhEditing:
-            text = (f"Drag the markers of {self.ui.dvhStructureComboBox.currentText}'s desired curve up or down "
-                    "in the plot view. " + text)
-        return text
-
-    def _updateDVHButtons(self) -> None:
-        parameters, session = self._parameterNode, self._dvhSession
-        predicted = bool(parameters) and self._result is not None and parameters.outputDose is self._result.doseNode
-        problem = "" if predicted else "Predict a dose first"
-        if not problem and session is None:
-            problem = self.logic.dvhModelProblem()
-        self.ui.dvhEditButton.enabled = not problem or self._dvhEditing
-        self.ui.dvhEditButton.toolTip = problem or ("Drag the points of the chosen structure's desired DVH in the "
-                                                    "plot view; the dose follows")
-        self.ui.dvhUndoButton.enabled = session is not None and session.canUndo
-        self.ui.dvhResetButton.enabled = session is not None and bool(session.edited)
-        self.ui.dvhStructureComboBox.enabled = session is not None
+    def onDvhStructureChanged(self, index=None) -> None:
+        self.dvhEditor.onStructureChanged(index)
 
     def onResetButton(self) -> None:
-        self._parameterNode.oarSparing = 0.0
-        self._parameterNode.homogeneity = 0.0
+        neutral = {c.name: c.neutral for c in self.sliders.conditions or ()}
+        DosePreferenceLib.store_values(self._parameterNode.parameterNode, neutral)
 
     def updateIsodose(self) -> None:
         """Isodose lines of the output dose at the chosen levels, or hidden."""
@@ -878,160 +583,7 @@ class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePre
 
 
 #
-# DosePreferenceTest
+# DosePreferenceTest (DosePreferenceLib/selftest.py: what Slicer's Reload & Test and ctest run)
 #
 
-
-class DosePreferenceTest(ScriptedLoadableModuleTest):
-    """The whole workflow on the synthetic sample case of ``doseai``: mapping, predict, slider change,
-    isodose lines, reference DVH, export, a DVH edit (and, in the Slicer application, the same through the
-    GUI)."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        """What Slicer's Reload & Test and ctest run. A part whose requirements are missing is left out with
-        a message (ScriptedLoadableModule reports a raised SkipTest as an error)."""
-        missing = self._missingPackages()
-        if missing:
-            self.delayDisplay(f"DosePreferenceTest left out: it needs these packages: {', '.join(missing)}")
-            return
-        self.setUp()
-        self.test_PredictSlidersExport()
-        problem = DosePreferenceLogic().dvhModelProblem()
-        if problem:
-            self.delayDisplay(f"DVH edit test left out: {problem}")
-        else:
-            self.setUp()
-            self.test_DVHEdit()
-        if in_slicer_application():
-            self.setUp()
-            self.test_Widget()
-
-    @staticmethod
-    def _missingPackages() -> list[str]:
-        return DosePreferenceLib.missing_packages_for("predict") + DosePreferenceLib.missing_packages_for("export")
-
-    def _sampleNodes(self):
-        missing = self._missingPackages()
-        if missing:
-            self.skipTest(f"the test needs these packages: {', '.join(missing)}")
-        from doseai.mrml import nodes_from_case
-        from doseai.sample import make_sample_case
-
-        self.delayDisplay("Building the sample case")
-        case = make_sample_case(seed=4, shape=(32, 64, 64))
-        return case, nodes_from_case(slicer.mrmlScene, case)
-
-    def _waitFor(self, condition, what: str, timeoutS: float = 120.0) -> None:
-        """Process events until ``condition()`` holds (a worker thread's result is picked up by a timer on
-        the main thread); fail after ``timeoutS`` seconds. A fixed delay would be too short on a slow CPU
-        and, below 400 ms, delayDisplay only processes pending events once."""
-        import time
-
-        deadline = time.monotonic() + timeoutS
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out after {timeoutS:.0f} s waiting for {what}")
-            slicer.app.processEvents()
-            time.sleep(POLL_INTERVAL_MS / 1000)
-
-    def test_PredictSlidersExport(self):
-        import numpy as np
-
-        from doseai.errors import OutputExistsError
-        from doseai.mrml import volume_array
-
-        case, (ctNode, segNode, referenceNode) = self._sampleNodes()
-        logic = DosePreferenceLogic()
-        rows = logic.structureRows(segNode)
-        self.assertEqual([row.segment for row in rows], list(case.structures))
-        self.assertTrue(DosePreferenceLib.check_mapping(rows).ok)
-        overrides, prescriptions = DosePreferenceLib.mapping_arguments(rows)
-        self.assertEqual(prescriptions, case.prescriptions)
-
-        self.delayDisplay("Predicting")
-        steps = []
-        result = logic.predict(ctNode, segNode, overrides=overrides, prescriptions=prescriptions,
-                               referenceDoseNode=referenceNode, progress=lambda text, percent: steps.append(percent))
-        self.assertEqual(steps[-1], 100)
-        doseNode = result.doseNode
-        self.assertEqual(doseNode.GetAttribute("DicomRtImport.DoseVolume"), "1")
-        self.assertEqual(result.dvh.chartNode.GetNumberOfPlotSeriesNodes(), 2 * len(case.structures))  # + dashed
-        dose = volume_array(doseNode)
-
-        self.delayDisplay("Moving the OAR sparing slider")
-        spared = logic.predict(ctNode, segNode, oarSparing=0.5, doseNode=doseNode, overrides=overrides,
-                               prescriptions=prescriptions, chartNode=result.dvh.chartNode,
-                               metricsTableNode=result.dvh.metricsTableNode, referenceDoseNode=referenceNode)
-        self.assertIs(spared.doseNode, doseNode)
-        self.assertEqual(doseNode.GetAttribute("DoseAI.OarSparing"), "0.5")
-        self.assertFalse(np.array_equal(volume_array(doseNode), dose))
-
-        isodose = logic.isodoseSegmentation(doseNode, case.max_prescription)
-        self.assertEqual(isodose.GetSegmentation().GetNumberOfSegments(), 8)
-
-        self.delayDisplay("Exporting")
-        folder = tempfile.mkdtemp(prefix="DosePreferenceTest-")
-        paths = logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions)
-        self.assertTrue(all(path.is_file() for path in paths.values()))
-        with self.assertRaises(OutputExistsError):
-            logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions)
-        logic.exportResults(ctNode, segNode, doseNode, folder, overrides, prescriptions, force=True)
-        self.delayDisplay("Test passed")
-
-    def test_DVHEdit(self):
-        """Lower the left parotid's DVH curve of a predicted dose, predict from the edited DVH, undo."""
-        import numpy as np
-
-        from doseai.mrml import volume_array
-
-        logic = DosePreferenceLogic()
-        problem = logic.dvhModelProblem()
-        if problem:
-            self.skipTest(problem)
-        case, (ctNode, segNode, _) = self._sampleNodes()
-        self.delayDisplay("Predicting the dose to edit")
-        doseNode = logic.predict(ctNode, segNode).doseNode
-        session = logic.dvhEditSession(ctNode, segNode, doseNode)
-        self.assertIn("Parotid_L", session.editable)
-        doses, volumes = session.curve("Parotid_L")
-        self.assertTrue(session.setCurvePoints("Parotid_L", 0.8 * doses, volumes))  # 20 % lower doses
-        self.assertEqual(session.edited, {"Parotid_L"})
-
-        self.delayDisplay("Predicting from the edited DVH")
-        before = volume_array(doseNode).copy()
-        result = logic.predictFromDVH(ctNode, segNode, session.desiredVector(), doseNode=doseNode,
-                                      editedStructures=sorted(session.edited))
-        self.assertIs(result.doseNode, doseNode)
-        self.assertIsNotNone(doseNode.GetAttribute("DoseAI.DesiredDVH"))
-        self.assertIsNone(doseNode.GetAttribute("DoseAI.OarSparing"))
-        self.assertEqual(list(result.dvhDistancePct), ["Parotid_L"])
-        self.assertFalse(np.array_equal(volume_array(doseNode), before))
-        self.assertTrue(session.undo())
-        self.assertEqual(session.edited, set())
-        self.delayDisplay("DVH edit test passed")
-
-    def test_Widget(self):
-        """Predict, a slider move (debounced live update) and export through the module GUI."""
-        if not in_slicer_application():
-            self.skipTest("the module GUI needs the Slicer application")
-        case, (ctNode, segNode, referenceNode) = self._sampleNodes()
-        slicer.util.selectModule("DosePreference")
-        widget = slicer.modules.dosepreference.widgetRepresentation().self()
-        parameters = widget._parameterNode
-        parameters.ctVolume, parameters.segmentation = ctNode, segNode
-        parameters.outputDose = None
-        self.assertEqual(widget.ui.mappingTable.rowCount, len(case.structures))
-        self.assertTrue(widget.ui.predictButton.enabled)
-        widget.ui.predictButton.click()
-        doseNode = parameters.outputDose
-        self.assertIsNotNone(doseNode)
-        widget.ui.oarSparingSlider.value = 0.5
-        self._waitFor(lambda: doseNode.GetAttribute("DoseAI.OarSparing") == "0.5" and widget._pending is None,
-                      "the live update after a slider move")
-        parameters.exportFolder = pathlib.Path(tempfile.mkdtemp(prefix="DosePreferenceTest-"))
-        widget.ui.exportButton.click()
-        self.assertEqual(len(list(parameters.exportFolder.iterdir())), 3)
-        self.delayDisplay("GUI test passed")
+from DosePreferenceLib.selftest import DosePreferenceTest  # noqa: E402, F401

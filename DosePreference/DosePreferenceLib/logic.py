@@ -8,10 +8,8 @@ Python package is installed (that happens when the user first clicks a button, n
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,15 @@ from doseai.packages import BASE_PACKAGES, TORCH_REQUIREMENT, missing_packages
 from .dvh_edit import DesiredDVHError, DVHEditSession, check_curve, check_desired_vector
 from .export import Lookup, dicom_reference, existing_outputs, export_paths, safe_file_stem
 from .mapping import StructureRow, structure_rows
+from .results import (
+    DVHRequest,
+    PredictionResult,
+    calibrationText,
+    model_conditions,
+    model_oars,
+    modelName,
+)
+from .session import SHARED_SESSION, CaseInputs, DisplayTargets, PendingPrediction, PredictionSession, Progress
 
 # import name -> pip requirement; what "Compute DVH" needs beyond the doseai package itself
 REQUIRED_PACKAGES: dict[str, str] = BASE_PACKAGES
@@ -33,138 +40,16 @@ TASK_PACKAGES: dict[str, dict[str, str]] = {
                "matplotlib": "matplotlib>=3.7"},
 }
 
-Progress = Callable[[str, int], None]  # (what is being done, percent done)
 # desired DVH curves by structure: (dose in Gy, cumulative volume in %)
 Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
-# attributes of a predicted dose node that say how it was steered (the ones a prediction does not set are removed)
-PREDICTION_ATTRIBUTES = ("DoseAI.OarSparing", "DoseAI.Homogeneity", "DoseAI.Calibration", "DoseAI.DesiredDVH")
+# attributes of a predicted dose node that say how it was steered besides its sliders' (see doseai.conditions);
+# the ones a prediction does not set are removed
+PREDICTION_ATTRIBUTES = ("DoseAI.Calibration", "DoseAI.DesiredDVH")
 
 
 def missing_packages_for(task: str) -> list[str]:
     """pip requirements missing for ``task`` ("dvh", "predict" or "export")."""
     return missing_packages(TASK_PACKAGES[task])
-
-
-def model_oars(card: Mapping | None) -> list[str]:
-    """The organ channels of a model card (what the model reads besides CT, targets, body, beams)."""
-    if not card:
-        return []
-    return [name for name in card["inputs"]["channels"] if name not in ("ct", "target_dose", "body", "beam_plate")]
-
-
-def slider_tooltips(card: Mapping | None) -> dict[str, str]:
-    """Tooltip per slider ("oar_sparing", "homogeneity") from the card's slider semantics text: the
-    clauses about that slider, then the clauses about both."""
-    if not card:
-        text = "Model card not found: the slider semantics are unknown."
-        return {"oar_sparing": text, "homogeneity": text}
-    preference = card["preference"]
-    sliders = list(preference.get("sliders", ["oar_sparing", "homogeneity"]))
-    clauses = [c.strip() for c in re.split(r"(?<=[.;])\s+", preference.get("text", "")) if c.strip()]
-    general = [c for c in clauses if not any(c.startswith(s) for s in sliders)]
-    low, high = preference.get("range", (-1.0, 1.0))
-    tips = {}
-    for slider in sliders:
-        own = [c.rstrip(";") + "." if c.endswith(";") else c for c in clauses if c.startswith(slider)]
-        tips[slider] = " ".join(own + general + [f"Range [{low:g}, {high:g}]."]).replace("..", ".")
-    return tips
-
-
-@dataclass
-class PredictionResult:
-    """What :meth:`DosePreferenceLogic.predict` (or :meth:`~DosePreferenceLogic.predictFromDVH`) made: the
-    dose node, its DVH (chart, table, metrics), how long the prediction and the whole update took, the model
-    structures the case lacks and what in the case the model may get wrong. A prediction from a desired DVH
-    also has the desired DVH (model layout), the structures shown as edited and, for each, the mean distance
-    between its predicted and desired curve (percent of the volume, over the model's dose levels)."""
-
-    doseNode: object
-    dvh: DVHResult
-    predictSeconds: float
-    totalSeconds: float
-    missingStructures: list[str] = field(default_factory=list)
-    desiredDVH: object = None
-    editedStructures: list[str] | None = None
-    dvhDistancePct: dict[str, float] = field(default_factory=dict)
-    # per edited structure: achieved and desired mean dose and D0.1cc (Gy), see DVHDosePredictor.edit_report
-    dvhEditReport: dict[str, dict[str, float]] = field(default_factory=dict)
-    caseWarnings: list[str] = field(default_factory=list)  # the predictor's case_warnings: what it may get wrong
-
-    def summary(self) -> str:
-        text = f"Predicted in {self.predictSeconds:.2f} s"
-        if self.editedStructures is not None:
-            text += " from the desired DVH"
-            if self.dvhEditReport:
-                text += f" ({editReportText(self.dvhEditReport)})"
-        text += f" (update {self.totalSeconds:.2f} s). {self.dvh.summary()}"
-        if self.missingStructures:
-            text += f". Not in the segmentation (empty model inputs): {', '.join(self.missingStructures)}"
-        for note in self.caseWarnings:
-            text += f". Warning: {note}"
-        return text
-
-
-def _modelName(predictor) -> str:
-    return str(predictor.card.get("name") or Path(predictor.weights).stem)
-
-
-def _calibrationText(predictor) -> str:
-    """What ran after the slider network (doseai.calibration), for the dose node's provenance."""
-    calibration = predictor.calibration if predictor.calibrated else None
-    if calibration is None:
-        return "none"
-    text = (f"target lift {calibration.target_lift:g} (lower targets {calibration.lift_below_top:g}) toward "
-            f"{calibration.target_level:g} x Rx, OAR near-max {calibration.oar_near_max:g} x Rx (model card)")
-    scale = predictor.timings.get("plan_level_scale", 1.0)
-    if scale != 1.0:
-        low, high = calibration.plan_level_range
-        text = (f"dose x {scale:.3f}: the network's plan level fell outside the training plans' "
-                f"{low:.3f}-{high:.3f} x Rx; " + text)
-    return text
-
-
-def editReportText(report: Mapping[str, Mapping[str, float]]) -> str:
-    """'Parotid_L mean 19.8 Gy (asked 19.2), D0.1cc 55.0 (asked 54.1)' per edited structure."""
-    return "; ".join(f"{name} mean {row['mean_gy']:.1f} Gy (asked {row['desired_mean_gy']:.1f}), D0.1cc "
-                     f"{row['d01cc_gy']:.1f} (asked {row['desired_d01cc_gy']:.1f})" for name, row in report.items())
-
-
-@dataclass
-class _DVHRequest:
-    """A prediction from a desired DVH, checked on the main thread: ``run`` is what the worker does."""
-
-    predictor: object
-    case: object
-    vector: np.ndarray
-    edited: list[str]
-    startDose: np.ndarray  # the dose the edit changes (DVHDosePredictor.predict_edit)
-
-    def run(self, start: float) -> tuple[np.ndarray, float, dict[str, float], dict[str, dict[str, float]]]:
-        """The dose, the seconds since ``start``, per edited structure the mean distance (% volume) between the
-        predicted DVH and the desired one, and its mean and D0.1cc against the desired curve's."""
-        dose = self.predictor.predict_edit(self.startDose, self.vector)
-        seconds = time.time() - start
-        achieved = self.predictor.dvh_vector(dose)
-        rows = {name: row for row, name in enumerate(self.predictor.structures)}
-        distances = {name: float(100.0 * np.abs(achieved[rows[name]] - self.vector[rows[name]]).mean())
-                     for name in self.edited}
-        return dose, seconds, distances, self.predictor.edit_report(dose, self.vector, self.edited)
-
-
-class PendingPrediction:
-    """A prediction running on the worker thread (see :meth:`DosePreferenceLogic.predictAsync` and
-    :meth:`~DosePreferenceLogic.predictFromDVHAsync`)."""
-
-    def __init__(self, future, show: Callable) -> None:
-        self._future, self._show = future, show
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def finish(self) -> PredictionResult:
-        """Wait if needed, then update the dose node and the DVH; call on the main thread. Raises what
-        the prediction raised."""
-        return self._show(self._future.result())
 
 
 class DosePreferenceLogic:
@@ -173,21 +58,23 @@ class DosePreferenceLogic:
     Usable without the module GUI, in the Slicer Python console or in a batch script::
 
         logic = DosePreferenceLogic()
-        result = logic.predict(ctNode, segNode, oarSparing=0.5)
+        result = logic.predict(ctNode, segNode, sliders={"oar_sparing": 0.5})  # or oarSparing=0.5
         result = logic.computeDVH(ctNode, segNode, doseNode)
         edited = logic.predictFromDVH(ctNode, segNode, {"Parotid_L": ([0, 20, 40], [100, 40, 0])},
                                       doseNode=result.doseNode)
+
+    The loaded models, the case they are set to and the worker thread live in ``session``
+    (:class:`~DosePreferenceLib.session.PredictionSession`; default: the one shared by this Slicer process).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, session: PredictionSession | None = None) -> None:
+        from doseai.dose_grid import DEFAULT_DOSE_GRID_MM
+
+        self.session = session or SHARED_SESSION
         self.dvhBinWidthGy = 0.1
         # the predicted dose's own grid (doseai.dose_grid): the CT's voxels binned to about this spacing (mm), as
         # a planning system keeps an RTDOSE; None: the CT's grid (a 512 x 512 CT then costs seconds per change)
-        from doseai.dose_grid import DEFAULT_DOSE_GRID_MM
-
         self.doseGridMm: float | None = DEFAULT_DOSE_GRID_MM
-        self._referenceKey = None
-        self._referenceDVHs = None
 
     # --- inputs ----------------------------------------------------------------------------------
     @staticmethod
@@ -258,103 +145,56 @@ class DosePreferenceLogic:
         if reason:
             raise DoseAIError(reason)
         start = time.time()
-        case = self._caseWithDose(ctNode, segNode, doseNode, overrides, prescriptions)
-        result = self._showDVH(case, case.dose, segNode, doseNode.GetName(), overrides, chartNode, metricsTableNode,
-                               referenceDoseNode)
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        case = self.session.caseWithDose(inputs, doseNode, self.doseGridMm)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
+        result = self._showDVH(case, case.dose, inputs, doseNode.GetName(), targets)
         logging.info(f"DosePreference: DVH of {len(result.dvhs)} structures in {time.time() - start:.2f} s")
         return result
 
-    def _showDVH(self, case, dose, segNode, name, overrides=None, chartNode=None, metricsTableNode=None,
-                 referenceDoseNode=None, reference=None, referenceLabel: str = "reference") -> DVHResult:
+    def _showDVH(self, case, dose, inputs: CaseInputs, name: str, targets: DisplayTargets, reference=None,
+                 referenceLabel: str = "reference") -> DVHResult:
         """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``; dashed:
-        the ``reference`` DVHs, else those of ``referenceDoseNode``."""
+        the ``reference`` DVHs, else those of the targets' reference dose."""
         from doseai.mrml import show_case_dvh
 
         if reference is None:
-            reference = self.referenceDVHs(case, referenceDoseNode)
-        return show_case_dvh(case, dose, segNode, name, overrides, chartNode, metricsTableNode,
-                             reference=reference, reference_label=referenceLabel, bin_width_gy=self.dvhBinWidthGy)
+            reference = self.referenceDVHs(case, targets.referenceDoseNode)
+        return show_case_dvh(case, dose, inputs.segNode, name, inputs.overrides, targets.chartNode,
+                             targets.metricsTableNode, reference=reference, reference_label=referenceLabel,
+                             bin_width_gy=self.dvhBinWidthGy)
 
     def referenceDVHs(self, case, referenceDoseNode) -> dict | None:
         """DVHs of a reference dose (e.g. the clinical plan's RTDOSE) for the structures of ``case``,
         resampled onto the case grid when on another grid; cached while neither changes, so moving a
         slider does not recompute them."""
-        if referenceDoseNode is None:
-            return None
-        image = referenceDoseNode.GetImageData()
-        key = (id(case), referenceDoseNode.GetID(), referenceDoseNode.GetMTime(), image.GetMTime() if image else 0)
-        if key != self._referenceKey:
-            from doseai.mrml import dose_on_grid
-            from doseai.report import case_dvhs
+        return self.session.referenceDVHs(case, referenceDoseNode, self.dvhBinWidthGy)
 
-            dose = dose_on_grid(referenceDoseNode, case.geometry, "reference dose")
-            self._referenceKey = key
-            self._referenceDVHs = case_dvhs(case, dose, bin_width_gy=self.dvhBinWidthGy)
-        return self._referenceDVHs
+    # --- the models ----------------------------------------------------------------------------------
+    def predictor(self, weights=None, device: str = "auto"):
+        """The session's :class:`doseai.predict.DosePredictor` (loaded on first use)."""
+        return self.session.sliderModel(weights, device)
 
-    # --- prediction ------------------------------------------------------------------------------
-    _predictor = None  # shared by every logic instance: the model is loaded once per Slicer session
-    _dvhPredictor = None  # the DVH-conditioned model, likewise (loaded when DVH editing first needs it)
-
-    @classmethod
-    def predictor(cls, weights=None, device: str = "auto"):
-        """The cached :class:`doseai.predict.DosePredictor` (loaded on first use)."""
-        from doseai.predict import DosePredictor
-
-        shared = DosePreferenceLogic  # not cls: the module's subclass must share the one loaded model
-        if shared._predictor is None or (weights and str(shared._predictor.weights) != str(weights)):
-            shared._predictor = DosePredictor(weights, device=device)
-        return shared._predictor
-
-    @classmethod
-    def dvhPredictor(cls, weights=None, device: str = "auto"):
-        """The cached :class:`doseai.predict.DVHDosePredictor` (default weights
+    def dvhPredictor(self, weights=None, device: str = "auto"):
+        """The session's :class:`doseai.predict.DVHDosePredictor` (default weights
         ``Resources/Models/dose_dvh_v3.pt``), loaded on first use and again when ``weights`` change."""
-        from doseai.errors import UnreadableInputError
-        from doseai.predict import DVHDosePredictor
+        return self.session.dvhModel(weights, device)
 
-        shared = DosePreferenceLogic
-        if shared._dvhPredictor is None or (weights and str(shared._dvhPredictor.weights) != str(weights)):
-            problem = cls.dvhModelProblem(weights)
-            if problem:
-                raise UnreadableInputError(problem)
-            shared._dvhPredictor = DVHDosePredictor(weights, device=device)
-        return shared._dvhPredictor
-
-    @classmethod
-    def dvhModelProblem(cls, weights=None) -> str:
+    def dvhModelProblem(self, weights=None) -> str:
         """Why DVH editing cannot load its model (a sentence), or "" (loaded, or the weights file exists)."""
-        from doseai.predict import DEFAULT_DVH_MODEL
+        return self.session.dvhModelProblem(weights)
 
-        loaded = DosePreferenceLogic._dvhPredictor
-        if loaded is not None and (not weights or str(loaded.weights) == str(weights)):
-            return ""
-        path = Path(weights) if weights else DEFAULT_DVH_MODEL
-        if path.is_file():
-            return ""
-        return (f"The DVH model is not found at {path}: DVH editing needs the DVH-conditioned model "
-                "(Resources/Models/dose_dvh_v3.pt; made with `doseai train dvh` and `doseai train export-dvh`)")
-
-    @classmethod
-    def modelCard(cls, weights=None) -> dict | None:
+    def modelCard(self, weights=None) -> dict | None:
         """The model card of the loaded model, else of ``weights`` (default: the shipped model), read
         without loading torch; None when there is no card."""
-        if DosePreferenceLogic._predictor is not None and not weights:
-            return DosePreferenceLogic._predictor.card
-        from doseai.errors import UnreadableInputError
-        from doseai.predict import DEFAULT_MODEL, load_card
+        return self.session.modelCard(weights)
 
-        try:
-            return load_card(Path(weights) if weights else DEFAULT_MODEL)
-        except UnreadableInputError:
-            return None
-
+    # --- prediction from the sliders -----------------------------------------------------------------
     def predict(
         self,
         ctNode,
         segNode,
-        oarSparing: float = 0.0,
-        homogeneity: float = 0.0,
+        sliders: Mapping[str, float] | None = None,
         doseNode=None,
         overrides: Mapping[str, str | None] | None = None,
         prescriptions: Mapping[str, float] | None = None,
@@ -362,10 +202,12 @@ class DosePreferenceLogic:
         metricsTableNode=None,
         referenceDoseNode=None,
         progress: Progress | None = None,
+        **sliderValues: float,
     ) -> PredictionResult:
-        """Predict the dose for the CT and segmentation, steered by the two sliders (each in [-1, 1],
-        0 = the typical plan); create (or update ``doseNode``) the RT dose volume and show its DVH
-        (with the DVH of ``referenceDoseNode`` dashed, when given).
+        """Predict the dose for the CT and segmentation, steered by the model's sliders (``sliders`` by name,
+        ``{"oar_sparing": 0.5}``, or as keywords, ``oarSparing=0.5``; names, ranges and texts come from the
+        model card, a slider not given is at 0 = the typical plan); create (or update ``doseNode``) the RT dose
+        volume and show its DVH (with the DVH of ``referenceDoseNode`` dashed, when given).
 
         The case is rebuilt from the nodes only when they changed since the last call: moving a slider
         re-runs only the slider-dependent half of the network. ``progress(text, percent)`` is told
@@ -373,37 +215,46 @@ class DosePreferenceLogic:
         """
         report = progress or (lambda text, percent: None)
         start = time.time()
-        predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report)
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
+        predictor, case = self._prepareCase(inputs, doseNode, report)
         report("Predicting the dose", 60)
-        self._waitForWorker()  # one prediction at a time
-        dose = predictor.predict(oarSparing, homogeneity)
+        self.session.waitForWorker()  # one prediction at a time
+        values = predictor.conditions.values(sliders, **sliderValues)
+        dose = predictor.predict(sliders=values)
         report("Updating the dose volume and the DVH", 85)
-        result = self._showSliderPrediction(
-            case, dose, time.time() - start, start, ctNode, segNode, oarSparing, homogeneity, doseNode,
-            overrides, chartNode, metricsTableNode, referenceDoseNode)
+        result = self._showSliderPrediction(case, dose, values, time.time() - start, start, inputs, targets)
         report("Done", 100)
         return result
 
-    def predictAsync(self, ctNode, segNode, oarSparing: float = 0.0, homogeneity: float = 0.0, doseNode=None,
+    def predictAsync(self, ctNode, segNode, sliders: Mapping[str, float] | None = None, doseNode=None,
                      overrides=None, prescriptions=None, chartNode=None, metricsTableNode=None,
-                     referenceDoseNode=None) -> "PendingPrediction":
+                     referenceDoseNode=None, **sliderValues: float) -> PendingPrediction:
         """Like :meth:`predict`, but the network runs on a worker thread so that the GUI stays responsive
         while a slider moves (torch releases the GIL). Call ``finish()`` of the returned object on the main
-        thread once ``done()``: it updates the MRML nodes. Reading MRML (a changed case) happens here, on
-        the calling thread, before the work is handed over."""
+        thread once ``done()``: it updates the MRML nodes (and raises what the prediction raised, e.g. a slider
+        out of range). Reading MRML (a changed case) happens here, on the calling thread."""
         start = time.time()
-        predictor, case = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, lambda *a: None)
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
+        predictor, case = self._prepareCase(inputs, doseNode, lambda *a: None)
 
         def run():
-            return predictor.predict(oarSparing, homogeneity), time.time() - start
+            values = predictor.conditions.values(sliders, **sliderValues)
+            return predictor.predict(sliders=values), values, time.time() - start
 
         def show(done):
-            dose, predictSeconds = done
-            return self._showSliderPrediction(case, dose, predictSeconds, start, ctNode, segNode, oarSparing,
-                                              homogeneity, doseNode, overrides, chartNode, metricsTableNode,
-                                              referenceDoseNode)
+            dose, values, predictSeconds = done
+            return self._showSliderPrediction(case, dose, values, predictSeconds, start, inputs, targets)
 
-        return self._submit(run, show)
+        return self.session.submit(run, show)
+
+    def _showSliderPrediction(self, case, dose, values, predictSeconds: float, start: float, inputs: CaseInputs,
+                              targets: DisplayTargets) -> PredictionResult:
+        predictor = self.predictor()
+        attributes = {c.attribute: f"{values[c.name]:g}" for c in predictor.conditions}
+        attributes.update({"DoseAI.Calibration": calibrationText(predictor), "DoseAI.Model": modelName(predictor)})
+        return self._showPrediction(case, dose, predictSeconds, start, inputs, targets, predictor, attributes)
 
     # --- prediction from a desired DVH ---------------------------------------------------------------
     def predictFromDVH(
@@ -429,8 +280,8 @@ class DosePreferenceLogic:
         volume fractions at its dose levels: see :meth:`dvhEditSession`, or
         ``dvhPredictor().dvh_vector(dose)``), or edited curves ``{structure: (dose_gy, volume_pct)}``: then
         every other structure keeps the DVH of the dose in ``doseNode`` (the dose being edited), or, without
-        one, of the sliders' typical plan (the preference model at 0, 0). ``editedStructures`` default: the
-        structures of the curves, or every model structure in the segmentation for an array.
+        one, of the sliders' typical plan (the preference model at neutral sliders). ``editedStructures``
+        default: the structures of the curves, or every model structure in the segmentation for an array.
 
         Raises DoseAIError when the DVH model is missing, the array has the wrong shape or holds NaN or
         values outside [0, 1], or a curve names a structure the model does not know or the segmentation lacks.
@@ -441,28 +292,29 @@ class DosePreferenceLogic:
         """
         report = progress or (lambda text, percent: None)
         start = time.time()
-        request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
-                                   editedStructures, weights, report, startDose)
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode)
+        request = self._dvhRequest(inputs, desiredDVH, doseNode, editedStructures, weights, report, startDose)
         report("Predicting the dose from the desired DVH", 60)
-        self._waitForWorker()  # one prediction at a time
+        self.session.waitForWorker()  # one prediction at a time
         done = request.run(start)
         report("Updating the dose volume and the DVH", 85)
-        result = self._showDVHPrediction(request, done, start, ctNode, segNode, doseNode, overrides, chartNode,
-                                         metricsTableNode)
+        result = self._showDVHPrediction(request, done, start, inputs, targets)
         report("Done", 100)
         return result
 
-    def predictFromDVHAsync(self, ctNode, segNode, desiredDVH: np.ndarray | Curves, doseNode=None, overrides=None, prescriptions=None,
-                            chartNode=None, metricsTableNode=None, editedStructures=None,
-                            weights=None, startDose=None) -> "PendingPrediction":
+    def predictFromDVHAsync(self, ctNode, segNode, desiredDVH: np.ndarray | Curves, doseNode=None, overrides=None,
+                            prescriptions=None, chartNode=None, metricsTableNode=None, editedStructures=None,
+                            weights=None, startDose=None) -> PendingPrediction:
         """:meth:`predictFromDVH` with the network on the worker thread, as :meth:`predictAsync` (the
         desired DVH is checked here, so a bad one raises at once)."""
         start = time.time()
-        request = self._dvhRequest(ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions,
-                                   editedStructures, weights, lambda *a: None, startDose)
-        return self._submit(lambda: request.run(start),
-                            lambda done: self._showDVHPrediction(request, done, start, ctNode, segNode, doseNode,
-                                                                 overrides, chartNode, metricsTableNode))
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode)
+        request = self._dvhRequest(inputs, desiredDVH, doseNode, editedStructures, weights, lambda *a: None,
+                                   startDose)
+        return self.session.submit(lambda: request.run(start),
+                                   lambda done: self._showDVHPrediction(request, done, start, inputs, targets))
 
     def dvhEditSession(self, ctNode, segNode, doseNode=None, overrides=None, prescriptions=None, weights=None,
                        progress: Progress | None = None) -> DVHEditSession:
@@ -470,20 +322,21 @@ class DosePreferenceLogic:
         DVH of the dose in ``doseNode`` (without one: the sliders' typical plan); the structures present in
         the segmentation are editable. Loads the DVH model (and prepares the case) when needed."""
         report = progress or (lambda text, percent: None)
-        predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
-        base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        predictor, case = self._prepareDVHCase(inputs, doseNode, weights, report)
+        base = self._baseDose(inputs, doseNode, case, report)
         return DVHEditSession(predictor.structures, predictor.dose_levels_gy(), predictor.dvh_vector(base),
                               editable=self._presentStructures(predictor, case), start_dose=base)
 
-    def _prepareDVHCase(self, ctNode, segNode, doseNode, overrides, prescriptions, weights, report):
-        if self.dvhModelProblem(weights):
+    def _prepareDVHCase(self, inputs: CaseInputs, doseNode, weights, report):
+        problem = self.dvhModelProblem(weights)
+        if problem:
             from doseai.errors import UnreadableInputError
 
-            raise UnreadableInputError(self.dvhModelProblem(weights))
-        if DosePreferenceLogic._dvhPredictor is None or weights:
+            raise UnreadableInputError(problem)
+        if self.session.dvhPredictor is None or weights:
             report("Loading the DVH model", 5)
-        return self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report,
-                                 lambda: self.dvhPredictor(weights))
+        return self._prepareCase(inputs, doseNode, report, lambda: self.dvhPredictor(weights))
 
     @staticmethod
     def _presentStructures(predictor, case) -> list[str]:
@@ -491,22 +344,22 @@ class DosePreferenceLogic:
         return [name for name in predictor.structures
                 if name in case.structures and bool(case.structures[name].any())]
 
-    def _baseDose(self, ctNode, segNode, doseNode, overrides, prescriptions, case, report):
+    def _baseDose(self, inputs: CaseInputs, doseNode, case, report):
         """The dose an edit starts from: the dose node's (on the case grid), else the sliders' typical plan."""
         if doseNode is not None and doseNode.GetImageData() is not None:
             from doseai.mrml import dose_on_grid
 
             return dose_on_grid(doseNode, case.geometry, "dose being edited")
         report("Predicting the typical plan the edit starts from", 40)
-        slider, _ = self._prepareCase(ctNode, segNode, doseNode, overrides, prescriptions, report)
-        self._waitForWorker()
-        return slider.predict(0.0, 0.0)
+        slider, _ = self._prepareCase(inputs, doseNode, report)
+        self.session.waitForWorker()
+        return slider.predict()
 
-    def _dvhRequest(self, ctNode, segNode, desiredDVH, doseNode, overrides, prescriptions, editedStructures,
-                    weights, report, startDose=None) -> "_DVHRequest":
+    def _dvhRequest(self, inputs: CaseInputs, desiredDVH, doseNode, editedStructures, weights, report,
+                    startDose=None) -> DVHRequest:
         """On the calling thread: the DVH model with the case, the desired DVH checked and in the model's
         layout, and the structures to show as edited."""
-        predictor, case = self._prepareDVHCase(ctNode, segNode, doseNode, overrides, prescriptions, weights, report)
+        predictor, case = self._prepareDVHCase(inputs, doseNode, weights, report)
         structures, present = predictor.structures, self._presentStructures(predictor, case)
 
         def check_names(names, what):
@@ -523,7 +376,7 @@ class DosePreferenceLogic:
             check_names(desiredDVH, "desired DVH")
             curves = {name: check_curve(name, *curve) for name, curve in desiredDVH.items()}
         if startDose is None:
-            base = self._baseDose(ctNode, segNode, doseNode, overrides, prescriptions, case, report)
+            base = self._baseDose(inputs, doseNode, case, report)
         elif np.shape(startDose) != case.geometry.shape:
             raise DesiredDVHError(f"the dose the edit starts from is on a {np.shape(startDose)} grid, the case on "
                                   f"{case.geometry.shape}")
@@ -537,16 +390,15 @@ class DosePreferenceLogic:
         if editedStructures is not None:
             check_names(editedStructures, "edited structures")
             edited = [name for name in structures if name in set(editedStructures)]
-        return _DVHRequest(predictor, case, vector, list(edited), base)
+        return DVHRequest(predictor, case, vector, list(edited), base)
 
-    def _showDVHPrediction(self, request, done, start, ctNode, segNode, doseNode, overrides, chartNode,
-                           metricsTableNode) -> PredictionResult:
+    def _showDVHPrediction(self, request: DVHRequest, done, start: float, inputs: CaseInputs,
+                           targets: DisplayTargets) -> PredictionResult:
         dose, predictSeconds, distances, editReport = done
         predictor = request.predictor
         result = self._showPrediction(
-            request.case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
-            metricsTableNode, predictor,
-            {"DoseAI.Model": _modelName(predictor), "DoseAI.DesiredDVH": ", ".join(request.edited) or "-"},
+            request.case, dose, predictSeconds, start, inputs, targets, predictor,
+            {"DoseAI.Model": modelName(predictor), "DoseAI.DesiredDVH": ", ".join(request.edited) or "-"},
             reference=predictor.as_dvhs(request.vector, request.edited), referenceLabel="desired")
         result.desiredDVH, result.editedStructures, result.dvhDistancePct = request.vector, request.edited, distances
         result.dvhEditReport = editReport
@@ -618,110 +470,50 @@ class DosePreferenceLogic:
         return set_point_dragging(chartNode, enabled)
 
     # --- shared by both predictions -------------------------------------------------------------------
-    _worker = None  # the thread pool of the asynchronous predictions, shared like the predictors
-
-    def _submit(self, run: Callable, show: Callable) -> "PendingPrediction":
-        """``run()`` on the worker thread; ``show(its result)`` by ``finish()`` on the main thread."""
-        import concurrent.futures
-
-        if DosePreferenceLogic._worker is None:  # one worker: predictions never run side by side
-            DosePreferenceLogic._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="DoseAI")
-        return PendingPrediction(DosePreferenceLogic._worker.submit(run), show)
-
-    @staticmethod
-    def _waitForWorker() -> None:
-        if DosePreferenceLogic._worker is not None:
-            DosePreferenceLogic._worker.submit(lambda: None).result()
-
-    def _prepareCase(self, ctNode, segNode, doseNode, overrides, prescriptions, report, loadPredictor=None):
-        """The cached predictor (``loadPredictor()``, default :meth:`predictor`) with the case built from the
+    def _prepareCase(self, inputs: CaseInputs, doseNode, report: Progress, loadPredictor=None):
+        """The session's predictor (``loadPredictor()``, default :meth:`predictor`) with the case built from the
         nodes (again only when they changed; one case shared by both models)."""
         from doseai.errors import DoseAIError
-        from doseai.mrml import case_from_nodes
 
-        if ctNode is None or segNode is None:
+        if inputs.ctNode is None or inputs.segNode is None:
             raise DoseAIError("Select the CT volume and the segmentation")
         if self.outputProblem(doseNode):
             raise DoseAIError(self.outputProblem(doseNode))
         if loadPredictor is None:
-            if DosePreferenceLogic._predictor is None:
+            if self.session.predictor is None:
                 report("Loading the dose prediction model", 5)
             loadPredictor = self.predictor
         predictor = loadPredictor()
-        key = self._caseKeyOf(ctNode, segNode, overrides, prescriptions)
-        cache = DosePreferenceLogic  # the case cache describes the shared predictors, so it is shared too
-        if key != cache._caseKey:
-            from doseai.dose_grid import on_dose_grid
+        return predictor, self.session.prepare(inputs, predictor, self.doseGridMm, report)
 
-            report("Preparing the case (structures on the CT grid, then on the dose grid)", 20)
-            self._waitForWorker()  # a running update must not see the case change
-            cache._caseKey, cache._case, cache._casePredictors = None, None, []
-            ctGridCase = case_from_nodes(ctNode, segNode, overrides=overrides, prescriptions=prescriptions)
-            cache._case = on_dose_grid(ctGridCase, self.doseGridMm)
-            del ctGridCase  # on a 512 x 512 CT its masks are most of the memory; the dose grid keeps what it needs
-            cache._caseKey = key
-        if not any(prepared is predictor for prepared in cache._casePredictors):
-            self._waitForWorker()
-            predictor.set_case(cache._case)
-            cache._casePredictors = [p for p in cache._casePredictors if p is cache._predictor or
-                                     p is cache._dvhPredictor] + [predictor]
-        return predictor, cache._case
-
-    def _caseKeyOf(self, ctNode, segNode, overrides, prescriptions) -> tuple:
-        """What the cached case is made from: the nodes as they are now, the mapping and the dose grid."""
-        image = ctNode.GetImageData()
-        return (ctNode.GetID(), ctNode.GetMTime(), image.GetMTime() if image else 0, segNode.GetID(),
-                segNode.GetSegmentation().GetMTime(), repr(overrides), repr(prescriptions), self.doseGridMm)
-
-    def _caseWithDose(self, ctNode, segNode, doseNode, overrides, prescriptions):
-        """The case with the dose of ``doseNode``: the cached case on the dose grid when the dose lies on it (a
-        prediction: DVHs and metrics then weigh partial volumes as shown), else the case on the CT grid with
-        the dose resampled onto it."""
-        from doseai.mrml import case_from_nodes, geometry_from_volume_node, volume_array
-
-        cache = DosePreferenceLogic
-        if (cache._case is not None and cache._caseKey == self._caseKeyOf(ctNode, segNode, overrides, prescriptions)
-                and geometry_from_volume_node(doseNode).matches(cache._case.geometry)):
-            return cache._case.with_dose(volume_array(doseNode))
-        return case_from_nodes(ctNode, segNode, doseNode, overrides=overrides, prescriptions=prescriptions)
-
-    def _showSliderPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, oarSparing, homogeneity,
-                              doseNode, overrides, chartNode, metricsTableNode, referenceDoseNode) -> PredictionResult:
-        predictor = self.predictor()
-        return self._showPrediction(
-            case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode, metricsTableNode,
-            predictor, {"DoseAI.OarSparing": f"{oarSparing:g}", "DoseAI.Homogeneity": f"{homogeneity:g}",
-                        "DoseAI.Calibration": _calibrationText(predictor), "DoseAI.Model": _modelName(predictor)},
-            referenceDoseNode=referenceDoseNode)
-
-    def _showPrediction(self, case, dose, predictSeconds, start, ctNode, segNode, doseNode, overrides, chartNode,
-                        metricsTableNode, predictor, attributes: Mapping[str, str], referenceDoseNode=None,
-                        reference=None, referenceLabel: str = "reference") -> PredictionResult:
-        """Put a predicted dose (by ``predictor``, set to ``case``) into the dose node (created when None), tagged
-        with ``attributes`` (how it was steered), and show its DVH (dashed: ``reference`` DVHs, else those of
-        ``referenceDoseNode``)."""
+    def _showPrediction(self, case, dose, predictSeconds: float, start: float, inputs: CaseInputs,
+                        targets: DisplayTargets, predictor, attributes: Mapping[str, str], reference=None,
+                        referenceLabel: str = "reference") -> PredictionResult:
+        """Put a predicted dose (by ``predictor``, set to ``case``) into the targets' dose node (created when None),
+        tagged with ``attributes`` (how it was steered), and show its DVH (dashed: ``reference`` DVHs, else those
+        of the reference dose)."""
         from doseai.mrml import create_or_update_dose_node
 
         shown_at = time.time()
-        name = doseNode.GetName() if doseNode is not None else f"{ctNode.GetName()} predicted dose"
+        ctNode = inputs.ctNode
+        name = targets.doseNode.GetName() if targets.doseNode is not None else f"{ctNode.GetName()} predicted dose"
         doseNode = create_or_update_dose_node(ctNode.GetScene(), dose, case.geometry, name, ctNode=ctNode,
-                                              node=doseNode, display_max_gy=1.1 * case.max_prescription)
-        for key in PREDICTION_ATTRIBUTES:
+                                              node=targets.doseNode, display_max_gy=1.1 * case.max_prescription)
+        for key in self._provenanceAttributes():
             if key not in attributes and doseNode.GetAttribute(key) is not None:
                 doseNode.RemoveAttribute(key)
         for key, value in attributes.items():
             doseNode.SetAttribute(key, value)
-        dvh = self._showDVH(case, dose, segNode, name, overrides, chartNode, metricsTableNode, referenceDoseNode,
-                            reference, referenceLabel)
+        dvh = self._showDVH(case, dose, inputs, name, targets, reference, referenceLabel)
         missing = case.missing(model_oars(predictor.card))
         logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
         return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing,
                                 caseWarnings=list(predictor.case_warnings))
 
-    # the case the cached predictors hold, the inputs it was made from, and the predictors set to it
-    _caseKey = None
-    _case = None
-    _casePredictors: list = []
+    def _provenanceAttributes(self) -> list[str]:
+        """The attributes that say how a predicted dose was steered: the sliders' of the card, and the rest."""
+        conditions = model_conditions(self.modelCard())
+        return [c.attribute for c in conditions or ()] + list(PREDICTION_ATTRIBUTES)
 
     # --- display ---------------------------------------------------------------------------------
     @staticmethod
@@ -775,7 +567,8 @@ class DosePreferenceLogic:
         from doseai.mrml import geometry_from_volume_node, volume_array
         from doseai.report import case_dvhs, case_metrics, write_dvh_csv, write_metrics_csv
 
-        case = self._caseWithDose(ctNode, segNode, doseNode, overrides, prescriptions)
+        case = self.session.caseWithDose(CaseInputs(ctNode, segNode, overrides, prescriptions), doseNode,
+                                         self.doseGridMm)
         reference = dicom_reference(ctNode, lookup or self.dicomLookup(), segNode)
         reference["DoseDescription"] = self._doseDescription(doseNode)
         from doseai.io.rtplan import PlanDescription
@@ -787,14 +580,15 @@ class DosePreferenceLogic:
         logging.info(f"DosePreference: exported {', '.join(str(p) for p in paths.values())}")
         return paths
 
-    @staticmethod
-    def _doseDescription(doseNode) -> str:
+    def _doseDescription(self, doseNode) -> str:
         """Series description of the RTDOSE (DICOM LO: at most 64 characters)."""
         model = doseNode.GetAttribute("DoseAI.Model")
         if not model:
             return doseNode.GetName()[:64]
         if doseNode.GetAttribute("DoseAI.DesiredDVH"):
             return f"DoseAI {model} DVH {doseNode.GetAttribute('DoseAI.DesiredDVH')}"[:64]
-        oar = float(doseNode.GetAttribute("DoseAI.OarSparing") or 0)
-        hi = float(doseNode.GetAttribute("DoseAI.Homogeneity") or 0)
-        return f"DoseAI {model} OAR {oar:+.2f} HI {hi:+.2f}"[:64]
+        conditions = model_conditions(self.modelCard())
+        if conditions is None:
+            return f"DoseAI {model}"[:64]
+        values = {c.name: float(doseNode.GetAttribute(c.attribute) or 0) for c in conditions}
+        return f"DoseAI {model} {conditions.describe_short(values)}"[:64]

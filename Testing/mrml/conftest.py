@@ -152,15 +152,15 @@ def slider_model(monkeypatch):
     import os
 
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    from DosePreferenceLib import DosePreferenceLogic
+    from DosePreferenceLib import SHARED_SESSION, DosePreferenceLogic
 
     from doseai.predict import DEFAULT_MODEL
 
     weights = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or DEFAULT_MODEL)
     if not weights.is_file():
         pytest.skip(f"model weights not found at {weights}")
-    monkeypatch.setattr(DosePreferenceLogic, "_predictor", DosePreferenceLogic._predictor)  # restored afterwards
-    return DosePreferenceLogic.predictor(weights=weights, device="cpu")
+    monkeypatch.setattr(SHARED_SESSION, "predictor", SHARED_SESSION.predictor)  # restored afterwards
+    return DosePreferenceLogic().predictor(weights=weights, device="cpu")
 
 
 PREFERENCE_CARD = {"name": "card", "inputs": {"channels": ["ct", "target_dose", *OPENKBP_OARS, "body", "beam_plate"]},

@@ -1,7 +1,8 @@
 """Small stand-ins for Qt and the Slicer application, so that a module file (DosePreference.py,
 DoseOptimizer.py) loads on slicer-core and its Widget's Python runs: widgets with plain attributes and
 signals, a table, a combo box, timers that fire when told, a parameter node wrapper over a real
-``vtkMRMLScriptedModuleNode``, ``slicer.util`` dialogs that answer from a list, and ``slicer.app``.
+``vtkMRMLScriptedModuleNode``, ctk sliders and form layouts (the sliders the Widget builds from the model
+card), ``slicer.util`` dialogs that answer from a list, and ``slicer.app``.
 
 What they cannot show: real Qt widgets, layouts, dialogs and connectGui. Those need the Slicer
 application (each module's self test covers them there).
@@ -199,6 +200,50 @@ class Timer(Connectable):
         pending.append(callback)
 
 
+class SliderWidget(Widget):
+    """ctkSliderWidget: setting ``value`` emits valueChanged(double), as the real one does."""
+
+    def __init__(self, name=""):
+        super().__init__(name)
+        self.decimals, self.singleStep, self.pageStep, self.minimum, self.maximum = 2, 1.0, 1.0, 0.0, 99.0
+        self._value = 0.0
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, value):
+        value = min(max(float(value), self.minimum), self.maximum)
+        if value != self._value:
+            self._value = value
+            self.emit("valueChanged(double)", value)
+
+
+class FormLayout:
+    """QFormLayout: its rows as (label text or None, widget)."""
+
+    def __init__(self, parent=None):
+        self.rows = []
+        if parent is not None:
+            parent.layout_ = self
+
+    def addRow(self, label, widget=None):
+        self.rows.append((label, widget) if widget is not None else (None, label))
+
+    def rowCount(self):
+        return len(self.rows)
+
+    def removeRow(self, row):
+        self.rows.pop(row)
+
+
+def ctk_module():
+    ctk = types.ModuleType("ctk")
+    ctk.ctkSliderWidget = SliderWidget
+    return ctk
+
+
 def process_events():
     while pending:
         pending.pop(0)()
@@ -207,6 +252,7 @@ def process_events():
 def qt_module():
     qt = types.ModuleType("qt")
     qt.Qt, qt.QTimer, qt.QComboBox, qt.QTableWidgetItem = Qt, Timer, ComboBox, Item
+    qt.QFormLayout, qt.QLabel = FormLayout, Widget
     qt.QHeaderView = types.SimpleNamespace(Stretch=1)
     return qt
 
@@ -350,7 +396,7 @@ def load_module_file(monkeypatch, scene, module_name: str, gui: bool = False, an
     ``slicer.app``, as on slicer-core (its self test then leaves its GUI part out)."""
     modules = base_modules(module_name)
     if gui:
-        modules["qt"] = qt_module()
+        modules["qt"], modules["ctk"] = qt_module(), ctk_module()
         ui, util, app = application(module_name, answers if answers is not None else [],
                                     calls if calls is not None else [])
         for name, function in util.items():

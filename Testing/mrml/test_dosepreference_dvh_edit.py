@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import vtk
-from DosePreferenceLib import DesiredDVHError, DosePreferenceLogic, DVHEditSession
+from DosePreferenceLib import SHARED_SESSION, DesiredDVHError, DosePreferenceLogic, DVHEditSession
 from slicer_stand_ins import finish_worker_update
 from vtk.util import numpy_support
 
@@ -100,8 +100,8 @@ def sample():
 def dvh_model(monkeypatch, tiny_dvh_model):
     """The tiny DVH model loaded as the shared one (restored afterwards)."""
     pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
-    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", DosePreferenceLogic._dvhPredictor)
-    DosePreferenceLogic.dvhPredictor(weights=tiny_dvh_model, device="cpu")
+    monkeypatch.setattr(SHARED_SESSION, "dvhPredictor", SHARED_SESSION.dvhPredictor)
+    DosePreferenceLogic().dvhPredictor(weights=tiny_dvh_model, device="cpu")
     return tiny_dvh_model
 
 
@@ -315,7 +315,7 @@ def _drag(table, scale):
 
 
 def _table_volumes(widget):
-    return DosePreferenceLogic.readDesiredCurve(widget._dvhTable)[2]
+    return DosePreferenceLogic.readDesiredCurve(widget.dvhEditor.table)[2]
 
 
 def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample, dvh_model, slider_model):
@@ -330,22 +330,22 @@ def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample,
     view.SetPlotChartNodeID(chart.GetID())
 
     ui.dvhEditButton.toggle()
-    session = widget._dvhSession
-    assert widget._dvhEditing and ui.dvhStructureComboBox.items == session.editable
+    session = widget.dvhEditor.session
+    assert widget.dvhEditor.editing and ui.dvhStructureComboBox.items == session.editable
     assert ui.dvhStructureComboBox.currentText == "Parotid_R"  # the first parotid: the usual thing to spare
     assert view.GetInteractionMode() == view.InteractionModeMovePoints
     assert ("chart", chart.GetID()) in preference_gui.calls
-    table = widget._dvhTable
+    table = widget.dvhEditor.table
     assert table.GetAttribute(EDIT_ATTRIBUTE) == "Parotid_R" and "Drag the markers" in ui.dvhStatusLabel.text
     ui.dvhStructureComboBox.setCurrentIndex(session.editable.index("Parotid_L"))
-    assert widget._dvhTable is table and table.GetAttribute(EDIT_ATTRIBUTE) == "Parotid_L"
-    assert not widget._dvhTimer.active  # the module's own writes are no drag
+    assert widget.dvhEditor.table is table and table.GetAttribute(EDIT_ATTRIBUTE) == "Parotid_L"
+    assert not widget.dvhEditor.timer.active  # the module's own writes are no drag
 
     # a drag: predicted from the desired DVH once the curve rests, on the worker thread
     slider_dose = volume_array(dose_node).copy()
     _drag(table, 0.5)
-    assert widget._dvhTimer.active
-    widget._dvhTimer.fire()
+    assert widget.dvhEditor.timer.active
+    widget.dvhEditor.timer.fire()
     assert session.edited == {"Parotid_L"} and widget._pending is not None and widget._pendingSliders is None
     assert ui.statusLabel.text == "Updating the dose from the desired DVH..."
     finish_worker_update(widget)
@@ -357,13 +357,13 @@ def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample,
 
     # drags while the worker computes: only the latest desired DVH is predicted next
     _drag(table, 0.8)
-    widget._dvhTimer.fire()
+    widget.dvhEditor.timer.fire()
     first = widget._pending
     _drag(table, 0.8)
-    widget._dvhTimer.fire()
-    assert widget._pending is first and widget._dvhChangedWhileBusy
+    widget.dvhEditor.timer.fire()
+    assert widget._pending is first and widget.dvhEditor.changedWhileBusy
     finish_worker_update(widget)
-    assert widget._pending is not first and not widget._dvhChangedWhileBusy
+    assert widget._pending is not first and not widget.dvhEditor.changedWhileBusy
     finish_worker_update(widget)
     edited_twice = session.desiredVector()
 
@@ -374,7 +374,7 @@ def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample,
     finish_worker_update(widget)
     # reset: no edits left -> the dose before editing (the sliders' prediction) again
     ui.dvhResetButton.click()
-    assert session.edited == set() and widget._pendingSliders == (0.0, 0.0)
+    assert session.edited == set() and widget._pendingSliders == (("oar_sparing", 0.0), ("homogeneity", 0.0))
     finish_worker_update(widget)
     np.testing.assert_array_equal(volume_array(dose_node), slider_dose)
     assert dose_node.GetAttribute("DoseAI.DesiredDVH") is None and not ui.dvhResetButton.enabled
@@ -385,15 +385,15 @@ def test_widget_edit_undo_reset_drive_the_session(preference_gui, scene, sample,
 
     # Edit off: the plot view pans, the draggable curve goes, the edits stay
     ui.dvhEditButton.toggle()
-    assert not widget._dvhEditing and view.GetInteractionMode() == view.InteractionModePanView
-    assert not _series(chart, EDIT_ATTRIBUTE) and widget._dvhSession is session
+    assert not widget.dvhEditor.editing and view.GetInteractionMode() == view.InteractionModePanView
+    assert not _series(chart, EDIT_ATTRIBUTE) and widget.dvhEditor.session is session
     ui.dvhEditButton.toggle()  # on again: the same session
-    assert widget._dvhSession is session and ui.dvhStructureComboBox.currentText == "Parotid_L"
+    assert widget.dvhEditor.session is session and ui.dvhStructureComboBox.currentText == "Parotid_L"
 
     # a slider move starts over from the sliders: the session and the draggable curve go
-    parameters.oarSparing = 0.5
+    widget.sliders.widgets["oar_sparing"].value = 0.5
     widget._sliderTimer.fire()
-    assert widget._dvhSession is None and not widget._dvhEditing and not _series(chart, EDIT_ATTRIBUTE)
+    assert widget.dvhEditor.session is None and not widget.dvhEditor.editing and not _series(chart, EDIT_ATTRIBUTE)
     assert "DVH edits discarded" in ui.dvhStatusLabel.text
     finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0.5" and dose_node.GetAttribute("DoseAI.DesiredDVH") is None
@@ -403,7 +403,7 @@ def test_widget_says_why_dvh_editing_is_unavailable(preference_gui, scene, sampl
     """No DVH model: the Edit button is disabled with the reason; forced, the status line says it."""
     from doseai import predict
 
-    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", None)
+    monkeypatch.setattr(SHARED_SESSION, "dvhPredictor", None)
     monkeypatch.setattr(predict, "DEFAULT_DVH_MODEL", tmp_path / "dose_dvh_v3.pt")
     nodes_from_case(scene, sample)
     widget = preference_gui.make_widget()
@@ -411,4 +411,4 @@ def test_widget_says_why_dvh_editing_is_unavailable(preference_gui, scene, sampl
     assert not widget.ui.dvhEditButton.enabled and "DVH model is not found" in widget.ui.dvhEditButton.toolTip
     widget.ui.dvhEditButton.toggle()
     assert "DVH editing unavailable" in widget.ui.dvhStatusLabel.text and not widget.ui.dvhEditButton.checked
-    assert widget._dvhSession is None and not widget._dvhEditing
+    assert widget.dvhEditor.session is None and not widget.dvhEditor.editing

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from DosePreferenceLib import DosePreferenceLogic, missing_packages
+from DosePreferenceLib import SHARED_SESSION, DosePreferenceLogic, missing_packages
 from slicer_stand_ins import load_module_file, parameter_names, run_self_test, ui_widgets
 
 from doseai.dvh import compute_dvhs, structure_metrics
@@ -123,14 +123,13 @@ def test_dosepreference_ui_matches_module_file():
     assert fields == {
         "ctVolume": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode", "structureMapping": "str",
         "outputDose": "vtkMRMLScalarVolumeNode", "doseGridMm": "Annotated[float, WithinRange(0.0, 10.0)]",
-        "oarSparing": "Annotated[float, WithinRange(-1.0, 1.0)]",
-        "homogeneity": "Annotated[float, WithinRange(-1.0, 1.0)]", "showIsodose": "bool", "isodoseLevels": "str",
+        "showIsodose": "bool", "isodoseLevels": "str",
         "isodoseSegmentation": "vtkMRMLSegmentationNode", "referenceDose": "vtkMRMLScalarVolumeNode",
         "dvhChart": "vtkMRMLPlotChartNode", "metricsTable": "vtkMRMLTableNode", "exportFolder": "pathlib.Path"}
     bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
-                     "outputDose": "qMRMLNodeComboBox", "doseGridMm": "QDoubleSpinBox", "oarSparing": "ctkSliderWidget",
-                     "homogeneity": "ctkSliderWidget", "showIsodose": "QCheckBox",
+                     "outputDose": "qMRMLNodeComboBox", "doseGridMm": "QDoubleSpinBox",
+                     "showIsodose": "QCheckBox",
                      "referenceDose": "qMRMLNodeComboBox", "exportFolder": "ctkDirectoryButton"}
 
     # the isodose levels reach the parameter node when editing ends (the Widget connects editingFinished), so the
@@ -140,9 +139,8 @@ def test_dosepreference_ui_matches_module_file():
     def properties(name):
         return {p.get("name"): p[0].text for p in widgets[name].findall("property")}
 
-    for slider in ("oarSparingSlider", "homogeneitySlider"):  # range [-1, 1], step 0.05
-        assert {k: float(v) for k, v in properties(slider).items() if k in ("minimum", "maximum", "singleStep")} == \
-            {"minimum": -1.0, "maximum": 1.0, "singleStep": 0.05}
+    # the sliders are built from the model card into this container (Testing/mrml/test_dosepreference_conditions.py)
+    assert widgets["slidersWidget"].get("class") == "QWidget"
     # enabled by the Widget only when there is something to do
     for button in ("predictButton", "exportButton", "dvhEditButton", "dvhUndoButton", "dvhResetButton"):
         assert properties(button)["enabled"] == "false"
@@ -217,7 +215,7 @@ def test_dosepreference_module_file_loads_and_its_logic_works(monkeypatch, scene
 def test_dosepreference_self_test_runs_on_slicer_core(monkeypatch, scene, slider_model):
     """The self test's logic workflow (predict, slider, isodose, export, DVH edit) with the shipped models; its GUI
     part needs the Slicer application and is left out here."""
-    monkeypatch.setattr(DosePreferenceLogic, "_dvhPredictor", DosePreferenceLogic._dvhPredictor)  # restored afterwards
+    monkeypatch.setattr(SHARED_SESSION, "dvhPredictor", SHARED_SESSION.dvhPredictor)  # restored afterwards
     module = load_module_file(monkeypatch, scene, "DosePreference")
     outcome = run_self_test(module.DosePreferenceTest)
     assert outcome.wasSuccessful(), outcome.errors + outcome.failures

@@ -51,7 +51,7 @@ def test_mapping_table_round_trip_and_predict_gating(preference_gui, scene, samp
     oar_row = list(sample.structures).index("Brainstem")
     assert not table.item(oar_row, 3).flags() & Qt.ItemIsEditable  # no prescription for an OAR
     assert ui.predictButton.enabled and ui.mappingStatusLabel.text == ""
-    assert ui.oarSparingSlider.toolTip == "oar_sparing = w in [-1, 1] spares. 0 = typical. Range [-1, 1]."
+    assert widget.sliders.widgets["oar_sparing"].toolTip == "oar_sparing = w in [-1, 1] spares. 0 = typical. Range [-1, 1]."
 
     # the user edits a prescription and a name: both land in the parameter node (saved with the scene)
     table.edit(ptv_row, 3, "66,5")
@@ -107,7 +107,7 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     original, original_async = widget.logic.predict, widget.logic.predictAsync
     monkeypatch.setattr(widget.logic, "predict", lambda *a, **k: predictions.append(k) or original(*a, **k))
     monkeypatch.setattr(widget.logic, "predictAsync",
-                        lambda *a, **k: predictions.append({**k, "async": a[2:4]}) or original_async(*a, **k))
+                        lambda *a, **k: predictions.append({**k, "async": tuple(a[2].values())}) or original_async(*a, **k))
 
     ui.predictButton.click()
     dose_node = parameters.outputDose
@@ -120,13 +120,13 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     assert parameters.metricsTable.GetNumberOfRows() == len(sample.structures)
     assert isodose_levels(parameters.isodoseSegmentation) == [30, 50, 70, 80, 90, 95, 100, 105]
     assert ui.statusLabel.text.startswith("Predicted in") and ui.exportButton.enabled
-    assert "oar_sparing = w" in ui.oarSparingSlider.toolTip  # from the model card
+    assert "oar_sparing = w" in widget.sliders.widgets["oar_sparing"].toolTip  # from the model card
 
     # slider steps restart the single-shot timer; one prediction runs when it fires
     timer = widget._sliderTimer
     assert timer.interval == 150 and timer.singleShot_
     for value in (0.05, 0.1, 0.15, 0.5):
-        parameters.oarSparing = value
+        widget.sliders.widgets["oar_sparing"].value = value
     assert timer.active and timer.starts == 4 and len(predictions) == 1
     timer.fire()
     assert len(predictions) == 2 and predictions[1]["async"] == (0.5, 0.0)  # live: on the worker thread
@@ -138,11 +138,11 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     assert parameters.dvhChart is chart and ui.resetButton.enabled
 
     # a slider that moves while the worker computes: only the latest values are predicted next
-    parameters.oarSparing = 0.7
+    widget.sliders.widgets["oar_sparing"].value = 0.7
     timer.fire()
-    parameters.oarSparing = 0.8
+    widget.sliders.widgets["oar_sparing"].value = 0.8
     timer.fire()
-    parameters.oarSparing = 0.9
+    widget.sliders.widgets["oar_sparing"].value = 0.9
     timer.fire()
     assert len(predictions) == 3 and widget._sliderMovedWhileBusy
     finish_worker_update(widget)  # 0.7 shown, 0.9 started at once
@@ -151,7 +151,8 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
     assert len(predictions) == 4 and dose_node.GetAttribute("DoseAI.OarSparing") == "0.9"
 
     ui.resetButton.click()
-    assert (parameters.oarSparing, parameters.homogeneity) == (0.0, 0.0)
+    assert widget._sliderValues() == {"oar_sparing": 0.0, "homogeneity": 0.0}
+    assert [slider.value for slider in widget.sliders.widgets.values()] == [0.0, 0.0]
     timer.fire()
     finish_worker_update(widget)
     assert dose_node.GetAttribute("DoseAI.OarSparing") == "0" and not ui.resetButton.enabled
@@ -196,7 +197,7 @@ def test_predict_sliders_reset_reference_isodose_export(preference_gui, scene, s
 
     # a slider move after the output dose was changed by hand does not write into another node
     parameters.outputDose = None
-    parameters.homogeneity = 0.3
+    widget.sliders.widgets["homogeneity"].value = 0.3
     timer.fire()
     assert len(predictions) == 5 and widget._pending is None and dose_node.GetAttribute("DoseAI.Homogeneity") == "0"
 

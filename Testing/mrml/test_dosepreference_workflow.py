@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
 
-from DosePreferenceLib import DosePreferenceLogic, check_mapping, mapping_arguments, model_oars  # noqa: E402
+from DosePreferenceLib import SHARED_SESSION, DosePreferenceLogic, check_mapping, mapping_arguments, model_oars  # noqa: E402
 
 from doseai.mrml import REFERENCE_ATTRIBUTE, isodose_levels, nodes_from_case, volume_array  # noqa: E402
 from doseai.predict import DEFAULT_MODEL  # noqa: E402
@@ -27,9 +27,9 @@ WEIGHTS = Path(os.environ.get("DOSEAI_TEST_WEIGHTS") or DEFAULT_MODEL)
 def model():
     if not WEIGHTS.is_file():
         pytest.skip(f"model weights not found at {WEIGHTS}")
-    previous = DosePreferenceLogic._predictor
-    yield DosePreferenceLogic.predictor(weights=WEIGHTS, device="cpu")
-    DosePreferenceLogic._predictor = previous
+    previous = SHARED_SESSION.predictor
+    yield DosePreferenceLogic().predictor(weights=WEIGHTS, device="cpu")
+    SHARED_SESSION.predictor = previous
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_a_structure_unlike_the_training_cases_is_warned_of_not_fatal(scene, mod
 def test_the_dose_provenance_names_a_plan_level_scale():
     from types import SimpleNamespace
 
-    from DosePreferenceLib.logic import _calibrationText
+    from DosePreferenceLib.results import calibrationText as _calibrationText
 
     from doseai.calibration import DoseCalibration
 
@@ -148,5 +148,5 @@ def test_two_logic_instances_share_the_model_not_the_wrong_case(scene, model, sa
     first_a = volume_array(dose_a)
     logic_b.predict(*nodes_b[:2])
     again_a = logic_a.predict(*nodes_a[:2], doseNode=dose_a)
-    assert DosePreferenceLogic.predictor() is model
+    assert DosePreferenceLogic().predictor() is model
     np.testing.assert_array_equal(volume_array(again_a.doseNode), first_a)  # a's case again, not b's
