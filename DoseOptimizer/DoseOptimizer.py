@@ -61,6 +61,8 @@ from doseai.mrml.app import (  # noqa: E402
 
 
 class DoseOptimizer(ScriptedLoadableModule):
+    """The module's metadata: title, category, help and acknowledgement (what Slicer shows about it)."""
+
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Dose Optimizer"
@@ -157,6 +159,8 @@ class DoseOptimizerParameterNode:
 
 
 class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: inputs and plan settings bound to the parameter node, Optimize and the exports."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
@@ -165,6 +169,7 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
 
     def setup(self) -> None:
+        """Build the panel from the .ui file and connect the buttons and scene events (once, on first show)."""
         ScriptedLoadableModuleWidget.setup(self)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DoseOptimizer.ui"))
@@ -185,26 +190,32 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Stop observing when the application closes or the module is reloaded."""
         self.removeObservers()
 
     def enter(self) -> None:
+        """The module is shown: follow its parameter node again."""
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        """The module is hidden: let go of the parameter node's GUI connection until it is shown again."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """The scene is about to close: drop its parameter node and the last plan."""
         self.setParameterNode(None)
         self.logic.forget()  # the last plan's nodes are about to go
 
     def onSceneEndClose(self, caller, event) -> None:
+        """The scene closed: a new parameter node when the module is shown."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        """Follow the logic's parameter node, with the obvious inputs of the scene filled in where empty."""
         self.setParameterNode(self.logic.getParameterNode())
         parameters = self._parameterNode
         # save the user a few clicks: the obvious CT, segmentation and desired (predicted) dose
@@ -220,6 +231,7 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the GUI to ``inputParameterNode`` (None: to nothing) and observe its changes."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
@@ -232,6 +244,7 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """A parameter changed: the buttons and their tooltips follow."""
         self._updateButtons()
 
     def _updateButtons(self) -> None:
@@ -255,6 +268,7 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- actions -------------------------------------------------------------------------------------
     def onOptimizeButton(self) -> None:
+        """Install what is missing (after asking), optimize with a progress dialog, show the plan and its DVH."""
         from doseai.errors import CancelledError
 
         if not self._installPackages("optimize"):  # asks before the wait cursor, not under it
@@ -279,9 +293,11 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             show_dose_and_dvh(parameters.ctVolume, result.planDoseNode, result.chartNode, result.metricsTableNode)
 
     def onExportPlanButton(self) -> None:
+        """Write the last plan's files into the export folder."""
         self._export("plan", "export", self.logic.exportPlan)
 
     def onExportObjectivesButton(self) -> None:
+        """Write the last objectives (JSON, CSV) into the export folder."""
         self._export("objectives", "objectives", self.logic.exportObjectives)
 
     def _export(self, what: str, task: str, export) -> None:
@@ -318,6 +334,7 @@ class DoseOptimizerLogic(ScriptedLoadableModuleLogic, DoseOptimizerLib.DoseOptim
         DoseOptimizerLib.DoseOptimizerLogic.__init__(self)
 
     def getParameterNode(self):
+        """The module's parameter node, typed (:class:`DoseOptimizerParameterNode`)."""
         return DoseOptimizerParameterNode(super().getParameterNode())
 
     def dicomLookup(self):
@@ -340,6 +357,7 @@ class DoseOptimizerTest(ScriptedLoadableModuleTest):
     BEAMS, BIXEL_MM, ITERATIONS = 3, 10.0, 40
 
     def setUp(self):
+        """An empty scene for each test."""
         slicer.mrmlScene.Clear()
 
     def runTest(self):
@@ -371,6 +389,7 @@ class DoseOptimizerTest(ScriptedLoadableModuleTest):
         return case, nodes_from_case(slicer.mrmlScene, case)
 
     def test_OptimizeExport(self):
+        """The logic: optimize in both modes on the sample case (the second reuses the matrix), then export."""
         import numpy as np
 
         from doseai.errors import OutputExistsError

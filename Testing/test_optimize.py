@@ -16,7 +16,7 @@ from doseai.optimize import (
     objectives_from_dose, objectives_from_json, objectives_to_csv, objectives_to_dicts, objectives_to_json,
     objectives_to_terms, optimize_fluence, uniform_initial_weights, voxel_indices,
 )
-from doseai.optimize.fluence import _csr_parts_of, _transpose
+from doseai.optimize.fluence_setup import _csr_parts_of, _transpose
 
 SHAPE = (6, 8, 8)
 LATTICE = 4  # bixels per side per beam
@@ -188,7 +188,7 @@ def test_fluence_gradient_matches_autograd_and_screening_is_exact(problem):
 
 def test_objective_built_with_the_torch_path_matches_scipy(problem, monkeypatch):
     """On CUDA rows are gathered and transposed with torch ops; run that path on CPU."""
-    from doseai.optimize import fluence
+    from doseai.optimize import fluence_setup as fluence
 
     influence, _, masks = problem
     terms = _terms_for(masks)

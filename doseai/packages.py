@@ -45,10 +45,13 @@ PLAN_PACKAGES: dict[str, str] = {
     "jinja2": "jinja2",
     "safetensors": "safetensors",
     "numba": "numba>=0.61",
-    "threadpoolctl": "threadpoolctl>=3",  # one BLAS thread inside L-BFGS-B (doseai.optimize.fluence)
+    "threadpoolctl": "threadpoolctl>=3",  # one BLAS thread inside L-BFGS-B (doseai.optimize.fluence_solvers)
 }
+# PyDoseRT (the comparison dose engine) declares matplotlib, scikit-image, rt-utils and more it never needs
+# for dose: installed with --no-deps too, beside what it imports (see doseai.engine.pydosert_engine)
+PYDOSERT_REQUIREMENT = "pydosert==1.5.0"
 # requirements pip installs without their dependencies (``pip install --no-deps ...``)
-NO_DEPS_REQUIREMENTS: tuple[str, ...] = (PYRADPLAN_REQUIREMENT,)
+NO_DEPS_REQUIREMENTS: tuple[str, ...] = (PYRADPLAN_REQUIREMENT, PYDOSERT_REQUIREMENT)
 
 
 def installed_version(module: str, requirement: str) -> str | None:

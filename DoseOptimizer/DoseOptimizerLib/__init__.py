@@ -5,22 +5,25 @@
 """
 
 from .logic import (
-    MODES,
     OBJECTIVE_FILES,
+    PLAN_ENGINE,
     PLAN_MODE_ATTRIBUTE,
     TASK_PACKAGES,
     DoseOptimizerLogic,
-    OptimizationResult,
     missing_packages_for,
     require_packages,
 )
+from .optimization import MODES, DisplayTargets, OptimizationRequest, OptimizationResult
 
 __all__ = [
     "MODES",
     "OBJECTIVE_FILES",
+    "PLAN_ENGINE",
     "PLAN_MODE_ATTRIBUTE",
     "TASK_PACKAGES",
+    "DisplayTargets",
     "DoseOptimizerLogic",
+    "OptimizationRequest",
     "OptimizationResult",
     "missing_packages_for",
     "require_packages",

@@ -1,9 +1,9 @@
 """DoseOptimizer logic without Qt: MRML nodes in, ``doseai.optimize`` call, MRML nodes out.
 
-``doseai``'s heavy parts (torch, pyRadPlan) are imported inside the methods, so that the module loads
-in Slicer even before a missing Python package is installed (that happens when the user first clicks
-Optimize, never at import); only ``doseai.packages`` and ``doseai.mrml`` (numpy, SimpleITK, VTK:
-bundled with Slicer) load with it.
+``doseai``'s heavy parts (torch, the dose engine's library) are imported inside the methods, so that the
+module loads in Slicer even before a missing Python package is installed (that happens when the user first
+clicks Optimize, never at import); only ``doseai.packages``, the dose engines' contract and registry and
+``doseai.mrml`` (numpy, SimpleITK, VTK: bundled with Slicer) load with it.
 """
 
 from __future__ import annotations
@@ -11,39 +11,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from doseai.engine.registry import DEFAULT_ENGINE, engine_class
 from doseai.errors import DoseAIError, MissingPackageError, OutputExistsError
 from doseai.mrml.dicom import Lookup, dicom_reference
-from doseai.mrml.plots import DVHResult
-from doseai.packages import (
-    BASE_PACKAGES,
-    PLAN_PACKAGES,
-    PYRADPLAN_REQUIREMENT,
-    TORCH_REQUIREMENT,
-    missing_packages,
-    pip_commands,
-)
+from doseai.packages import BASE_PACKAGES, PLAN_PACKAGES, TORCH_REQUIREMENT, missing_packages, pip_commands
 
-MODES = ("mimic", "objectives")  # doseai.optimize.plan.MODES (not imported here: it needs torch)
+from .optimization import DisplayTargets, OptimizationRequest, OptimizationResult, Progress
 PLAN_MODE_ATTRIBUTE = "DoseAI.PlanMode"  # on plan dose volumes: the mode they were optimized with
 PLAN_BEAMS_ATTRIBUTE = "DoseAI.PlanBeams"
 PLAN_BIXEL_ATTRIBUTE = "DoseAI.PlanBixelWidthMm"
 PLAN_ENGINE_ATTRIBUTE = "DoseAI.PlanEngine"
 PREDICTION_ATTRIBUTE = "DoseAI.Model"  # set by DosePreference on predicted doses
 
-# what each action needs (import name -> pip requirement); numpy and SimpleITK come with Slicer
+PLAN_ENGINE = engine_class(DEFAULT_ENGINE)  # the dose engine the module plans with
+
+# what each action needs (import name -> pip requirement); numpy and SimpleITK come with Slicer. The optimizer
+# needs torch, tqdm and scipy (L-BFGS-B), the dose engine what its requirements say.
 TASK_PACKAGES: dict[str, dict[str, str]] = {
     "objectives": {**BASE_PACKAGES, "torch": TORCH_REQUIREMENT, "scipy": PLAN_PACKAGES["scipy"]},
-    "optimize": {**BASE_PACKAGES, "torch": TORCH_REQUIREMENT, "tqdm": "tqdm>=4.60", **PLAN_PACKAGES,
-                 "pyRadPlan": PYRADPLAN_REQUIREMENT},
+    "optimize": {**BASE_PACKAGES, "torch": TORCH_REQUIREMENT, "tqdm": "tqdm>=4.60", "scipy": PLAN_PACKAGES["scipy"],
+                 **PLAN_ENGINE.requirements.packages},
     "export": {**BASE_PACKAGES, "pydicom": "pydicom>=2.4", "matplotlib": "matplotlib>=3.7"},
 }
 OBJECTIVE_FILES = ("objectives.json", "objectives.csv")  # what exportObjectives writes
-
-Progress = Callable[[str, int], None]  # (what is being done, percent done)
 
 
 def missing_packages_for(task: str) -> list[str]:
@@ -56,46 +50,12 @@ def require_packages(task: str) -> None:
     missing = missing_packages_for(task)
     if not missing:
         return
-    engine = " pyRadPlan (the dose engine) is not installed." if PYRADPLAN_REQUIREMENT in missing else ""
+    engine = (f" {PLAN_ENGINE.label} (the dose engine) is not installed."
+              if PLAN_ENGINE.requirements.library_requirement in missing else "")
     commands = "; ".join(f"slicer.util.pip_install('{command}')" for command in pip_commands(missing))
     raise MissingPackageError(
         f"Missing Python packages: {', '.join(missing)}.{engine} The Dose Optimizer module installs them when "
         f"you first click Optimize (after asking); from the Python console: {commands}")
-
-
-@dataclass
-class OptimizationResult:
-    """What :meth:`DoseOptimizerLogic.optimize` made: the plan dose node, its DVH (chart with the desired
-    dose dashed, metrics table), the objectives (those optimized for in "objectives" mode, those derived
-    from the desired dose for a TPS in "mimic" mode), the core's :class:`~doseai.optimize.plan.PlanResult`,
-    the desired dose on the CT grid and the timings (s)."""
-
-    planDoseNode: object
-    dvh: DVHResult
-    objectives: list
-    plan: object
-    desiredDose: object
-    influenceReused: bool
-    meanAbsoluteDifferenceGy: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def chartNode(self):
-        return self.dvh.chartNode
-
-    @property
-    def metricsTableNode(self):
-        return self.dvh.metricsTableNode
-
-    @property
-    def case(self):
-        return self.dvh.case
-
-    def summary(self) -> str:
-        reused = " (dose-influence matrix reused)" if self.influenceReused else ""
-        return (f"Optimized ({self.plan.settings.mode}): {self.plan.summary()}{reused}; "
-                f"{self.timings.get('total_s', 0):.1f} s in all. Mean |plan - desired| in the body "
-                f"{self.meanAbsoluteDifferenceGy:.2f} Gy. {self.dvh.summary()}")
 
 
 @dataclass
@@ -111,8 +71,8 @@ class _LastPlan:
 
 class DoseOptimizerLogic:
     """From a desired dose (e.g. the one predicted in DosePreference) to a plan: beams, dose-influence
-    matrix (pyRadPlan), fluence optimization, the plan's dose as an RT dose volume and its DVH beside the
-    desired one. Usable without the module GUI, in the Slicer Python console or a batch script::
+    matrix (the dose engine, :data:`PLAN_ENGINE`), fluence optimization, the plan's dose as an RT dose volume
+    and its DVH beside the desired one. Usable without the module GUI, in the Slicer Python console or a batch script::
 
         logic = DoseOptimizerLogic()
         result = logic.optimize(ctNode, segNode, desiredDoseNode, mode="mimic", numberOfBeams=9)
@@ -121,7 +81,7 @@ class DoseOptimizerLogic:
 
     def __init__(self) -> None:
         self.dvhBinWidthGy = 0.1
-        self.lateralCutoffMm = 50.0  # pyRadPlan's lateral cut-off around each bixel's ray
+        self.lateralCutoffMm = 50.0  # the lateral cut-off around each bixel's ray, for engines that have one
         self.workingSpacingMm = 5.0  # voxel size of the grid the dose engine and optimizer work on
         self._last: _LastPlan | None = None
         self._objectives: list | None = None
@@ -231,6 +191,7 @@ class DoseOptimizerLogic:
 
     @classmethod
     def clearCache(cls) -> None:
+        """Drop the cached dose-influence matrix (the next optimization runs the dose engine)."""
         DoseOptimizerLogic._influenceCache = None
 
     @staticmethod
@@ -263,14 +224,8 @@ class DoseOptimizerLogic:
         DoseOptimizerLogic._influenceCache = None  # free the old matrix before computing the next
         beams = default_beams(case, n_beams=settings.n_beams, bixel_width_mm=settings.bixel_width_mm)
         report(f"Computing the dose-influence matrix ({settings.n_beams} beams, {settings.bixel_width_mm:g} mm "
-               "bixels, pyRadPlan)", 15)
-        try:
-            influence = make_engine(settings).compute(case, beams, progress=False)
-        except ValueError as error:  # pyRadPlan 0.5 fails like this when rays of some bixels miss the patient
-            raise DoseAIError(
-                f"pyRadPlan's dose engine failed ({error}). This happens when beam rays miss the patient, e.g. "
-                "when a target reaches the first or last CT slice: use a CT that extends beyond the targets "
-                "(a few centimetres), or other bixel widths or beam numbers") from error
+               f"bixels, {engine_class(settings.engine).label})", 15)
+        influence = make_engine(settings).compute(case, beams, progress=False)  # DoseEngineError says what to do
         DoseOptimizerLogic._influenceCache = (key, influence.beams, influence)
         return influence.beams, influence, False
 
@@ -301,65 +256,95 @@ class DoseOptimizerLogic:
         beams again (e.g. in the other mode) skips the dose engine. ``progress(text, percent)`` is told
         what is being done. Segments are matched to structure names (``overrides``: segment name ->
         canonical name or None); target prescriptions come from the names or ``prescriptions``.
+
+        The keyword form of :meth:`run` (which takes an :class:`OptimizationRequest` and :class:`DisplayTargets`).
         """
+        request = OptimizationRequest(ctNode, segNode, desiredDoseNode, mode, numberOfBeams, bixelWidthMm,
+                                      maxIterations, overrides, prescriptions)
+        return self.run(request, DisplayTargets(planDoseNode, chartNode, metricsTableNode), progress)
+
+    def run(self, request: OptimizationRequest, targets: DisplayTargets | None = None,
+            progress: Progress | None = None) -> OptimizationResult:
+        """Optimize the plan ``request`` asks for and show it in ``targets`` (new nodes where None), see
+        :meth:`optimize`."""
         report = progress or (lambda text, percent: None)
-        reason = self.missingInputs(ctNode, segNode, desiredDoseNode) or self.outputProblem(planDoseNode,
-                                                                                            desiredDoseNode)
+        targets = targets or DisplayTargets()
+        reason = (self.missingInputs(request.ctNode, request.segNode, request.desiredDoseNode)
+                  or self.outputProblem(targets.planDoseNode, request.desiredDoseNode) or request.modeProblem())
         if reason:
             raise DoseAIError(reason)
-        if mode not in MODES:
-            raise DoseAIError(f"Unknown optimization mode '{mode}': choose one of {', '.join(MODES)}")
-        from doseai.mrml import create_or_update_dose_node, dose_on_grid, show_case_dvh
-
         start = time.perf_counter()
-        timings: dict[str, float] = {}
         report("Preparing the case (structures and desired dose on the CT grid)", 5)
-        case = self._case(ctNode, segNode, overrides, prescriptions)
-        desired = dose_on_grid(desiredDoseNode, case.geometry, "desired dose")
-        require_packages("optimize")
-        from doseai.optimize.from_dose import objectives_from_dose
-        from doseai.optimize.plan import PlanSettings, mean_difference_in_body, plan_from_dose
-        from doseai.report import case_dvhs
-
-        settings = PlanSettings(mode=mode, n_beams=int(numberOfBeams), bixel_width_mm=float(bixelWidthMm),
-                                lateral_cutoff_mm=self.lateralCutoffMm, working_spacing_mm=self.workingSpacingMm,
-                                max_iterations=int(maxIterations))
-        timings["case_s"] = time.perf_counter() - start
+        case, desired, settings = self._prepare(request)
+        timings = {"case_s": time.perf_counter() - start}
 
         step = time.perf_counter()
         beams, influence, reused = self._influence(case, settings, report)
         timings["engine_s"] = 0.0 if reused else time.perf_counter() - step
 
         step = time.perf_counter()
-        report(f"Optimizing the fluences ({mode})", 55)
+        report(f"Optimizing the fluences ({request.mode})", 55)
+        from doseai.optimize.plan import mean_difference_in_body, plan_from_dose
+
         plan = plan_from_dose(case, desired, settings, beams=beams, influence=influence, progress=False)
         plan.timings_s["engine_s"] = timings["engine_s"]
         timings["optimize_s"] = time.perf_counter() - step
 
         step = time.perf_counter()
         report("Updating the plan dose volume and the DVH", 90)
-        name = planDoseNode.GetName() if planDoseNode is not None else f"{ctNode.GetName()} plan"
-        planDoseNode = create_or_update_dose_node(ctNode.GetScene(), plan.dose, case.geometry, name, ctNode=ctNode,
-                                                  node=planDoseNode, display_max_gy=1.1 * case.max_prescription)
-        planDoseNode.SetAttribute(PLAN_MODE_ATTRIBUTE, mode)
-        planDoseNode.SetAttribute(PLAN_BEAMS_ATTRIBUTE, str(len(beams.gantry_angles_deg)))
-        planDoseNode.SetAttribute(PLAN_BIXEL_ATTRIBUTE, f"{beams.bixel_width_mm:g}")
-        planDoseNode.SetAttribute(PLAN_ENGINE_ATTRIBUTE, str(plan.engine_card.get("name", settings.engine)))
-        dvh = show_case_dvh(case, plan.dose, segNode, name, overrides, chartNode, metricsTableNode,
-                            reference=case_dvhs(case, desired, bin_width_gy=self.dvhBinWidthGy),
-                            reference_label="desired", bin_width_gy=self.dvhBinWidthGy)
-        objectives = plan.objectives or objectives_from_dose(desired, case.structures, case.prescriptions,
-                                                             settings.rules)
+        planDoseNode, dvh = self._show(request, targets, case, desired, plan)
+        objectives = plan.objectives or self._objectivesOf(case, desired, settings)
         timings["display_s"] = time.perf_counter() - step
         timings["total_s"] = time.perf_counter() - start
 
-        self._last = _LastPlan(case, desired, plan, ctNode, segNode)
+        self._last = _LastPlan(case, desired, plan, request.ctNode, request.segNode)
         self._objectives = objectives
         result = OptimizationResult(planDoseNode, dvh, objectives, plan, desired, reused,
                                     mean_difference_in_body(case, plan.dose, desired), timings)
         logging.info(f"DoseOptimizer: {result.summary()}")
         report("Done", 100)
         return result
+
+    def _prepare(self, request: OptimizationRequest):
+        """``(case, desired dose on the CT grid, PlanSettings)``; checks the packages first."""
+        from doseai.mrml import dose_on_grid
+
+        case = self._case(request.ctNode, request.segNode, request.overrides, request.prescriptions)
+        desired = dose_on_grid(request.desiredDoseNode, case.geometry, "desired dose")
+        require_packages("optimize")
+        from doseai.optimize.plan import PlanSettings
+
+        settings = PlanSettings(mode=request.mode, engine=PLAN_ENGINE.key, n_beams=request.numberOfBeams,
+                                bixel_width_mm=request.bixelWidthMm, lateral_cutoff_mm=self.lateralCutoffMm,
+                                working_spacing_mm=self.workingSpacingMm, max_iterations=request.maxIterations)
+        return case, desired, settings
+
+    def _show(self, request: OptimizationRequest, targets: DisplayTargets, case, desired, plan):
+        """``(plan dose node, DVHResult)``: the plan's dose in ``targets.planDoseNode`` (or a new RT dose
+        volume) tagged with how it was made, its DVH beside the desired one and its metrics."""
+        from doseai.mrml import create_or_update_dose_node, show_case_dvh
+        from doseai.report import case_dvhs
+
+        ctNode = request.ctNode
+        name = targets.planDoseNode.GetName() if targets.planDoseNode is not None else f"{ctNode.GetName()} plan"
+        node = create_or_update_dose_node(ctNode.GetScene(), plan.dose, case.geometry, name, ctNode=ctNode,
+                                          node=targets.planDoseNode, display_max_gy=1.1 * case.max_prescription)
+        node.SetAttribute(PLAN_MODE_ATTRIBUTE, request.mode)
+        node.SetAttribute(PLAN_BEAMS_ATTRIBUTE, str(len(plan.beams.gantry_angles_deg)))
+        node.SetAttribute(PLAN_BIXEL_ATTRIBUTE, f"{plan.beams.bixel_width_mm:g}")
+        node.SetAttribute(PLAN_ENGINE_ATTRIBUTE, str(plan.engine_card.get("name", plan.settings.engine)))
+        reference = case_dvhs(case, desired, bin_width_gy=self.dvhBinWidthGy)
+        dvh = show_case_dvh(case, plan.dose, request.segNode, name, request.overrides, targets.chartNode,
+                            targets.metricsTableNode, reference=reference, reference_label="desired",
+                            bin_width_gy=self.dvhBinWidthGy)
+        return node, dvh
+
+    @staticmethod
+    def _objectivesOf(case, desired, settings) -> list:
+        """The TPS objectives of the desired dose (what a "mimic" plan exports beside its dose)."""
+        from doseai.optimize.from_dose import objectives_from_dose
+
+        return objectives_from_dose(desired, case.structures, case.prescriptions, settings.rules)
 
     # --- export ----------------------------------------------------------------------------------
     def dicomLookup(self) -> Lookup | None:

@@ -111,11 +111,12 @@ def demo_dvh_edit(case, out: Path, device: str, force: bool, weights: Path | Non
 
 def _demo_plan(case, out: Path, force: bool) -> None:
     """The predicted dose turned into a 9-beam plan (10 mm bixels keep it to about half a minute)."""
-    import importlib.util
+    from doseai.engine.registry import DEFAULT_ENGINE, engine_class
 
-    if importlib.util.find_spec("pyRadPlan") is None:  # ENGINES
-        print("note: no plan optimized: the dose engine needs pyRadPlan (pip install -e '.[plan]' && "
-              "pip install --no-deps pyradplan==0.5.0)", file=sys.stderr)
+    engine = engine_class(DEFAULT_ENGINE)
+    if not engine.is_installed():
+        print(f"note: no plan optimized: the dose engine needs {engine.label} ({engine.requirements.install_hint})",
+              file=sys.stderr)
         return
     from doseai.optimize.outputs import write_plan
     from doseai.optimize.plan import PlanSettings, plan_from_dose

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from doseai.cli.common import add_case, add_force, case_and_desired_dose, report
+from doseai.engine.registry import DEFAULT_ENGINE, engine_names
 from doseai.output_paths import check_output_folder
 
 
@@ -18,7 +19,8 @@ def add_parsers(sub) -> None:
     optimize.add_argument("--out", required=True, help="output folder")
     optimize.add_argument("--mode", default="mimic", choices=["mimic", "objectives"],
                           help="voxel-wise dose mimicking, or the DVH objectives derived from the dose")
-    optimize.add_argument("--engine", default="pyradplan", choices=["pyradplan", "pydosert"])  # ENGINES
+    optimize.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names(),
+                          help="dose engine (default: %(default)s)")
     optimize.add_argument("--beams", type=int, default=9, help="equispaced coplanar beams (default: %(default)s)")
     optimize.add_argument("--bixel-mm", type=float, default=5.0, help="bixel width (default: %(default)s mm)")
     optimize.add_argument("--lateral-cutoff-mm", type=float, default=50.0,

@@ -1,30 +1,55 @@
-"""Photon dose engines behind one contract: ``engine.compute(case, beams) -> DoseInfluence``.
+"""Photon dose engines behind one contract (:class:`DoseEngine`): ``engine.compute(case, beams) -> DoseInfluence``.
 
 ``get_engine("pyradplan")`` (default) is pyRadPlan's SVD pencil beam (matRad's algorithm, 6 MV generic
 machine); ``get_engine("pydosert")`` is PyDoseRT's differentiable pencil-beam convolution (10 MV
-presets), kept for comparison. Each engine's ``card()`` says what it models and what it does not.
-Both libraries are optional: they are imported when an engine computes, not when this package loads.
+presets), kept for comparison; :mod:`doseai.engine.registry` is where engines are listed. Each engine's
+``card()`` says what it models and what it does not, its class what it needs installed.
+
+The contract, the registry and the engine classes load without torch or an engine library (a Slicer
+module reads the requirements before installing them); the names that need torch or scipy (beams, the
+influence matrix, PyDoseRT's model) load on first use.
 """
 
-from doseai.engine.beams import beam_rotation, bixel_layout, default_beams, target_centroid_lps, target_union
-from doseai.engine.influence import BeamSet, DoseInfluence, torch_csr_from_scipy
-from doseai.engine.pydosert_engine import PyDoseRTEngine, PyDoseRTModel
+from __future__ import annotations
+
+import importlib
+
+from doseai.engine.contract import (
+    DoseEngine,
+    DoseEngineError,
+    EngineOption,
+    EngineRequirements,
+    EngineUnavailableError,
+)
+from doseai.engine.pydosert_engine import PyDoseRTEngine
 from doseai.engine.pyradplan_engine import PyRadPlanEngine
+from doseai.engine.registry import DEFAULT_ENGINE, engine_class, engine_names, get_engine, register_engine
 from doseai.engine.working_grid import body_mask, dose_to_case_grid, to_working_grid, working_geometry
 
-ENGINES = {"pyradplan": PyRadPlanEngine, "pydosert": PyDoseRTEngine}
+# name -> submodule, imported when the name is first asked for (they import torch or scipy)
+_LAZY = {
+    "beam_rotation": "beams", "bixel_layout": "beams", "default_beams": "beams", "target_centroid_lps": "beams",
+    "target_union": "beams", "BeamSet": "influence", "DoseInfluence": "influence",
+    "torch_csr_from_scipy": "influence", "PyDoseRTModel": "pydosert_model",
+}
 
 
-def get_engine(name: str = "pyradplan", **options):
-    """A dose engine by name ('pyradplan' or 'pydosert'); ``options`` go to its constructor."""
-    try:
-        return ENGINES[name.lower()](**options)
-    except KeyError:
-        raise ValueError(f"unknown dose engine '{name}'; choose one of {sorted(ENGINES)}") from None
+def __getattr__(name: str):
+    """The names of :data:`_LAZY`, from their submodule on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [
-    "BeamSet", "DoseInfluence", "PyRadPlanEngine", "PyDoseRTEngine", "PyDoseRTModel", "ENGINES", "get_engine",
-    "default_beams", "bixel_layout", "beam_rotation", "target_union", "target_centroid_lps",
-    "working_geometry", "to_working_grid", "dose_to_case_grid", "body_mask", "torch_csr_from_scipy",
+    "DoseEngine", "DoseEngineError", "EngineOption", "EngineRequirements", "EngineUnavailableError",
+    "DEFAULT_ENGINE", "register_engine", "engine_names", "engine_class", "get_engine",
+    "PyRadPlanEngine", "PyDoseRTEngine", "working_geometry", "to_working_grid", "dose_to_case_grid", "body_mask",
+    *_LAZY,
 ]

@@ -35,6 +35,7 @@ class BeamSet:
 
     @property
     def couches(self) -> tuple[float, ...]:
+        """One couch angle per beam (0 where none were given)."""
         return self.couch_angles_deg or tuple(0.0 for _ in self.gantry_angles_deg)
 
 
@@ -62,9 +63,11 @@ class DoseInfluence:
 
     @property
     def n_bixels(self) -> int:
+        """The number of bixels (matrix columns)."""
         return int(self.matrix.shape[1])
 
     def to(self, device: str | torch.device) -> "DoseInfluence":
+        """The same influence with its matrix on ``device``."""
         return DoseInfluence(self.matrix.to(device), self.geometry, self.beams, self.bixel_beam,
                              self.bixel_position_mm, self.engine, dict(self.timings_s))
 

@@ -12,13 +12,20 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
-from doseai.case import PlanningCase
-from doseai.engine.influence import BeamSet, DoseInfluence, torch_csr_from_scipy
+
+from doseai.engine.contract import DoseEngine, DoseEngineError, EngineRequirements
 from doseai.engine.working_grid import body_mask, to_working_grid
 from doseai.errors import GeometryMismatchError
+from doseai.packages import PLAN_PACKAGES, PYRADPLAN_REQUIREMENT
+
+if TYPE_CHECKING:  # torch loads with DoseInfluence: not before an engine computes
+    from doseai.case import PlanningCase
+    from doseai.engine.influence import BeamSet, DoseInfluence
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +39,34 @@ def _quiet():
         yield
 
 
-class PyRadPlanEngine:
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    """pyRadPlan 0.5 raises a bare ValueError when the rays of some bixels miss the patient: say what to do."""
+    try:
+        yield
+    except ValueError as error:
+        raise DoseEngineError(
+            f"pyRadPlan's dose engine failed ({error}). This happens when beam rays miss the patient, e.g. "
+            "when a target reaches the first or last CT slice: use a CT that extends beyond the targets "
+            "(a few centimetres), or other bixel widths or beam numbers") from error
+
+
+class PyRadPlanEngine(DoseEngine):
     """pyRadPlan's ``PhotonPencilBeamSVDEngine`` on the working grid.
 
     ``working_spacing_mm``: voxel size of the working grid (None: the case grid as it is, which must then
     be axis-aligned). ``lateral_cutoff_mm``: pyRadPlan's geometric lateral cut-off around each bixel's ray.
-    ``crop_to_body``: the working grid covers
-    the body plus 10 mm only.
+    ``crop_to_body``: the working grid covers the body plus 10 mm only.
     """
 
+    key = "pyradplan"
     name = "pyradplan-svdpb"
+    label = "pyRadPlan"
+    description = "pyRadPlan's photon pencil beam with SVD kernels (matRad's algorithm), generic 6 MV machine"
+    # pyRadPlan goes in with --no-deps (doseai.packages.NO_DEPS_REQUIREMENTS), beside what its dose engine imports
+    requirements = EngineRequirements(
+        library="pyRadPlan", packages={**PLAN_PACKAGES, "pyRadPlan": PYRADPLAN_REQUIREMENT},
+        install_hint=f"pip install -e '.[plan]' && pip install --no-deps {PYRADPLAN_REQUIREMENT}")
 
     def __init__(self, working_spacing_mm: float | None = 5.0, machine: str = "Generic",
                  lateral_cutoff_mm: float = 50.0, crop_to_body: bool = True):
@@ -90,6 +115,7 @@ class PyRadPlanEngine:
 
     # --- conversion to pyRadPlan ----------------------------------------------------------------
     def working_case(self, case: PlanningCase) -> PlanningCase:
+        """The case on the working grid (resampled and cropped to the body, or as it is without a spacing)."""
         if self.working_spacing_mm is None:
             if not np.allclose(case.geometry.direction_matrix, np.eye(3), atol=1e-6):
                 raise GeometryMismatchError(
@@ -130,6 +156,7 @@ class PyRadPlanEngine:
         return ct, cst, pln
 
     def generate_stf(self, ct, cst, pln, progress: bool = False):
+        """pyRadPlan's steering information (beams, rays, bixels) for its inputs."""
         from pyRadPlan import validate_stf
         from pyRadPlan.stf.generators import get_generator
 
@@ -139,6 +166,7 @@ class PyRadPlanEngine:
             return validate_stf(generator.generate(ct, cst))
 
     def dose_engine(self, pln, progress: bool = False):
+        """pyRadPlan's dose engine for the plan (its SVD pencil beam)."""
         from pyRadPlan.dose.engines import get_engine
 
         with _quiet():
@@ -152,6 +180,8 @@ class PyRadPlanEngine:
 
         (Sharing the beams out to two processes was tried: on 2 cores it was slower, 110 s against 78-97 s
         for an OpenKBP case, so pyRadPlan runs in this process.)"""
+        from doseai.engine.influence import DoseInfluence, torch_csr_from_scipy
+
         timings = {}
         start = time.perf_counter()
         import pyRadPlan  # noqa: F401 - a few seconds on first use, kept out of the other timings
@@ -159,11 +189,13 @@ class PyRadPlanEngine:
         timings["import_s"] = time.perf_counter() - start
         start = time.perf_counter()
         work = self.working_case(case)
-        ct, cst, pln = self.pyradplan_inputs(work, beams)
+        with _library_errors():
+            ct, cst, pln = self.pyradplan_inputs(work, beams)
         timings["prepare_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        stf = self.generate_stf(ct, cst, pln, progress)
+        with _library_errors():
+            stf = self.generate_stf(ct, cst, pln, progress)
         timings["stf_s"] = time.perf_counter() - start
         energies = {float(beamlet.energy) for beam in stf.beams for ray in beam.rays for beamlet in ray.beamlets}
         used = energies.pop() if len(energies) == 1 else float(beams.energy_mv)
@@ -173,9 +205,10 @@ class PyRadPlanEngine:
             beams = dataclasses.replace(beams, energy_mv=used)
 
         start = time.perf_counter()
-        engine = self.dose_engine(pln, progress)
-        with _quiet():
-            dij = engine.calc_dose_influence(ct, cst, stf)
+        with _library_errors():
+            engine = self.dose_engine(pln, progress)
+            with _quiet():
+                dij = engine.calc_dose_influence(ct, cst, stf)
         timings["dij_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

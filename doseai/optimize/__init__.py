@@ -1,7 +1,11 @@
 """Fluence-map optimization on a dose-influence matrix, and objectives derived from a (predicted) dose.
 
 * :mod:`~doseai.optimize.objectives`: objective terms (torch) on the flat dose of the working grid.
-* :mod:`~doseai.optimize.fluence`: :func:`optimize_fluence` (L-BFGS-B or projected Adam) -> :class:`FluenceResult`.
+* :mod:`~doseai.optimize.fluence`: :func:`optimize_fluence` (L-BFGS-B or projected Adam) -> :class:`FluenceResult`;
+  its parts: :mod:`~doseai.optimize.fluence_setup` (matrix rows, initial weights),
+  :mod:`~doseai.optimize.fluence_objective` (value and gradient with row screening) and
+  :mod:`~doseai.optimize.fluence_solvers`.
+* :mod:`~doseai.optimize.plan`: from a desired dose to a plan through a dose engine of :mod:`doseai.engine`.
 * :mod:`~doseai.optimize.from_dose`: DVH objectives from a predicted dose (TPS export, torch terms) and
   dose-mimicking objective sets.
 """

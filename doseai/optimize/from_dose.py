@@ -91,6 +91,7 @@ class FromDoseRules:
             raise ValueError(f"volume levels must lie in (0, 100) %, got {self.volume_levels}")
 
     def margin(self, dose_gy: float) -> float:
+        """The OAR margin (Gy) below a dose: the larger of the fixed and the proportional one."""
         return max(self.oar_margin_gy, self.oar_margin_fraction * dose_gy)
 
 
@@ -228,6 +229,7 @@ def objectives_to_json(objectives: Sequence[PlanObjective], path, force: bool = 
 
 
 def objectives_from_json(path) -> list[PlanObjective]:
+    """The objectives of a file written by :func:`objectives_to_json`."""
     document = json.loads(Path(path).read_text())
     return [PlanObjective(**item) for item in document["objectives"]]
 

@@ -114,6 +114,7 @@ class ObjectiveTerm:
 
     @property
     def n_voxels(self) -> int:
+        """The number of voxels the term reads."""
         return int(self.voxels.numel())
 
     def to(self, device: str | torch.device) -> "ObjectiveTerm":
@@ -126,9 +127,11 @@ class ObjectiveTerm:
 
     @property
     def label(self) -> str:
+        """"structure: description", e.g. for a table of term values."""
         return f"{self.structure}: {self.describe()}"
 
     def describe(self) -> str:
+        """The term's goal in a few words (e.g. "V30Gy <= 50%")."""
         return self.kind
 
     def inactive_below(self) -> float | torch.Tensor | None:
@@ -144,6 +147,7 @@ class ObjectiveTerm:
 
     # --- serialisation ------------------------------------------------------------------------------
     def parameters(self) -> dict[str, Any]:
+        """The term's own fields (beyond structure, voxels and priority) by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in ("structure", "voxels", "priority")}
 
@@ -169,14 +173,8 @@ def _squared(residual: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class _DoseLevelTerm(ObjectiveTerm):
-    dose_gy: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.dose_gy = float(self.dose_gy)
-        if not np.isfinite(self.dose_gy) or self.dose_gy < 0:
-            raise ValueError(f"dose level of the objective on '{self.structure}' must be >= 0 Gy, got {self.dose_gy}")
+class _SquaredResidualTerm(ObjectiveTerm):
+    """sum(residual^2) / n over the term's voxels, for the residual a subclass defines."""
 
     def _residual(self, dose: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -188,50 +186,70 @@ class _DoseLevelTerm(ObjectiveTerm):
         residual = self._residual(dose)
         return _squared(residual), residual * (2.0 * _normaliser(dose))
 
+
+@dataclass(eq=False)
+class _DoseLevelTerm(_SquaredResidualTerm):
+    dose_gy: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dose_gy = float(self.dose_gy)
+        if not np.isfinite(self.dose_gy) or self.dose_gy < 0:
+            raise ValueError(f"dose level of the objective on '{self.structure}' must be >= 0 Gy, got {self.dose_gy}")
+
     def describe(self) -> str:
         return f"{self.kind} {self.dose_gy:g} Gy"
 
 
 @dataclass(eq=False)
-class SquaredUnderdose(_DoseLevelTerm):
+class _SidedTerm(_DoseLevelTerm):
+    """A term on the side(s) of ``dose_gy`` that ``penalised`` names: "below" (a dose to reach), "above" (a
+    limit: voxels below it add nothing) or "both"."""
+
+    penalised: ClassVar[str] = "both"
+
+    def lower_dose_goal(self):
+        return None if self.penalised == "above" else self.dose_gy
+
+    def inactive_below(self):
+        return self.dose_gy if self.penalised == "above" else None
+
+
+@dataclass(eq=False)
+class _SquaredLevelTerm(_SidedTerm):
+    """The squared difference to ``dose_gy`` of the doses on the penalised side(s) of it."""
+
+    def _residual(self, dose):
+        residual = dose - self.dose_gy
+        if self.penalised == "below":
+            return torch.clamp(residual, max=0.0)
+        return torch.clamp(residual, min=0.0) if self.penalised == "above" else residual
+
+
+@dataclass(eq=False)
+class SquaredUnderdose(_SquaredLevelTerm):
     """Penalise dose below ``dose_gy`` (a "min dose" objective)."""
 
     kind: ClassVar[str] = "squared_underdose"
     tps_type: ClassVar[str] = "min"
-
-    def _residual(self, dose):
-        return torch.clamp(dose - self.dose_gy, max=0.0)
-
-    def lower_dose_goal(self):
-        return self.dose_gy
+    penalised: ClassVar[str] = "below"
 
 
 @dataclass(eq=False)
-class SquaredOverdose(_DoseLevelTerm):
+class SquaredOverdose(_SquaredLevelTerm):
     """Penalise dose above ``dose_gy`` (a "max dose" objective)."""
 
     kind: ClassVar[str] = "squared_overdose"
     tps_type: ClassVar[str] = "max"
-
-    def _residual(self, dose):
-        return torch.clamp(dose - self.dose_gy, min=0.0)
-
-    def inactive_below(self):
-        return self.dose_gy
+    penalised: ClassVar[str] = "above"
 
 
 @dataclass(eq=False)
-class SquaredDeviation(_DoseLevelTerm):
+class SquaredDeviation(_SquaredLevelTerm):
     """Penalise any deviation from ``dose_gy`` (uniform dose; TG-119's target objective in pyRadPlan)."""
 
     kind: ClassVar[str] = "squared_deviation"
     tps_type: ClassVar[str] = "uniform"
-
-    def _residual(self, dose):
-        return dose - self.dose_gy
-
-    def lower_dose_goal(self):
-        return self.dose_gy
 
 
 #: A maximum-dose objective is the squared overdose above the limit.
@@ -266,7 +284,12 @@ class MeanDose(_DoseLevelTerm):
 
 
 @dataclass(eq=False)
-class _DVHTerm(_DoseLevelTerm):
+class _DVHTerm(_SidedTerm):
+    """A DVH point: the squared difference to ``dose_gy`` of the doses between it and the dose q at which the
+    volume fraction is ``volume_pct``, on the penalised side ("above": at most, "below": at least that volume
+    at ``dose_gy``). For "above", a voxel below ``dose_gy`` never counts, and the number of voxels below it
+    fixes where the quantile falls among those above, so their doses do not change the value either."""
+
     volume_pct: float = 50.0
 
     def __post_init__(self) -> None:
@@ -279,6 +302,15 @@ class _DVHTerm(_DoseLevelTerm):
     def _quantile(self, dose):
         return quantile_linear(dose, 1.0 - self.volume_pct / 100.0)
 
+    def _residual(self, dose):
+        q = self._quantile(dose)
+        low, high = (self.dose_gy, q) if self.penalised == "above" else (q, self.dose_gy)
+        deviation = dose - self.dose_gy
+        return torch.where((dose < low) | (dose > high), torch.zeros_like(deviation), deviation)
+
+    def describe(self):
+        return f"V{self.dose_gy:g}Gy {'<=' if self.penalised == 'above' else '>='} {self.volume_pct:g}%"
+
 
 @dataclass(eq=False)
 class MaxDVH(_DVHTerm):
@@ -286,19 +318,7 @@ class MaxDVH(_DVHTerm):
 
     kind: ClassVar[str] = "max_dvh"
     tps_type: ClassVar[str] = "max DVH"
-
-    def _residual(self, dose):
-        q = self._quantile(dose)
-        deviation = dose - self.dose_gy
-        return torch.where((dose < self.dose_gy) | (dose > q), torch.zeros_like(deviation), deviation)
-
-    def describe(self):
-        return f"V{self.dose_gy:g}Gy <= {self.volume_pct:g}%"
-
-    def inactive_below(self):
-        # a voxel below D never counts; the number of voxels below D fixes where the quantile falls among
-        # those above it, so the doses of the voxels below D do not change the value either
-        return self.dose_gy
+    penalised: ClassVar[str] = "above"
 
 
 @dataclass(eq=False)
@@ -307,21 +327,11 @@ class MinDVH(_DVHTerm):
 
     kind: ClassVar[str] = "min_dvh"
     tps_type: ClassVar[str] = "min DVH"
-
-    def _residual(self, dose):
-        q = self._quantile(dose)
-        deviation = dose - self.dose_gy
-        return torch.where((dose > self.dose_gy) | (dose < q), torch.zeros_like(deviation), deviation)
-
-    def describe(self):
-        return f"V{self.dose_gy:g}Gy >= {self.volume_pct:g}%"
-
-    def lower_dose_goal(self):
-        return self.dose_gy
+    penalised: ClassVar[str] = "below"
 
 
 @dataclass(eq=False)
-class DoseMimicking(ObjectiveTerm):
+class DoseMimicking(_SquaredResidualTerm):
     """Voxel-wise squared difference to ``reference_gy`` (one value per voxel of the term);
     ``one_sided`` penalises only dose above the reference (OARs, as in the OpenKBP-Opt dose mimicking)."""
 
@@ -343,13 +353,6 @@ class DoseMimicking(ObjectiveTerm):
     def _residual(self, dose):
         residual = dose - self.reference_gy.to(dose.dtype)
         return torch.clamp(residual, min=0.0) if self.one_sided else residual
-
-    def value(self, dose):
-        return _squared(self._residual(dose))
-
-    def value_and_grad(self, dose):
-        residual = self._residual(dose)
-        return _squared(residual), residual * (2.0 * _normaliser(dose))
 
     def describe(self):
         return "mimic (one-sided)" if self.one_sided else "mimic"
@@ -404,6 +407,7 @@ def objective_from_dict(
 
 
 def objectives_to_dicts(terms: Iterable[ObjectiveTerm], include_voxels: bool = True) -> list[dict[str, Any]]:
+    """:meth:`ObjectiveTerm.to_dict` of each term."""
     return [term.to_dict(include_voxels=include_voxels) for term in terms]
 
 
@@ -412,4 +416,5 @@ def objectives_from_dicts(
     voxels: Mapping[str, torch.Tensor | np.ndarray] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[ObjectiveTerm]:
+    """:func:`objective_from_dict` of each description."""
     return [objective_from_dict(d, voxels, device) for d in descriptions]

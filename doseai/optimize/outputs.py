@@ -18,6 +18,7 @@ PLAN_FILES = ("plan_dose.nrrd", "RD_plan.dcm", "RP_plan.dcm", "fluence.npz", "fl
 
 
 def write_objectives(objectives: list[PlanObjective], out: Path, force: bool = False) -> list[Path]:
+    """objectives.json and objectives.csv in ``out``; nothing is written when either exists, unless ``force``."""
     out = Path(out)
     for name in ("objectives.json", "objectives.csv"):
         refuse_overwrite(out / name, force)
@@ -27,6 +28,7 @@ def write_objectives(objectives: list[PlanObjective], out: Path, force: bool = F
 
 
 def plot_fluence_maps(maps: list[np.ndarray], gantry_angles: tuple[float, ...], path: Path) -> Path:
+    """A PNG of the fluence map of each beam, titled with its gantry angle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +103,7 @@ def plan_description(plan: PlanResult, case: PlanningCase):
 
 
 def plan_summary(plan: PlanResult, case: PlanningCase, desired: np.ndarray) -> dict:
+    """What summary.json holds: settings, beams, engine card, optimizer outcome, timings, mean |plan - desired|."""
     from dataclasses import asdict
 
     settings = asdict(plan.settings)

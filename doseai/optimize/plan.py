@@ -18,7 +18,9 @@ import numpy as np
 
 from doseai.case import PlanningCase, validate_dose
 from doseai.engine.beams import default_beams
+from doseai.engine.contract import DoseEngine
 from doseai.engine.influence import BeamSet, DoseInfluence
+from doseai.engine.registry import DEFAULT_ENGINE, engine_class, get_engine
 from doseai.engine.working_grid import body_mask, dose_to_case_grid
 from doseai.errors import GeometryMismatchError
 from doseai.optimize.fluence import FluenceResult, optimize_fluence
@@ -32,11 +34,12 @@ MODES = ("mimic", "objectives")
 
 @dataclass
 class PlanSettings:
-    """What the optimizer is asked for. ``bixel_width_mm`` and ``lateral_cutoff_mm`` trade engine time for
-    detail (the engine's time grows with the number of bixels); ``smoothness`` penalises jagged fluence."""
+    """What the optimizer is asked for. ``engine``: a name of :func:`doseai.engine.registry.engine_names`.
+    ``bixel_width_mm`` and ``lateral_cutoff_mm`` (for engines that take one) trade engine time for detail
+    (the engine's time grows with the number of bixels); ``smoothness`` penalises jagged fluence."""
 
     mode: str = "mimic"
-    engine: str = "pyradplan"
+    engine: str = DEFAULT_ENGINE
     n_beams: int = 9
     bixel_width_mm: float = 5.0
     lateral_cutoff_mm: float = 50.0
@@ -68,19 +71,19 @@ class PlanResult:
     jaws_mm: list[tuple[float, float, float, float]] = field(default_factory=list)  # per beam, X1 X2 Y1 Y2
 
     def summary(self) -> str:
+        """One line: beams, bixels, engine and optimization times, iterations and why it stopped."""
         t = self.timings_s
         return (f"{len(self.beams.gantry_angles_deg)} beams, {self.fluence.weights.size} bixels; dose engine "
                 f"{t.get('engine_s', 0):.1f} s, optimization {t.get('optimize_s', 0):.1f} s "
                 f"({self.fluence.iterations} iterations, {self.fluence.stop_reason})")
 
 
-def make_engine(settings: PlanSettings):
-    from doseai.engine import get_engine
-
-    options = {"working_spacing_mm": settings.working_spacing_mm}
-    if settings.engine == "pyradplan":
-        options["lateral_cutoff_mm"] = settings.lateral_cutoff_mm
-    return get_engine(settings.engine, **options)
+def make_engine(settings: PlanSettings) -> DoseEngine:
+    """The dose engine ``settings.engine`` with those of the settings' engine options it takes (the working
+    grid spacing; the lateral cut-off where the engine has one)."""
+    offered = {"working_spacing_mm": settings.working_spacing_mm, "lateral_cutoff_mm": settings.lateral_cutoff_mm}
+    taken = engine_class(settings.engine).options()
+    return get_engine(settings.engine, **{name: value for name, value in offered.items() if name in taken})
 
 
 def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanSettings | None = None,
