@@ -370,6 +370,7 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
     """``train_dvh`` on two tiny Pareto sets (scaled copies of the sample dose), resumed, exported with its
     card, and loaded by the predictor: the plumbing from training to a dose on the case grid."""
     import json
+    from dataclasses import replace
 
     import doseai.train.train_dvh as train_module
     from doseai.dvh import dvh_vector
@@ -397,11 +398,11 @@ def test_train_export_and_predict_a_dvh_model(small_case, monkeypatch, tmp_path)
         return {"pt_1": patient}
 
     monkeypatch.setattr(train_module, "load_pareto_patients", load_pareto_patients)
-    checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=1, threads=1,
-                                        edit_metric_weight=10.0, pair_weight=1.0, mean_offset=True)
+    config = train_module.DVHTrainingConfig(run_name="tiny_dvh", epochs=1, threads=1, edit_metric_weight=10.0,
+                                            pair_weight=1.0, mean_offset=True)
+    checkpoint = train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, config)
     assert loaded == ["validation", "train"]
-    train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, "tiny_dvh", epochs=2, threads=1,
-                           edit_metric_weight=10.0, pair_weight=1.0, mean_offset=True)  # resumes at epoch 2
+    train_module.train_dvh(tiny, "tiny", DEFAULT_MODEL, replace(config, epochs=2))  # resumes at epoch 2
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["held_out_body_mae_gy"]) for r in log)
     assert all(np.isfinite(r["difference"]) for r in log)

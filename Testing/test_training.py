@@ -41,17 +41,17 @@ def _log_epochs(path):
 def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     from doseai.predict import DosePredictor
     from doseai.train.export import export_model
-    from doseai.train.train_preference import train_preference
-    from doseai.train.train_prior import train_dose_prior
+    from doseai.train.train_preference import PreferenceTrainingConfig, train_preference
+    from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 
-    prior = train_dose_prior(TINY, "tiny_prior", epochs=1, threads=1)
+    prior = train_dose_prior(TINY, PriorTrainingConfig(run_name="tiny_prior", epochs=1, threads=1))
     assert _log_epochs(prior.parent / "log.jsonl") == [0]
-    train_dose_prior(TINY, "tiny_prior", epochs=2, threads=1)  # continues from the checkpoint
+    train_dose_prior(TINY, PriorTrainingConfig(run_name="tiny_prior", epochs=2, threads=1))  # continues from last.pt
     assert "resuming tiny_prior at epoch 1" in capsys.readouterr().out
     assert _log_epochs(prior.parent / "log.jsonl") == [0, 1]
 
-    checkpoint = train_preference(TINY, prior, "tiny_preference", epochs=1, threads=1, neutral_fraction=0.6,
-                                  metric_weight=1.0)
+    checkpoint = train_preference(TINY, prior, PreferenceTrainingConfig(
+        run_name="tiny_preference", epochs=1, threads=1, neutral_fraction=0.6, metric_weight=1.0))
     state = torch.load(checkpoint, weights_only=True)
     prior_state = torch.load(prior, weights_only=True)
     frozen = {k[len("prior."):]: v for k, v in state["model"].items() if k.startswith("prior.")}
@@ -163,7 +163,7 @@ def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
 
     from doseai.predict import DosePredictor
     from doseai.train.export import export_model
-    from doseai.train.train_preference import _epochs_within, train_preference
+    from doseai.train.train_preference import PreferenceTrainingConfig, _epochs_within, train_preference
 
     assert _epochs_within(600, 100, 100, 0, 50) == 6  # the first epoch took 100 s: 5 more fit in the other 500 s
     assert _epochs_within(600, 100, 100, 0, 3) == 3  # never more than asked
@@ -171,8 +171,8 @@ def test_time_budget_cuts_the_epochs_and_ends_the_schedule(tiny_data, tmp_path):
     # a slow first epoch (warm-up: 300 s), a second at the real pace (50 s): sized again from the second
     assert _epochs_within(600, 300, 300, 0, 50) == 2 and _epochs_within(600, 350, 50, 1, 50) == 7
     snapped = replace(TINY, snap_to_case=True)
-    checkpoint = train_preference(snapped, None, "tiny_budget", epochs=4, threads=1, freeze_prior=False,
-                                  time_budget_s=1e-3)
+    checkpoint = train_preference(snapped, None, PreferenceTrainingConfig(
+        run_name="tiny_budget", epochs=4, threads=1, freeze_prior=False, time_budget_s=1e-3))
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 0
     assert _log_epochs(checkpoint.parent / "log.jsonl") == [0]
     # trained on the snapped grid: the card says so and prediction uses the same placement
@@ -232,7 +232,8 @@ def test_average_of_shipped_weights_is_their_midpoint_with_the_first_card_less_i
 def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny_data, tmp_path, monkeypatch):
     from doseai.train import train_preference as module
     from doseai.train.export import export_model
-    from doseai.train.train_prior import train_dose_prior
+    from doseai.train.train_preference import PreferenceTrainingConfig
+    from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 
     asked = {}
     load = module.load_split
@@ -242,19 +243,21 @@ def test_with_ct_less_trains_on_patients_without_ct_and_says_so_in_the_card(tiny
         return load(split, spec, norm_gy, need_dose, need_ct)
 
     monkeypatch.setattr(module, "load_split", recording_load_split)
-    prior = train_dose_prior(TINY, "tiny_prior", epochs=1, threads=1)
-    checkpoint = module.train_preference(TINY, prior, "tiny_ct_less", epochs=1, threads=1, with_ct_less=True,
-                                         rotate_deg=10.0, scale=0.05)
+    prior = train_dose_prior(TINY, PriorTrainingConfig(run_name="tiny_prior", epochs=1, threads=1))
+    checkpoint = module.train_preference(TINY, prior, PreferenceTrainingConfig(
+        run_name="tiny_ct_less", epochs=1, threads=1, with_ct_less=True, rotate_deg=10.0, scale=0.05))
     assert asked == {"train": False, "validation": True}  # the monitor stays on patients with a CT
     card = json.loads(export_model(checkpoint, prior, tmp_path / "m.pt").with_suffix(".json").read_text())
     assert "water-equivalent body" in card["training"]["data"]
     assert "turn about z of up to 10 deg and a zoom of up to 5%" in card["training"]["augmentation"]
-    checkpoint = module.train_preference(TINY, prior, "tiny_with_ct", epochs=1, threads=1)
+    checkpoint = module.train_preference(TINY, prior, PreferenceTrainingConfig(run_name="tiny_with_ct", epochs=1,
+                                                                               threads=1))
     assert asked == {"train": True, "validation": True}
     card = json.loads(export_model(checkpoint, prior, tmp_path / "n.pt").with_suffix(".json").read_text())
     assert "augmentation" not in card["training"]  # no turn: the card reads as up to v2.5
     with pytest.raises(DoseAIError, match="turn must be within"):
-        module.train_preference(TINY, prior, "tiny_bad_turn", epochs=1, threads=1, rotate_deg=-5.0)
+        module.train_preference(TINY, prior, PreferenceTrainingConfig(run_name="tiny_bad_turn", epochs=1, threads=1,
+                                                                      rotate_deg=-5.0))
 
 
 def test_cli_trains_on_finer_slices_when_asked(monkeypatch, tmp_path, capsys):

@@ -135,14 +135,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from doseai.models.features import DEFAULT_GRID as spec
     if args.stage == "prior":
-        from doseai.train.train_prior import train_dose_prior
+        from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 
-        path = train_dose_prior(spec, args.run, args.epochs, args.lr, device=args.device, threads=args.threads)
+        path = train_dose_prior(spec, PriorTrainingConfig(run_name=args.run, epochs=args.epochs, learning_rate=args.lr,
+                                                          device=args.device, threads=args.threads))
     elif args.stage == "preference":
         from dataclasses import replace
 
         from doseai.models.features import with_slice_spacing
-        from doseai.train.train_preference import train_preference
+        from doseai.train.train_preference import PreferenceTrainingConfig, train_preference
 
         if args.slice_mm is not None:
             spec = with_slice_spacing(spec, args.slice_mm)
@@ -150,23 +151,23 @@ def run(args) -> int:
 
         if not args.prior and not args.no_freeze:
             raise UnreadableInputError("--prior CHECKPOINT is required unless --no-freeze (the ablation)")
-        path = train_preference(spec, Path(args.prior) if args.prior else None, args.run, args.epochs, args.lr,
-                                freeze_prior=not args.no_freeze, device=args.device, threads=args.threads,
-                                init_weights=Path(args.init) if args.init else None,
-                                config={"refine_film": True} if args.refine_film else None,
-                                neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
-                                seed=args.seed, with_ct_less=args.with_ct_less, rotate_deg=args.rotate_deg,
-                                scale=args.scale,
-                                time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+        config = PreferenceTrainingConfig(
+            run_name=args.run, epochs=args.epochs, learning_rate=args.lr, device=args.device, threads=args.threads,
+            seed=args.seed, freeze_prior=not args.no_freeze, init_weights=Path(args.init) if args.init else None,
+            network={"refine_film": True} if args.refine_film else None,
+            neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
+            with_ct_less=args.with_ct_less, rotate_deg=args.rotate_deg, scale=args.scale,
+            time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+        path = train_preference(spec, Path(args.prior) if args.prior else None, config)
     elif args.stage == "dvh":
-        from doseai.train.train_dvh import train_dvh
-
         from doseai.predict import DEFAULT_MODEL
+        from doseai.train.train_dvh import DVHTrainingConfig, train_dvh
 
-        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, args.run, args.epochs,
-                         args.lr, device=args.device, threads=args.threads, targets=args.targets,
-                         edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
-                         mean_offset=args.mean_offset, near_max_weight=args.near_max_weight)
+        config = DVHTrainingConfig(
+            run_name=args.run, epochs=args.epochs, learning_rate=args.lr, device=args.device, threads=args.threads,
+            targets=args.targets, edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
+            mean_offset=args.mean_offset, near_max_weight=args.near_max_weight)
+        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, config)
     elif args.stage == "calibrate-dvh":
         from doseai.train.train_dvh import calibrate_near_max
 

@@ -7,7 +7,6 @@ on a CPU); the configuration lives in the model card under ``dose_prior``.
 
 from __future__ import annotations
 
-import torch
 from monai.networks.nets import VQVAE
 
 DEFAULT_PRIOR_CONFIG = {
@@ -20,6 +19,7 @@ DEFAULT_PRIOR_CONFIG = {
 
 
 def build_dose_prior(config: dict | None = None) -> VQVAE:
+    """The VQ-VAE of ``config`` (overrides of :data:`DEFAULT_PRIOR_CONFIG`), one dose channel in and out."""
     config = {**DEFAULT_PRIOR_CONFIG, **(config or {})}
     levels = len(config["channels"])
     return VQVAE(
@@ -38,12 +38,6 @@ def build_dose_prior(config: dict | None = None) -> VQVAE:
 
 
 def latent_downsampling(config: dict | None = None) -> int:
+    """How many times smaller along each axis the latent grid is than the dose grid (2 per level)."""
     return 2 ** len({**DEFAULT_PRIOR_CONFIG, **(config or {})}["channels"])
 
-
-def decode_latent(prior: VQVAE, latent: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-    """Dose from a continuous latent; with ``quantize`` it is snapped to the codebook first
-    (straight-through, so gradients still reach the latent)."""
-    if quantize:
-        latent, _ = prior.quantize(latent)
-    return prior.decode(latent)

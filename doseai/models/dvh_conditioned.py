@@ -42,6 +42,7 @@ CHANNELS = channel_names()
 
 
 def condition_size(layout: dict) -> int:
+    """Length of the flattened DVH vector of ``layout`` (structures x dose points): the network's condition."""
     return len(layout["structures"]) * int(layout["n_points"])
 
 
@@ -85,6 +86,8 @@ class MeanDoseOffset(nn.Module):
 
     def forward(self, dose: torch.Tensor, condition: torch.Tensor,
                 masks: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``dose`` (1, 1, z, y, x) with the smoothed mean-dose offsets of the structures in ``masks`` added
+        (see the class docstring); ``condition`` is the flattened desired DVH vector."""
         if not masks:
             return dose
         desired = self.desired_means(condition.float())
@@ -111,12 +114,15 @@ class DVHDoseNet(PreferenceDoseNet):
         self.offset = MeanDoseOffset(layout, sigma) if sigma else None
 
     def decode_parts(self, latent, anatomy=None, sliders=None, anatomy_term=None, box=None, masks=None):
+        """As :meth:`PreferenceDoseNet.decode_parts` (``sliders``: the DVH condition), the final dose through
+        the :class:`MeanDoseOffset` when the net has one and ``masks`` (:func:`structure_masks`) are given."""
         coarse, dose = super().decode_parts(latent, anatomy, sliders, anatomy_term, box)
         if self.offset is not None and masks is not None:
             dose = self.offset(dose, sliders, masks)
         return coarse, dose
 
     def decode(self, latent, anatomy=None, sliders=None, anatomy_term=None, box=None, masks=None):
+        """The final dose of :meth:`decode_parts`."""
         return self.decode_parts(latent, anatomy, sliders, anatomy_term, box, masks)[1]
 
 

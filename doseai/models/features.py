@@ -29,6 +29,9 @@ OPENKBP_GANTRY_DEG = tuple(range(0, 360, 40))  # 9 equispaced coplanar beams
 
 @dataclass(frozen=True)
 class GridSpec:
+    """The model grid a network was trained on: its voxel count and spacing (its placement on a case is
+    :func:`model_geometry`'s); stored in the model card under ``grid``."""
+
     shape: tuple[int, int, int]  # (nz, ny, nx)
     spacing: tuple[float, float, float]  # (x, y, z) mm
     # origin on a case voxel centre (see the module docstring). The models were trained without it (their
@@ -39,6 +42,7 @@ class GridSpec:
 
     @classmethod
     def from_card(cls, card: dict) -> "GridSpec":
+        """The grid of a model card (``card["grid"]``)."""
         return cls(shape=tuple(card["grid"]["shape_zyx"]), spacing=tuple(card["grid"]["spacing_xyz_mm"]),
                    snap_to_case=bool(card["grid"].get("snap_to_case_lattice", False)))
 
@@ -67,6 +71,7 @@ OBLIQUE_NOTE_DEG = 0.5
 
 
 def channel_names(oars=OPENKBP_OARS) -> list[str]:
+    """The network's input channels in order: CT, target dose, one occupancy per OAR, body, beam plate."""
     return ["ct", "target_dose", *oars, "body", "beam_plate"]
 
 
@@ -92,6 +97,8 @@ def _bbox_center(geometry: ImageGeometry, mask: np.ndarray) -> np.ndarray:
 
 
 def body_mask(case: PlanningCase) -> np.ndarray:
+    """Where dose may be: the case's possible-dose mask, else its External structure, else the CT above
+    -500 HU, else (no CT) the whole grid."""
     if case.possible_dose_mask is not None:
         return case.possible_dose_mask
     if "External" in case.structures:

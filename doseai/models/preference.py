@@ -39,6 +39,7 @@ class SliderModulation(nn.Module):
         return 1 + gamma, beta
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, channels, z, y, x) scaled and shifted per channel by the ``condition`` (batch, n)."""
         scale, shift = self.scale_shift(condition)
         shape = (x.shape[0], x.shape[1], 1, 1, 1)
         return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
@@ -52,6 +53,7 @@ class FiLM(SliderModulation):
         self.norm = nn.InstanceNorm3d(channels, affine=False)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """``x`` instance-normalised, then modulated by ``condition`` as in :class:`SliderModulation`."""
         return super().forward(self.norm(x), condition)
 
 
@@ -70,6 +72,7 @@ class UpBlock(nn.Module):
         self.act = nn.PReLU()
 
     def forward(self, x, skip, condition):
+        """``x`` upsampled to ``skip``'s resolution, joined with it and modulated by ``condition``."""
         x = self.conv(torch.cat([self.up(x), skip], dim=1))
         return self.act(self.film(x, condition))
 
@@ -99,6 +102,7 @@ class RefinementBox:
 
     @property
     def inner_in_outer(self) -> tuple[slice, slice, slice]:
+        """``inner`` as slices of an array that covers ``outer`` (where the correction computed on it is read)."""
         return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(self.inner, self.outer))
 
     def mirrored(self, nx: int) -> "RefinementBox":
@@ -158,6 +162,8 @@ class PreferenceDoseNet(nn.Module):
         return features
 
     def latent(self, features: list[torch.Tensor], sliders: torch.Tensor) -> torch.Tensor:
+        """The prior's continuous latent from the down-path ``features`` (:meth:`encode_anatomy`) and the
+        ``sliders`` (batch, n_sliders): the up path, FiLM-modulated, and the latent head."""
         x = features[-1]
         for block, skip in zip(self.up, reversed(features[self.latent_level - 1:-1])):
             x = block(x, skip, sliders)
@@ -250,14 +256,17 @@ class PreferenceDoseNet(nn.Module):
         return self.decode_parts(latent, anatomy, sliders, anatomy_term, box)[1]
 
     def forward(self, x: torch.Tensor, sliders: torch.Tensor) -> torch.Tensor:
+        """Dose for the input channels ``x`` (batch, C, z, y, x) at the slider values ``sliders`` (batch, n)."""
         return self.decode(self.latent(self.encode_anatomy(x), sliders), x, sliders)
 
     def freeze_prior(self) -> None:
+        """Fix the prior's weights (Stage II trains only the rest) and keep it in eval mode."""
         self.prior.eval()
         for parameter in self.prior.parameters():
             parameter.requires_grad_(False)
 
     def train(self, mode: bool = True):
+        """As ``nn.Module.train``, except that a frozen prior stays in eval mode."""
         super().train(mode)
         if not any(p.requires_grad for p in self.prior.parameters()):
             self.prior.eval()  # a frozen prior stays in eval mode (its EMA codebook must not move)

@@ -12,6 +12,7 @@ Geometry: Slicer volumes hold an IJK-to-RAS matrix; ``doseai`` grids are ITK/LPS
 row-major direction). The conversion flips the first two rows (RAS <-> LPS).
 """
 
+from doseai.mrml.case_nodes import nodes_from_case
 from doseai.mrml.colors import DOSE_COLOR_TABLE_NAME, structure_color
 from doseai.mrml.dose import (
     DOSE_UNIT_NAME_ATTRIBUTE,
@@ -34,7 +35,6 @@ from doseai.mrml.nodes import (
     dose_on_grid,
     geometry_from_volume_node,
     ijk_to_ras_matrix,
-    nodes_from_case,
     segment_colors,
     set_volume_from_array,
     volume_array,

@@ -19,6 +19,7 @@ import slicer
 from doseai.case import validate_dose
 from doseai.geometry import ImageGeometry
 from doseai.mrml.colors import DOSE_COLOR_TABLE_NAME, dose_rainbow
+from doseai.mrml.isodose import ISODOSE_ATTRIBUTE
 from doseai.mrml.nodes import set_volume_from_array, subject_hierarchy_item
 
 # attribute names used by SlicerRT (vtkSlicerRtCommon) for dose volumes
@@ -47,8 +48,6 @@ def scene_inputs(scene) -> tuple[list, list, list]:
     segmentations, doses)``. CT candidates are plain scalar volumes not marked as an RT dose (labelmaps
     and other subclasses are left out), segmentations leave out isodose-line displays, doses are the
     volumes marked as an RT dose (see :func:`is_dose_volume`)."""
-    from doseai.mrml.isodose import ISODOSE_ATTRIBUTE
-
     cts, doses = [], []
     volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     for index in range(volumes.GetNumberOfItems()):

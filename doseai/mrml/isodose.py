@@ -11,7 +11,7 @@ import vtk
 
 from doseai.errors import DoseAIError
 from doseai.mrml.colors import dose_rainbow
-from doseai.mrml.nodes import _oriented_image, geometry_from_volume_node, subject_hierarchy_item, volume_array
+from doseai.mrml.nodes import geometry_from_volume_node, oriented_image, subject_hierarchy_item, volume_array
 
 # percent of the (highest) prescription; a common set in treatment planning systems
 DEFAULT_ISODOSE_LEVELS_PCT: tuple[float, ...] = (30.0, 50.0, 70.0, 80.0, 90.0, 95.0, 100.0, 105.0)
@@ -70,7 +70,7 @@ def isodose_segmentation(
         level_gy = percent / 100.0 * prescription_gy
         mask = (dose >= level_gy).astype(np.uint8)
         segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(
-            _oriented_image(mask, geometry), f"{percent:g} % ({level_gy:.1f} Gy)", list(isodose_color(percent)))
+            oriented_image(mask, geometry), f"{percent:g} % ({level_gy:.1f} Gy)", list(isodose_color(percent)))
         segmentation.GetSegment(segment_id).SetTag(LEVEL_TAG, f"{percent:g}")
     _show_as_lines(node)
     node.EndModify(was_modifying)

@@ -1,4 +1,5 @@
-"""Volume and segmentation nodes <-> :class:`doseai.PlanningCase`.
+"""Volume and segmentation nodes -> :class:`doseai.PlanningCase`, and the conversions both ways share
+(grids, voxels, segment labelmaps); the way back, a case added to a scene, is :mod:`doseai.mrml.case_nodes`.
 
 Slicer volume nodes keep voxels in a ``vtkImageData`` (origin 0, spacing 1) and the grid in an
 IJK-to-RAS matrix. ``doseai`` grids are ITK/LPS: ``LPS = diag(-1, -1, 1) @ RAS``, so the matrix's
@@ -18,7 +19,6 @@ from doseai.case import PlanningCase, validate_dose
 from doseai.errors import GeometryMismatchError, MissingStructureError, UnreadableInputError
 from doseai.geometry import ImageGeometry
 from doseai.resample import resample_to
-from doseai.mrml.colors import structure_color
 from doseai.structures import match_structures
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
@@ -92,6 +92,14 @@ def _image_data(array: np.ndarray, image=None):
     scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
     scalars.SetName("ImageScalars")
     image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def oriented_image(mask: np.ndarray, geometry: ImageGeometry):
+    """A ``vtkOrientedImageData`` of ``mask`` (indexed [k, j, i], stored as uint8) placed on ``geometry``:
+    the binary labelmap a segment is added from (``AddSegmentFromBinaryLabelmapRepresentation``)."""
+    image = _image_data(np.asarray(mask, dtype=np.uint8), slicer.vtkOrientedImageData())
+    image.SetImageToWorldMatrix(ijk_to_ras_matrix(geometry))
     return image
 
 
@@ -251,47 +259,3 @@ def case_from_nodes(
         geometry, masks, ct=ct, dose=dose, overrides=overrides, prescriptions=prescriptions,
         patient_id=_patient_name(ctNode) or "anonymous", metadata=metadata,
     )
-
-
-# --- PlanningCase -> nodes -----------------------------------------------------------------------
-def _oriented_image(mask: np.ndarray, geometry: ImageGeometry):
-    image = _image_data(np.asarray(mask, dtype=np.uint8), slicer.vtkOrientedImageData())
-    image.SetImageToWorldMatrix(ijk_to_ras_matrix(geometry))
-    return image
-
-
-def nodes_from_case(scene, case: PlanningCase, name: str | None = None):
-    """Add ``case`` to ``scene``: a CT volume, a segmentation with one segment per structure (with
-    colours) and, when the case has a dose, a dose volume (see :func:`create_or_update_dose_node`),
-    all under a patient and study in the subject hierarchy. Returns ``(ctNode, segNode, doseNode|None)``."""
-    from doseai.mrml.dose import create_or_update_dose_node
-
-    prefix = name or case.patient_id
-    ct = case.ct if case.ct is not None else np.full(case.geometry.shape, -1000.0, dtype=np.float32)
-    ct_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{prefix} CT")
-    set_volume_from_array(ct_node, ct, case.geometry)
-    ct_node.CreateDefaultDisplayNodes()
-    ct_display = ct_node.GetDisplayNode()
-    if ct_display is not None:
-        ct_display.AutoWindowLevelOff()
-        ct_display.SetWindowLevel(400.0, 40.0)  # soft tissue
-
-    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{prefix} structures")
-    seg_node.CreateDefaultDisplayNodes()
-    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
-    for structure, mask in case.structures.items():
-        seg_node.AddSegmentFromBinaryLabelmapRepresentation(
-            _oriented_image(mask, case.geometry), structure, list(structure_color(structure))
-        )
-
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), case.patient_id)
-    sh.SetItemAttribute(patient, "DICOM.PatientID", case.patient_id)
-    study = sh.CreateStudyItem(patient, case.metadata.get("study_description", "DoseAI study"))
-    for node in (ct_node, seg_node):
-        sh.SetItemParent(subject_hierarchy_item(sh, node), study)
-
-    dose_node = None
-    if case.dose is not None:
-        dose_node = create_or_update_dose_node(scene, case.dose, case.geometry, f"{prefix} dose", ctNode=ct_node)
-    return ct_node, seg_node, dose_node

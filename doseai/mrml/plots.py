@@ -335,6 +335,7 @@ class DVHResult:
     referenceLabel: str = "reference"
 
     def summary(self) -> str:
+        """One line for the status label: how many DVHs, the dashed reference, structures left out as empty."""
         text = f"DVH of {len(self.dvhs)} structures"
         if self.referenceDVHs:
             text += f" (dashed: {self.referenceLabel} dose)"

@@ -27,6 +27,7 @@ def _tag(spec: GridSpec, norm_gy: float) -> str:
 
 
 def cache_folder(split: str, spec: GridSpec, norm_gy: float) -> Path:
+    """Where :func:`prepare_split` keeps ``split`` on the model grid: one folder per grid and dose scale."""
     return cache_root() / "openkbp_model_grid" / _tag(spec, norm_gy) / split
 
 
@@ -61,6 +62,8 @@ class ModelGridData:
 
 def load_split(split: str, spec: GridSpec, norm_gy: float = 70.0, need_dose: bool = True,
                need_ct: bool = False) -> ModelGridData:
+    """``split`` on the model grid (prepared first if need be), patients in id order; ``need_dose`` /
+    ``need_ct`` leave out those without a dose / a CT (a patient without a dose gets zeros otherwise)."""
     folder = prepare_split(split, spec, norm_gy)
     ids, features, doses, has_ct = [], [], [], []
     for path in sorted(folder.glob("pt_*.npz"), key=lambda p: int(p.stem.split("_")[1])):

@@ -1,4 +1,5 @@
-"""Shared training machinery: device and precision choice, checkpoints that resume, a JSON-lines log."""
+"""Shared training machinery: the settings every stage takes, device and precision choice, checkpoints that
+resume, a JSON-lines log."""
 
 from __future__ import annotations
 
@@ -6,18 +7,35 @@ import json
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from doseai.device import pick_device  # core (prediction uses it too); still importable from here
+from doseai.paths import cache_root
 from doseai.safe_load import load_checkpoint, plain
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """The settings every training stage takes; each stage's config adds its own and sets these defaults."""
+
+    run_name: str  # checkpoints and log in <cache>/runs/<run_name>
+    epochs: int
+    learning_rate: float
+    norm_gy: float = 70.0  # doses are divided by this for the network
+    device: str = "auto"  # see doseai.device.pick_device
+    seed: int = 0
+    threads: int | None = None  # torch's CPU threads (None: torch's default)
+
+
+def start_run(config: TrainingConfig) -> tuple[np.random.Generator, torch.device]:
+    """Set the CPU threads and seeds of a run and pick its device; the random generator the run draws from."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return seed_everything(config.seed), pick_device(config.device)
 
 
 def bf16_is_faster(forward, example: torch.Tensor, device: torch.device) -> bool:
@@ -37,6 +55,7 @@ def bf16_is_faster(forward, example: torch.Tensor, device: torch.device) -> bool
 
 
 def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled`` (see :func:`bf16_is_faster`), else a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
@@ -49,11 +68,13 @@ class Checkpointer:
         self.path = self.folder / "last.pt"
 
     def save(self, state: dict) -> None:
+        """Write ``state`` (e.g. model, optimizer, epoch) to ``last.pt`` so that a crash never leaves half a file."""
         tmp = self.path.with_suffix(".tmp")
         torch.save(plain(state), tmp)  # plain types only, so that resuming loads it with weights_only=True
         os.replace(tmp, self.path)
 
     def load(self) -> dict | None:
+        """The last saved state (checked to hold model, optimizer and epoch), or None before the first save."""
         return load_checkpoint(self.path, ("model", "optimizer", "epoch")) if self.path.is_file() else None
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -68,16 +89,26 @@ class Checkpointer:
 
 
 class JsonLog:
+    """Appends one JSON record per line (e.g. one per epoch) to ``path``, each stamped with the time."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
+        """Append ``record``; numpy and torch scalars become plain floats."""
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
 
 
 def seed_everything(seed: int) -> np.random.Generator:
+    """Seed torch and return a numpy generator seeded alike (the run's draws: order, augmentation, samples)."""
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def open_run(run_name: str) -> tuple[Checkpointer, JsonLog]:
+    """The checkpoints and the log of run ``run_name`` (``<cache>/runs/<run_name>``)."""
+    folder = cache_root() / "runs" / run_name
+    return Checkpointer(folder), JsonLog(folder / "log.jsonl")

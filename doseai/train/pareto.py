@@ -40,6 +40,7 @@ TARGET_OVERDOSE_PRIORITY = 100.0
 
 
 def oar_weights(n_plans: int, oar_weight_range: tuple[float, float] = (0.1, 100.0)) -> np.ndarray:
+    """The common OAR priority of each of ``n_plans`` plans, log-evenly over the range (one plan: its middle)."""
     low, high = oar_weight_range
     return np.geomspace(low, high, n_plans) if n_plans > 1 else np.array([np.sqrt(low * high)])
 

@@ -17,6 +17,8 @@ DEFAULT_SEMANTICS = {"oar_mean_change_at_plus1": -0.20, "hi_change_at_plus1": -0
 
 @dataclass
 class PlanMetrics:
+    """The differentiable plan metrics the preference loss compares (see :func:`plan_metrics`)."""
+
     oar_means: torch.Tensor  # [B, n_oar], NaN where the OAR is absent
     ptv_d95: torch.Tensor  # [B]
     ptv_mean: torch.Tensor  # [B]

@@ -49,7 +49,7 @@ from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.safe_load import load_state_dict_file
 from doseai.paths import cache_root
 from doseai.train.dataset import cache_folder, prepare_split
-from doseai.train.loop import Checkpointer, JsonLog, pick_device, seed_everything
+from doseai.train.loop import TrainingConfig, open_run, start_run
 
 CHANNELS = channel_names()
 BODY = CHANNELS.index("body")
@@ -66,6 +66,7 @@ OFFSET_LR_SCALE = 100.0  # MeanDoseOffset gains: ~0.04 per step at lr 4e-4, so t
 
 
 def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0, near_max_weight: float = NEAR_MAX_WEIGHT) -> str:
+    """The training loss in words, for the checkpoint and the model card."""
     return (f"voxel L1 in the body (+0.1 x everywhere) and 0.5 x on the frozen decoder's output, + per structure "
             f"{MEAN_DOSE_WEIGHT} x |mean dose error| + {near_max_weight:g} x |near-max (top {NEAR_MAX_FRACTION:.0%}) "
             "dose error|, averaged over the structures (doses / norm_gy)"
@@ -79,6 +80,8 @@ def loss_text(edit_metric_weight: float = 1.0, pair_weight: float = 0.0, near_ma
 
 @dataclass
 class ParetoPatient:
+    """One training patient's model-grid inputs with its Pareto plans and their DVH vectors."""
+
     pid: str
     features: np.ndarray  # (C, z, y, x) float16
     doses: np.ndarray  # (plans, z, y, x) float16, normalised by norm_gy
@@ -279,40 +282,45 @@ def held_out_mae_gy(net, patients: dict[str, ParetoPatient], device, norm_gy: fl
     return float(np.mean(errors)) if errors else float("nan")
 
 
-def train_dvh(
-    spec: GridSpec,
-    pareto_run: str,
-    init_weights: Path,
-    run_name: str = "dvh",
-    epochs: int = 20,
-    learning_rate: float = 5e-4,
-    norm_gy: float = 70.0,
-    device: str = "auto",
-    seed: int = 0,
-    threads: int | None = None,
-    held_out_split: str = "validation",
-    targets: str = "mixes",
-    edit_metric_weight: float = 1.0,
-    pair_weight: float = 0.0,
-    mean_offset: bool = False,
-    near_max_weight: float = NEAR_MAX_WEIGHT,
-) -> Path:
-    """``edit_metric_weight``: how much the edited structure's structure-metric term counts in a one-curve edit
+@dataclass(frozen=True, kw_only=True)
+class DVHTrainingConfig(TrainingConfig):
+    """Settings of the DVH-conditioned network's training (:func:`train_dvh`).
+
+    ``targets``: the projection onto the Pareto set, "mixes" or "plans" (see the module docstring).
+    ``edit_metric_weight``: how much the edited structure's structure-metric term counts in a one-curve edit
     (1: like the others, as in dose_dvh_v2). ``pair_weight`` > 0: every step also predicts the sample's
     reference plan (:func:`reference_plan`) and adds the :func:`difference_loss` of the two predictions
     (0: one prediction per step, as in dose_dvh_v2). ``mean_offset``: add the
     :class:`~doseai.models.dvh_conditioned.MeanDoseOffset` layer (its gains learn at ``OFFSET_LR_SCALE`` x the
-    learning rate: 10 scalars that start at 0)."""
-    if threads:
-        torch.set_num_threads(threads)
-    rng = seed_everything(seed)
-    torch_device = pick_device(device)
+    learning rate: 10 scalars that start at 0).
+    """
+
+    held_out_split: str = "validation"  # the Pareto patients the monitor runs on
+    targets: str = "mixes"
+    edit_metric_weight: float = 1.0
+    pair_weight: float = 0.0
+    mean_offset: bool = False
+    near_max_weight: float = NEAR_MAX_WEIGHT
+    run_name: str = "dvh"
+    epochs: int = 20
+    learning_rate: float = 5e-4
+
+
+def train_dvh(spec: GridSpec, pareto_run: str, init_weights: Path, config: DVHTrainingConfig | None = None) -> Path:
+    """Train (or resume) the DVH-conditioned network on ``spec``'s grid from the plans of Pareto run
+    ``pareto_run``, starting from the preference weights ``init_weights``; the path of the run's last checkpoint."""
+    config = config or DVHTrainingConfig()
+    rng, torch_device = start_run(config)
+    epochs, learning_rate, norm_gy = config.epochs, config.learning_rate, config.norm_gy
+    edit_metric_weight, pair_weight, near_max_weight = (config.edit_metric_weight, config.pair_weight,
+                                                        config.near_max_weight)
     layout = dict(DEFAULT_DVH_LAYOUT)
     shipped = load_state_dict_file(init_weights)
     card = json.loads(Path(init_weights).with_suffix(".json").read_text())
     prior_config = card["dose_prior"]["config"]
-    config = {**DEFAULT_DVH_NET_CONFIG, "mean_offset_sigma_zyx": list(MEAN_OFFSET_SIGMA_ZYX) if mean_offset else None}
-    net = build_dvh_net(len(CHANNELS), prior_config, layout, config)
+    network = {**DEFAULT_DVH_NET_CONFIG,
+               "mean_offset_sigma_zyx": list(MEAN_OFFSET_SIGMA_ZYX) if config.mean_offset else None}
+    net = build_dvh_net(len(CHANNELS), prior_config, layout, network)
     fresh = load_matching_weights(net, shipped)
     net.freeze_prior()
     net = route_convolutions_to_onednn(net.to(torch_device))
@@ -323,10 +331,9 @@ def train_dvh(
     if gains:
         groups.append({"params": gains, "lr_scale": OFFSET_LR_SCALE, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-4)
-    folder = cache_root() / "runs" / run_name
-    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(net, optimizer)
-    held_out = load_pareto_patients(pareto_root / held_out_split, held_out_split, spec, norm_gy)
+    held_out = load_pareto_patients(pareto_root / config.held_out_split, config.held_out_split, spec, norm_gy)
     print(f"zero-initialised (new) layers: {fresh}; {len(held_out)} held-out patients; "
           f"device {torch_device}")
     patients: dict[str, ParetoPatient] = {}
@@ -343,7 +350,7 @@ def train_dvh(
                           leave=False):
             patient = patients[ids[index]]
             desired, curve_weights, drawn_from = sample_desired_dvh(patient.dvh, rng)
-            doses, conditions = [projection_target(patient, desired, curve_weights, targets)], [desired]
+            doses, conditions = [projection_target(patient, desired, curve_weights, config.targets)], [desired]
             if pair_weight > 0:
                 reference = reference_plan(patient.dvh, desired, drawn_from, rng)
                 doses.append(patient.doses[reference].astype(np.float32))
@@ -373,11 +380,11 @@ def train_dvh(
         log.write(**record)
         print(json.dumps(record))
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "config": config,
+                          "config": network,
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
-                          "loss": loss_text(edit_metric_weight, pair_weight, near_max_weight), "targets": targets,
+                          "loss": loss_text(edit_metric_weight, pair_weight, near_max_weight), "targets": config.targets,
                           "edit_emphasis": EDIT_EMPHASIS})
     return checkpoints.path
 

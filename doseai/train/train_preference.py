@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,9 @@ from doseai.errors import DoseAIError
 from doseai.models.features import GridSpec, channel_names, mirror_order
 from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
-from doseai.paths import cache_root
 from doseai.safe_load import load_checkpoint, load_state_dict_file
 from doseai.train.dataset import load_split
-from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
+from doseai.train.loop import TrainingConfig, autocast, bf16_is_faster, open_run, start_run
 from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap
 
 CHANNELS = channel_names()
@@ -161,64 +161,70 @@ def _epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, epoch: int
 BUDGET_SIZING_EPOCHS = 2
 
 
-def train_preference(
-    spec: GridSpec,
-    prior_checkpoint: Path,
-    run_name: str = "preference",
-    epochs: int = 40,
-    learning_rate: float = 1e-3,
-    norm_gy: float = 70.0,
-    config: dict | None = None,
-    semantics: dict | None = None,
-    freeze_prior: bool = True,
-    device: str = "auto",
-    seed: int = 0,
-    threads: int | None = None,
-    init_weights: Path | None = None,
-    neutral_fraction: float = 0.4,
-    metric_weight: float = 0.0,
-    time_budget_s: float | None = None,
-    with_ct_less: bool = False,
-    rotate_deg: float = 0.0,
-    scale: float = 0.0,
-) -> Path:
-    """``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights``
-    (shipped weights) starts a new run from an earlier model, so training can go on across sessions.
-    ``time_budget_s``: after the first and again after the second epoch, cut ``epochs`` to what fits in that many
-    seconds (from the start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a
-    run on a lent GPU with a hard time limit still ends its schedule (the log records the epochs it chose).
-    ``with_ct_less``: train on the training patients without a CT too (a water-equivalent body, as prediction
-    uses for them): 27 more patients than the 169 with a CT. The monitor stays on validation patients with a CT.
-    ``rotate_deg``, ``scale``: the turn and zoom augmentation of :func:`augment` (0: off, as up to v2.5)."""
-    if not (0.0 <= rotate_deg <= 90.0 and 0.0 <= scale < 0.5):
-        raise DoseAIError(f"the turn must be within 0-90 deg and the zoom within 0-0.5, got {rotate_deg} and {scale}")
-    if threads:
-        torch.set_num_threads(threads)
-    rng = seed_everything(seed)
-    torch_device = pick_device(device)
+@dataclass(frozen=True, kw_only=True)
+class PreferenceTrainingConfig(TrainingConfig):
+    """Settings of Stage II (:func:`train_preference`).
+
+    ``freeze_prior=False`` with a random prior gives the ablation without Stage I. ``init_weights`` (shipped
+    weights) starts a new run from an earlier model, so training can go on across sessions. ``time_budget_s``:
+    after the first and again after the second epoch, cut ``epochs`` to what fits in that many seconds (from the
+    start of training) at that epoch's pace and fit the learning-rate schedule to it, so that a run on a lent GPU
+    with a hard time limit still ends its schedule (the log records the epochs it chose). ``with_ct_less``: train
+    on the training patients without a CT too (a water-equivalent body, as prediction uses for them): 27 more
+    patients than the 169 with a CT. The monitor stays on validation patients with a CT. ``rotate_deg``,
+    ``scale``: the turn and zoom augmentation of :func:`augment` (0: off, as up to v2.5).
+    """
+
+    run_name: str = "preference"
+    epochs: int = 40
+    learning_rate: float = 1e-3
+    network: dict | None = None  # overrides of DEFAULT_PREFERENCE_CONFIG (e.g. {"refine_film": True})
+    semantics: dict | None = None  # overrides of the sliders' DEFAULT_SEMANTICS
+    freeze_prior: bool = True
+    init_weights: Path | None = None
+    neutral_fraction: float = 0.4  # share of the steps at neutral sliders
+    metric_weight: float = 0.0  # weight of the DVH-metric loss
+    time_budget_s: float | None = None
+    with_ct_less: bool = False
+    rotate_deg: float = 0.0
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.rotate_deg <= 90.0 and 0.0 <= self.scale < 0.5):
+            raise DoseAIError(f"the turn must be within 0-90 deg and the zoom within 0-0.5, got {self.rotate_deg} "
+                              f"and {self.scale}")
+
+
+def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
+                     config: PreferenceTrainingConfig | None = None) -> Path:
+    """Train (or resume) the preference model on ``spec``'s grid into the Stage I prior of ``prior_checkpoint``
+    (None: a random prior, for the ablation); the path of the run's last checkpoint."""
+    config = config or PreferenceTrainingConfig()
+    rng, torch_device = start_run(config)
+    norm_gy, freeze_prior, learning_rate = config.norm_gy, config.freeze_prior, config.learning_rate
     torch.backends.cudnn.benchmark = torch_device.type == "cuda"  # one input shape: autotuned kernels pay off
-    semantics = {**DEFAULT_SEMANTICS, **(semantics or {})}
-    config = {**DEFAULT_PREFERENCE_CONFIG, **(config or {})}
+    semantics = {**DEFAULT_SEMANTICS, **(config.semantics or {})}
+    network = {**DEFAULT_PREFERENCE_CONFIG, **(config.network or {})}
     prior_state = load_checkpoint(prior_checkpoint, ("model", "config"), "Stage I prior checkpoint") \
         if prior_checkpoint else None
     prior_config = prior_state["config"] if prior_state else None
-    net = PreferenceDoseNet(len(CHANNELS), prior_config, config)
+    net = PreferenceDoseNet(len(CHANNELS), prior_config, network)
     if prior_state:
         net.prior.load_state_dict(prior_state["model"])
-    if init_weights:  # parts the earlier model lacks (e.g. a new refine_film) keep their neutral initialisation
-        shipped = load_state_dict_file(init_weights)
+    if config.init_weights:  # parts the earlier model lacks (e.g. a new refine_film) keep their neutral initialisation
+        shipped = load_state_dict_file(config.init_weights)
         missing, unexpected = net.load_state_dict({k: v.float() for k, v in shipped.items()}, strict=False)
         if unexpected or any(not key.startswith("refine_film.") for key in missing):
-            raise ValueError(f"{init_weights} does not fit this network (missing {missing}, unexpected {unexpected})")
+            raise ValueError(f"{config.init_weights} does not fit this network (missing {missing}, "
+                             f"unexpected {unexpected})")
     if freeze_prior:
         net.freeze_prior()
     net = route_convolutions_to_onednn(net.to(torch_device))
-    train = load_split("train", spec, norm_gy, need_dose=True, need_ct=not with_ct_less)
+    train = load_split("train", spec, norm_gy, need_dose=True, need_ct=not config.with_ct_less)
     validation = load_split("validation", spec, norm_gy, need_dose=True, need_ct=True)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
-    folder = cache_root() / "runs" / run_name
-    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(net, optimizer)
     steps_per_epoch = len(train.ids)
 
@@ -226,6 +232,7 @@ def train_preference(
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, pct_start=0.1,
                                                    total_steps=total_epochs * steps_per_epoch, last_epoch=steps_done - 1)
 
+    epochs = config.epochs  # a time budget may cut it
     scheduler = one_cycle(epochs, start_epoch * steps_per_epoch)
     # float16 on the device (2.6 GB for 169 patients on a GPU), float32 one step at a time
     train_features = torch.from_numpy(train.features).to(torch_device)
@@ -243,11 +250,12 @@ def train_preference(
         for index in tqdm(rng.permutation(len(train.ids)), desc=f"preference epoch {epoch + 1}/{epochs}",
                           unit="patient", leave=False):
             features, dose = augment(train_features[index:index + 1], train_doses[index:index + 1], rng,
-                                     rotate_deg, scale)
+                                     config.rotate_deg, config.scale)
             x, y = features.float(), dose.float()
-            sliders = torch.from_numpy(sample_sliders(rng, neutral_fraction)[np.newaxis]).to(torch_device)
+            sliders = torch.from_numpy(sample_sliders(rng, config.neutral_fraction)[np.newaxis]).to(torch_device)
             loss, parts = step_loss(net, x, y, sliders, semantics, use_bf16, torch_device,
-                                    latent_weight=0.1 if freeze_prior else 0.0, metric_weight=metric_weight)
+                                    latent_weight=0.1 if freeze_prior else 0.0,
+                                    metric_weight=config.metric_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -261,20 +269,20 @@ def train_preference(
         log.write(**record)
         print(json.dumps(record))
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "config": config, "prior_config": prior_config, "semantics": semantics,
+                          "config": network, "prior_config": prior_config, "semantics": semantics,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing),
                                    "snap_to_case_lattice": spec.snap_to_case},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
-                          "freeze_prior": freeze_prior, "with_ct_less": with_ct_less,
-                          "loss": {"neutral_fraction": neutral_fraction, "metric_weight": metric_weight},
-                          "augmentation": {"rotate_deg": rotate_deg, "scale": scale}})
-        if time_budget_s and epoch - start_epoch < BUDGET_SIZING_EPOCHS:
-            fitting = _epochs_within(time_budget_s, time.perf_counter() - training_start,
+                          "freeze_prior": freeze_prior, "with_ct_less": config.with_ct_less,
+                          "loss": {"neutral_fraction": config.neutral_fraction, "metric_weight": config.metric_weight},
+                          "augmentation": {"rotate_deg": config.rotate_deg, "scale": config.scale}})
+        if config.time_budget_s and epoch - start_epoch < BUDGET_SIZING_EPOCHS:
+            fitting = _epochs_within(config.time_budget_s, time.perf_counter() - training_start,
                                      time.perf_counter() - start, epoch, requested_epochs)
             if fitting != epochs:
                 epochs = fitting
                 if epoch + 1 < epochs:  # steps remain: the schedule ends with them
                     scheduler = one_cycle(epochs, (epoch + 1) * steps_per_epoch)
-            print(f"time budget {time_budget_s:.0f} s: {epochs} epochs in all")
+            print(f"time budget {config.time_budget_s:.0f} s: {epochs} epochs in all")
         epoch += 1
     return checkpoints.path

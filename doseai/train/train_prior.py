@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,8 @@ from tqdm import tqdm
 from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG, build_dose_prior
 from doseai.models.features import GridSpec
 from doseai.models.onednn import route_convolutions_to_onednn
-from doseai.paths import cache_root
 from doseai.train.dataset import load_split
-from doseai.train.loop import Checkpointer, JsonLog, autocast, bf16_is_faster, pick_device, seed_everything
+from doseai.train.loop import TrainingConfig, autocast, bf16_is_faster, open_run, start_run
 
 
 def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -45,28 +45,27 @@ def reconstruction_mae_gy(model, doses: np.ndarray, device, use_bf16: bool, norm
     return float(np.mean(errors))
 
 
-def train_dose_prior(
-    spec: GridSpec,
-    run_name: str = "dose_prior",
-    epochs: int = 30,
-    learning_rate: float = 1e-3,
-    norm_gy: float = 70.0,
-    config: dict | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    threads: int | None = None,
-) -> Path:
-    if threads:
-        torch.set_num_threads(threads)
-    rng = seed_everything(seed)
-    torch_device = pick_device(device)
-    config = {**DEFAULT_PRIOR_CONFIG, **(config or {})}
+@dataclass(frozen=True, kw_only=True)
+class PriorTrainingConfig(TrainingConfig):
+    """Settings of Stage I (:func:`train_dose_prior`)."""
+
+    network: dict | None = None  # overrides of DEFAULT_PRIOR_CONFIG (the VQ-VAE's layers and codebook)
+    run_name: str = "dose_prior"
+    epochs: int = 30
+    learning_rate: float = 1e-3
+
+
+def train_dose_prior(spec: GridSpec, config: PriorTrainingConfig | None = None) -> Path:
+    """Train (or resume) the dose prior on ``spec``'s grid; the path of the run's last checkpoint."""
+    config = config or PriorTrainingConfig()
+    rng, torch_device = start_run(config)
+    epochs, norm_gy = config.epochs, config.norm_gy
+    network = {**DEFAULT_PRIOR_CONFIG, **(config.network or {})}
     train = load_split("train", spec, norm_gy, need_dose=True)
     validation = load_split("validation", spec, norm_gy, need_dose=True)
-    model = route_convolutions_to_onednn(build_dose_prior(config).to(torch_device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    folder = cache_root() / "runs" / run_name
-    checkpoints, log = Checkpointer(folder), JsonLog(folder / "log.jsonl")
+    model = route_convolutions_to_onednn(build_dose_prior(network).to(torch_device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(model, optimizer)
     example = torch.from_numpy(train.doses[:1].astype(np.float32)).to(torch_device)
     use_bf16 = bf16_is_faster(model, example, torch_device)
@@ -93,6 +92,6 @@ def train_dose_prior(
         log.write(**record)
         print(json.dumps(record))
         checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "config": config, "grid": {"shape_zyx": spec.shape, "spacing_xyz_mm": spec.spacing},
+                          "config": network, "grid": {"shape_zyx": spec.shape, "spacing_xyz_mm": spec.spacing},
                           "norm_gy": norm_gy, "train_ids": train.ids, "val_mae_gy": record.get("val_mae_gy")})
     return checkpoints.path
