@@ -586,4 +586,6 @@ class DosePreferenceLogic(ScriptedLoadableModuleLogic, DosePreferenceLib.DosePre
 # DosePreferenceTest (DosePreferenceLib/selftest.py: what Slicer's Reload & Test and ctest run)
 #
 
-from DosePreferenceLib.selftest import DosePreferenceTest  # noqa: E402, F401
+from DosePreferenceLib.selftest import DosePreferenceTest  # noqa: E402
+
+DosePreferenceTest.logicClass = DosePreferenceLogic

@@ -12,17 +12,12 @@ from DosePreferenceLib.sliders import POLL_INTERVAL_MS
 from doseai.mrml.app import in_slicer_application
 
 
-def _moduleLogic():
-    """The module's logic (with its parameter node and Slicer's DICOM database), from the module file."""
-    import DosePreference
-
-    return DosePreference.DosePreferenceLogic()
-
-
 class DosePreferenceTest(ScriptedLoadableModuleTest):
     """The whole workflow on the synthetic sample case of ``doseai``: mapping, predict, slider change,
     isodose lines, reference DVH, export, a DVH edit (and, in the Slicer application, the same through the
     GUI)."""
+
+    logicClass = None  # the module's logic (with its parameter node and Slicer's DICOM database): set by the module
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -36,7 +31,7 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
             return
         self.setUp()
         self.test_PredictSlidersExport()
-        problem = _moduleLogic().dvhModelProblem()
+        problem = self.logicClass().dvhModelProblem()
         if problem:
             self.delayDisplay(f"DVH edit test left out: {problem}")
         else:
@@ -81,7 +76,7 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
         from doseai.mrml import volume_array
 
         case, (ctNode, segNode, referenceNode) = self._sampleNodes()
-        logic = _moduleLogic()
+        logic = self.logicClass()
         rows = logic.structureRows(segNode)
         self.assertEqual([row.segment for row in rows], list(case.structures))
         self.assertTrue(DosePreferenceLib.check_mapping(rows).ok)
@@ -124,7 +119,7 @@ class DosePreferenceTest(ScriptedLoadableModuleTest):
 
         from doseai.mrml import volume_array
 
-        logic = _moduleLogic()
+        logic = self.logicClass()
         problem = logic.dvhModelProblem()
         if problem:
             self.skipTest(problem)
