@@ -23,6 +23,17 @@ def test_the_shipped_card_lists_its_two_sliders_in_the_network_s_order():
     assert oar.tooltip.startswith("oar_sparing = w in [-1, 1]") and "homogeneity = h" not in oar.tooltip
 
 
+def test_the_training_objective_defines_the_conditions_the_card_lists():
+    """The preference loss reads its columns by name from PREFERENCE_CONDITIONS; the export writes them into the
+    card; the shipped card agrees (so the network's columns mean what the sliders say)."""
+    pytest.importorskip("torch")
+    from doseai.train.preference_loss import HOMOGENEITY, OAR_SPARING, PREFERENCE_CONDITIONS
+
+    card = load_card(DEFAULT_MODEL)
+    assert card["preference"]["conditions"] == PREFERENCE_CONDITIONS.to_card()
+    assert (OAR_SPARING, HOMOGENEITY) == (0, 1) and card["network"]["config"]["n_sliders"] == len(PREFERENCE_CONDITIONS)
+
+
 def test_values_by_mapping_order_or_keyword_are_checked_and_complete():
     space = ConditionSpace.from_card({"preference": {"sliders": ["a_b", "c"], "range": [-1, 1]}})
     assert space.values() == {"a_b": 0.0, "c": 0.0}

@@ -61,6 +61,7 @@ def test_train_resume_export_predict(tiny_data, small_case, tmp_path, capsys):
     weights = export_model(checkpoint, prior, tmp_path / "models" / "tiny.pt")
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["grid"]["shape_zyx"] == list(TINY.shape) and card["preference"]["sliders"] == ["oar_sparing", "homogeneity"]
+    assert [c["label"] for c in card["preference"]["conditions"]] == ["OAR sparing", "PTV homogeneity"]
     assert card["training"]["loss"].startswith("60% of the steps") and "1 x DVH-metric loss" in card["training"]["loss"]
     with pytest.raises(DoseAIError, match="exists"):
         export_model(checkpoint, prior, weights)

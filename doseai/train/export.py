@@ -15,6 +15,7 @@ from doseai.models.dose_prior import DEFAULT_PRIOR_CONFIG
 from doseai.models.features import OPENKBP_GANTRY_DEG
 from doseai.paths import REPO_ROOT
 from doseai.safe_load import load_checkpoint, load_state_dict_file, plain
+from doseai.train.preference_loss import PREFERENCE_CONDITIONS
 
 SLIDER_TEXT = (
     "oar_sparing = w in [-1, 1] asks every OAR's mean dose to change by {oar:+.0%} x w relative to the typical "
@@ -89,7 +90,8 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
         "grid": {**state["grid"], "direction": "identity (LPS)", "placement": _placement(state["grid"])},
         "normalization": {"dose": "network dose x highest prescription of the case = Gy",
                           "training_norm_gy": state["norm_gy"]},
-        "preference": {"sliders": ["oar_sparing", "homogeneity"], "range": [-1.0, 1.0], "semantics": semantics,
+        "preference": {"sliders": PREFERENCE_CONDITIONS.names, "range": [-1.0, 1.0],
+                       "conditions": PREFERENCE_CONDITIONS.to_card(), "semantics": semantics,
                        "text": SLIDER_TEXT.format(oar=semantics["oar_mean_change_at_plus1"],
                                                   hi=semantics["hi_change_at_plus1"])},
         "dose_prior": {"kind": "MONAI VQVAE", "config": state["prior_config"] or DEFAULT_PRIOR_CONFIG,

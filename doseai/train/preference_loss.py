@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
+from doseai.conditions import Condition, ConditionSpace
+
 DEFAULT_SEMANTICS = {"oar_mean_change_at_plus1": -0.20, "hi_change_at_plus1": -0.40}
+# the conditions this objective defines, in the network's column order; the export writes them into the card,
+# from which everything that shows or takes a slider reads them (doseai.conditions)
+PREFERENCE_CONDITIONS = ConditionSpace((
+    Condition("oar_sparing", "OAR sparing", -1.0, 1.0, abbreviation="OAR"),
+    Condition("homogeneity", "PTV homogeneity", -1.0, 1.0, abbreviation="HI"),
+))
+OAR_SPARING = PREFERENCE_CONDITIONS.index("oar_sparing")
+HOMOGENEITY = PREFERENCE_CONDITIONS.index("homogeneity")
 
 
 @dataclass
@@ -53,7 +63,7 @@ def plan_metrics(dose: torch.Tensor, oar_masks: torch.Tensor, ptv_masks: torch.T
 def preference_gap(predicted: PlanMetrics, reference: PlanMetrics, sliders: torch.Tensor,
                    semantics: dict = DEFAULT_SEMANTICS) -> torch.Tensor:
     """Mean absolute gap (dose units of the network) between the predicted metrics and the slider targets."""
-    oar_weight, hom_weight = sliders[:, 0:1], sliders[:, 1]
+    oar_weight, hom_weight = sliders[:, OAR_SPARING:OAR_SPARING + 1], sliders[:, HOMOGENEITY]
     oar_target = reference.oar_means * (1 + semantics["oar_mean_change_at_plus1"] * oar_weight)
     present = ~torch.isnan(oar_target)
     oar_gap = torch.where(present, (predicted.oar_means - oar_target).abs(), torch.zeros_like(oar_target))

@@ -28,7 +28,15 @@ from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNe
 from doseai.safe_load import load_checkpoint, load_state_dict_file
 from doseai.train.dataset import load_split
 from doseai.train.loop import TrainingConfig, autocast, bf16_is_faster, open_run, start_run
-from doseai.train.preference_loss import DEFAULT_SEMANTICS, dvh_metric_loss, plan_metrics, preference_gap
+from doseai.train.preference_loss import (
+    DEFAULT_SEMANTICS,
+    HOMOGENEITY,
+    OAR_SPARING,
+    PREFERENCE_CONDITIONS,
+    dvh_metric_loss,
+    plan_metrics,
+    preference_gap,
+)
 
 CHANNELS = channel_names()
 OAR_SLICE = slice(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1)
@@ -63,15 +71,18 @@ def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator
 def sample_sliders(rng: np.random.Generator, neutral_fraction: float = 0.4) -> np.ndarray:
     """Neutral in ``neutral_fraction`` of the steps; of the rest, 5/12 move only OAR sparing, 5/12 only
     homogeneity, 1/6 both (0.25 / 0.25 / 0.1 at the v1 default of 0.4 neutral)."""
+    sliders = np.zeros(len(PREFERENCE_CONDITIONS), np.float32)  # columns: PREFERENCE_CONDITIONS
     kind = rng.random()
     if kind < neutral_fraction:
-        return np.zeros(2, np.float32)
+        return sliders
     kind = (kind - neutral_fraction) / (1.0 - neutral_fraction)
     if kind < 5 / 12:
-        return np.array([rng.uniform(-1, 1), 0.0], np.float32)
-    if kind < 10 / 12:
-        return np.array([0.0, rng.uniform(-1, 1)], np.float32)
-    return rng.uniform(-1, 1, size=2).astype(np.float32)
+        sliders[OAR_SPARING] = rng.uniform(-1, 1)
+    elif kind < 10 / 12:
+        sliders[HOMOGENEITY] = rng.uniform(-1, 1)
+    else:
+        sliders[:] = rng.uniform(-1, 1, size=len(sliders))
+    return sliders
 
 
 def structure_masks(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +127,8 @@ def step_loss(net: PreferenceDoseNet, x: torch.Tensor, y: torch.Tensor, sliders:
         loss = voxel + 0.5 * coarse_voxel + latent_weight * latent_error + 0.1 * gap + metric_weight * metrics
         return loss, {"voxel": voxel.item(), "coarse": coarse_voxel.item(), "latent": latent_error.item(),
                       "gap0": gap.item(), "dvh_metrics": metrics.item()}
-    anchor_region = ptvs if sliders[0, 1] == 0 else (~ptvs if sliders[0, 0] == 0 else torch.zeros_like(ptvs))
+    anchor_region = (ptvs if sliders[0, HOMOGENEITY] == 0 else
+                     (~ptvs if sliders[0, OAR_SPARING] == 0 else torch.zeros_like(ptvs)))
     anchor_region = anchor_region & body
     anchor = (error * anchor_region).sum() / anchor_region.sum().clamp(min=1)
     loss = gap + 0.3 * anchor + 0.05 * error[body].mean()
