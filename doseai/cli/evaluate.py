@@ -10,9 +10,6 @@ from doseai.cli.common import REPORT_FILES, add_case, add_force, load_case_of, r
 from doseai.errors import MissingStructureError, UnreadableInputError
 from doseai.output_paths import check_output_file, check_output_folder
 
-PREDICTION_SUFFIXES = (".npz", ".csv", ".nrrd", ".nii.gz", ".mha")
-
-
 def add_parsers(sub) -> None:
     """``dvh``, ``evaluate`` and ``convert``."""
     from doseai.io import case_format_names
@@ -64,7 +61,10 @@ def run_dvh(args) -> int:
 
 
 def _find_prediction(folder: Path, patient_id: str) -> Path | None:
-    for suffix in PREDICTION_SUFFIXES:
+    """``<folder>/<patient_id>`` with a dose ending of a case format (doseai.io.FORMATS, in their order)."""
+    from doseai.io import FORMATS
+
+    for suffix in (suffix for fmt in FORMATS for suffix in fmt.dose_suffixes):
         if (folder / f"{patient_id}{suffix}").is_file():
             return folder / f"{patient_id}{suffix}"
     return None
