@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from doseai.errors import DoseAIError
-from doseai.paths import REPO_ROOT
+from doseai.paths import REPO_ROOT, openkbp_root
 from doseai.train.travel import _packed_patient, pack_openkbp, packed_patients, unpack_openkbp
 
-from conftest import OPENKBP
+OPENKBP = openkbp_root()
 
 
 def _patient(path, seed):
