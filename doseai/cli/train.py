@@ -1,5 +1,9 @@
 """``doseai train ...``: the training stages, Pareto plan generation, calibration and export (all resumable or
-single-shot; checkpoints in the cache folder)."""
+single-shot; checkpoints in the cache folder).
+
+``train prior``, ``train preference`` and ``train dvh`` also run as several processes:
+``torchrun --nproc_per_node N [--nnodes M ...] -m doseai.cli train prior ...`` trains with
+DistributedDataParallel (gloo on the CPU, NCCL on CUDA; see :mod:`doseai.train.distributed`)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,22 @@ from pathlib import Path
 from doseai.cli.common import SHIPPED_DVH, SHIPPED_PREFERENCE, add_device, add_force
 from doseai.errors import UnreadableInputError
 
+TRAINING_STAGES = ("prior", "preference", "dvh")  # those that run under torchrun too
+# torchrun's own parser reads "--run" as an abbreviation of its --run-path, so these stages take --run-name too
+RUN_HELP = "run name (checkpoints in <cache>/runs/<run>); under torchrun spell it --run-name"
+
+
+def add_batch_options(stage) -> None:
+    """``--accumulate`` and ``--lr-scaling``: the patients of an optimizer step and how the learning rate
+    follows them (see doseai.train.loop.TrainingConfig)."""
+    stage.add_argument("--accumulate", type=int, default=1,
+                       help="patients per optimizer step in each process (gradient accumulation; the prior takes "
+                            "them as one batch). A step covers accumulate x processes patients, so an epoch takes "
+                            "that many times fewer steps (default: %(default)s)")
+    stage.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none",
+                       help="learning rate per step: as --lr whatever the patients per step (none, the default), "
+                            "or --lr x their number (linear) or x its square root (sqrt)")
+
 
 def add_parser(sub) -> None:
     """``train`` and its stages."""
@@ -17,11 +37,12 @@ def add_parser(sub) -> None:
     prior = train_sub.add_parser("prior", help="Stage I: VQ-VAE dose prior on every training dose")
     preference = train_sub.add_parser("preference", help="Stage II: anatomy encoder + FiLM sliders, frozen prior")
     for stage in (prior, preference):
-        stage.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
+        stage.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
         stage.add_argument("--epochs", type=int, default=30)
         stage.add_argument("--lr", type=float, default=1e-3)
         add_device(stage)
         stage.add_argument("--threads", type=int)
+        add_batch_options(stage)
     preference.add_argument("--prior", help="Stage I checkpoint (omit with --no-freeze for the ablation)")
     preference.add_argument("--no-freeze", action="store_true", help="train the decoder too (ablation without Stage I)")
     preference.add_argument("--init", help="start from these weights (e.g. the shipped model) to train on")
@@ -65,7 +86,7 @@ def add_parser(sub) -> None:
                         help="of the plans, how many draw an independent weight per OAR (default: %(default)s)")
     pareto.add_argument("--shard", default="0/1", help="K/N: every N-th patient from the K-th, to run N processes")
     dvh = train_sub.add_parser("dvh", help="the DVH-conditioned network on generated Pareto plans (resumable)")
-    dvh.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
+    dvh.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
     dvh.add_argument("--pareto-run", required=True, help="the `doseai train pareto --run` whose plans to learn from")
     dvh.add_argument("--init", help="preference weights the encoder, decoder and prior start from "
                                     "(default: the shipped preference model)")
@@ -73,6 +94,7 @@ def add_parser(sub) -> None:
     dvh.add_argument("--lr", type=float, default=5e-4)
     add_device(dvh)
     dvh.add_argument("--threads", type=int)
+    add_batch_options(dvh)
     dvh.add_argument("--targets", choices=("mixes", "plans"), default="mixes",
                      help="projection onto the Pareto set: the nearest mix of two plans (default) or plan")
     dvh.add_argument("--edit-metric-weight", type=float, default=1.0,
@@ -132,14 +154,16 @@ def add_parser(sub) -> None:
     add_force(export)
 
 
-def run(args) -> int:
+def _train(args) -> Path:
+    """Run the training stage ``args.stage`` (one of TRAINING_STAGES); its last checkpoint."""
     from doseai.models.features import DEFAULT_GRID as spec
+    batch = {"accumulate": args.accumulate, "lr_scaling": args.lr_scaling}
     if args.stage == "prior":
         from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 
-        path = train_dose_prior(spec, PriorTrainingConfig(run_name=args.run, epochs=args.epochs, learning_rate=args.lr,
-                                                          device=args.device, threads=args.threads))
-    elif args.stage == "preference":
+        return train_dose_prior(spec, PriorTrainingConfig(run_name=args.run, epochs=args.epochs, learning_rate=args.lr,
+                                                          device=args.device, threads=args.threads, **batch))
+    if args.stage == "preference":
         from dataclasses import replace
 
         from doseai.models.features import with_slice_spacing
@@ -157,18 +181,31 @@ def run(args) -> int:
             network={"refine_film": True} if args.refine_film else None,
             neutral_fraction=args.neutral_fraction, metric_weight=args.metric_weight,
             with_ct_less=args.with_ct_less, rotate_deg=args.rotate_deg, scale=args.scale,
-            time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
-        path = train_preference(spec, Path(args.prior) if args.prior else None, config)
-    elif args.stage == "dvh":
-        from doseai.predict import DEFAULT_MODEL
-        from doseai.train.train_dvh import DVHTrainingConfig, train_dvh
+            time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None, **batch)
+        return train_preference(spec, Path(args.prior) if args.prior else None, config)
+    from doseai.predict import DEFAULT_MODEL
+    from doseai.train.train_dvh import DVHTrainingConfig, train_dvh
 
-        config = DVHTrainingConfig(
-            run_name=args.run, epochs=args.epochs, learning_rate=args.lr, device=args.device, threads=args.threads,
-            targets=args.targets, edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
-            mean_offset=args.mean_offset, near_max_weight=args.near_max_weight)
-        path = train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, config)
-    elif args.stage == "calibrate-dvh":
+    config = DVHTrainingConfig(
+        run_name=args.run, epochs=args.epochs, learning_rate=args.lr, device=args.device, threads=args.threads,
+        targets=args.targets, edit_metric_weight=args.edit_metric_weight, pair_weight=args.pair_weight,
+        mean_offset=args.mean_offset, near_max_weight=args.near_max_weight, **batch)
+    return train_dvh(spec, args.pareto_run, Path(args.init) if args.init else DEFAULT_MODEL, config)
+
+
+def run(args) -> int:
+    """``doseai train STAGE``: run the stage; 0 when done."""
+    if args.stage in TRAINING_STAGES:
+        from doseai.train.distributed import is_main_process, shutdown
+
+        try:
+            path = _train(args)
+            if is_main_process():  # under torchrun, one line for all processes
+                print(f"wrote {path}")
+        finally:
+            shutdown()  # the process group init_from_environment started, if any
+        return 0
+    if args.stage == "calibrate-dvh":
         from doseai.train.train_dvh import calibrate_near_max
 
         matching = calibrate_near_max(Path(args.weights), args.pareto_run, args.limit)

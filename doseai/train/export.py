@@ -67,6 +67,15 @@ def _turn_augmentation_record(augmentation: dict | None) -> dict:
                             f"{augmentation['scale']:.0%}"}
 
 
+def _batch_record(batch: dict | None) -> dict:
+    """The card's account of a run's effective batch (nothing for one patient per step, as before)."""
+    if not batch:
+        return {}
+    return {"batch": f"{batch['patients_per_step']} patients per optimizer step ({batch['processes']} processes x "
+                     f"{batch['accumulate']} accumulated), the mean of their gradients; peak learning rate "
+                     f"{batch['learning_rate']:g} (learning-rate scaling: {batch['lr_scaling']})"}
+
+
 def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, force: bool = False) -> Path:
     """``prior_checkpoint`` (Stage I) only documents the prior in the card; None for the ablation without it."""
     from doseai.train.train_preference import loss_text as preference_loss_text
@@ -110,7 +119,7 @@ def export_model(checkpoint: Path, prior_checkpoint: Path | None, out: Path, for
                              + "; validation never used for training",
                      "stage_ii_patients": len(state["train_ids"]),
                      "loss": preference_loss_text(state.get("loss")),
-                     **_turn_augmentation_record(state.get("augmentation"))},
+                     **_turn_augmentation_record(state.get("augmentation")), **_batch_record(state.get("batch"))},
         "validation": {},
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
@@ -208,7 +217,8 @@ def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
                             "distance" if "edit_emphasis" in state else "; edit weighting not recorded in the checkpoint")
                          + " (doseai/train/train_dvh.py)",
                      "loss": state.get("loss", "not recorded in the checkpoint: see doseai/train/train_dvh.py "
-                                               "at the commit that trained it")},
+                                               "at the commit that trained it"),
+                     **_batch_record(state.get("batch"))},
         "validation": {},
     }
     sigma = state["config"].get("mean_offset_sigma_zyx")

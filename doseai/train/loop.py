@@ -1,5 +1,6 @@
 """Shared training machinery: the settings every stage takes, device and precision choice, checkpoints that
-resume, a JSON-lines log."""
+resume, a JSON-lines log. Under ``torchrun`` (see :mod:`doseai.train.distributed`) the checkpoints and the log
+are written by rank 0 only, and every process reads the same checkpoint to resume."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ import numpy as np
 import torch
 
 from doseai.device import pick_device  # core (prediction uses it too); still importable from here
+from doseai.errors import DoseAIError
 from doseai.paths import cache_root
 from doseai.safe_load import load_checkpoint, plain
+from doseai.train.distributed import init_from_environment, is_main_process, main_print, world_size
+
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    """The settings every training stage takes; each stage's config adds its own and sets these defaults."""
+    """The settings every training stage takes; each stage's config adds its own and sets these defaults.
+
+    The effective batch: each optimizer step covers ``accumulate`` patients in each of the ``torchrun``
+    processes, P = accumulate x processes (1 and 1 by default: one patient per step, as always), so an epoch
+    takes P x fewer steps. The gradient is the mean over the P patients (DDP averages over processes, each
+    process over its ``accumulate`` patients). ``lr_scaling``: "none" (default) keeps ``learning_rate`` as
+    the per-step rate whatever P; "linear" multiplies it by P, "sqrt" by sqrt(P) (see :func:`step_learning_rate`).
+    """
 
     run_name: str  # checkpoints and log in <cache>/runs/<run_name>
     epochs: int
@@ -29,13 +41,47 @@ class TrainingConfig:
     device: str = "auto"  # see doseai.device.pick_device
     seed: int = 0
     threads: int | None = None  # torch's CPU threads (None: torch's default)
+    accumulate: int = 1  # patients per optimizer step in each process
+    lr_scaling: str = "none"  # one of LR_SCALINGS: how the learning rate follows the patients per step
+
+    def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise DoseAIError(f"accumulate must be at least 1 patient per step, got {self.accumulate}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise DoseAIError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+
+
+def patients_per_step(config: TrainingConfig) -> int:
+    """The effective batch: patients per optimizer step over all processes (``accumulate`` x processes)."""
+    return config.accumulate * world_size()
+
+
+def step_learning_rate(config: TrainingConfig) -> float:
+    """The (peak) learning rate of a step: ``config.learning_rate`` as it is with ``lr_scaling`` "none", times
+    the patients per step with "linear" (the rule of Goyal et al. 2017 for large batches), times its square
+    root with "sqrt" (often the better fit for Adam)."""
+    factor = {"none": 1.0, "linear": float(patients_per_step(config)),
+              "sqrt": float(np.sqrt(patients_per_step(config)))}[config.lr_scaling]
+    return config.learning_rate if factor == 1.0 else config.learning_rate * factor
+
+
+def batch_record(config: TrainingConfig) -> dict:
+    """The checkpoint's record of the effective batch, ``{"batch": ...}``, or nothing for the single process
+    with one patient per step (whose checkpoints stay as they were)."""
+    if patients_per_step(config) == 1 and config.lr_scaling == "none":
+        return {}
+    return {"batch": {"processes": world_size(), "accumulate": config.accumulate,
+                      "patients_per_step": patients_per_step(config), "lr_scaling": config.lr_scaling,
+                      "learning_rate": step_learning_rate(config)}}
 
 
 def start_run(config: TrainingConfig) -> tuple[np.random.Generator, torch.device]:
-    """Set the CPU threads and seeds of a run and pick its device; the random generator the run draws from."""
+    """Set the CPU threads and seeds of a run and pick its device (joining the process group when torchrun
+    started several processes: :func:`~doseai.train.distributed.init_from_environment`); the random generator
+    the run draws from, seeded alike in every process."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    return seed_everything(config.seed), pick_device(config.device)
+    return seed_everything(config.seed), init_from_environment(pick_device(config.device))
 
 
 def cpu_has_bf16_units() -> bool:
@@ -72,15 +118,20 @@ def autocast(device: torch.device, enabled: bool):
 
 
 class Checkpointer:
-    """Saves model/optimizer/step state atomically to ``folder/last.pt`` and resumes from it."""
+    """Saves model/optimizer/step state atomically to ``folder/last.pt`` and resumes from it (writes on rank 0
+    only; every process resumes from the same file)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "last.pt"
 
     def save(self, state: dict) -> None:
-        """Write ``state`` (e.g. model, optimizer, epoch) to ``last.pt`` so that a crash never leaves half a file."""
+        """Write ``state`` (e.g. model, optimizer, epoch) to ``last.pt`` so that a crash never leaves half a file
+        (rank 0 only: the other processes hold the same weights)."""
+        if not is_main_process():
+            return
         tmp = self.path.with_suffix(".tmp")
         torch.save(plain(state), tmp)  # plain types only, so that resuming loads it with weights_only=True
         os.replace(tmp, self.path)
@@ -96,19 +147,23 @@ class Checkpointer:
             return 0
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        print(f"resuming {self.folder.name} at epoch {state['epoch'] + 1}")
+        main_print(f"resuming {self.folder.name} at epoch {state['epoch'] + 1}")
         return state["epoch"] + 1
 
 
 class JsonLog:
-    """Appends one JSON record per line (e.g. one per epoch) to ``path``, each stamped with the time."""
+    """Appends one JSON record per line (e.g. one per epoch) to ``path``, each stamped with the time (rank 0
+    only)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
-        """Append ``record``; numpy and torch scalars become plain floats."""
+        """Append ``record``; numpy and torch scalars become plain floats. Other ranks write nothing."""
+        if not is_main_process():
+            return
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")

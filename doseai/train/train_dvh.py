@@ -28,6 +28,16 @@ The network starts from the shipped preference weights (anatomy encoder, up path
 prior); only the FiLM input layers are new, zero-initialised so that training starts from the preference model
 at neutral sliders. New Pareto patients that appear in the run folder join at the next epoch, so training can
 start while plans are still being generated. Resumable from ``<cache>/runs/<name>/last.pt``.
+
+With ``accumulate`` K (see :class:`~doseai.train.loop.TrainingConfig`) an optimizer step accumulates the
+gradients of K samples (each its own forward and backward), clipped and applied once. Under ``torchrun`` each
+process takes its share of a step's patients and DDP averages the gradients, so N processes train as one
+process with ``accumulate`` N (up to rounding); a patient's draws (desired DVH, reference plan, mirror and shift)
+are the single process's, every process drawing for every patient of the epoch in order. The patients of an
+epoch are those rank 0 found (plans may appear while the processes look). Two things differ: a sample whose loss
+is not finite is skipped with the other processes' samples of that micro-step (they must all take the same
+branch), and the gradients are averaged across processes after every accumulated sample (so that a skipped
+last one cannot leave them unsynchronised).
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.safe_load import load_state_dict_file
 from doseai.paths import cache_root
 from doseai.train.dataset import cache_folder, prepare_split
-from doseai.train.loop import TrainingConfig, open_run, start_run
+from doseai.train.distributed import (StepModule, all_processes, backward_share, barrier, broadcast, gather,
+                                      is_main_process, main_process_first, step_positions, wrap)
+from doseai.train.loop import TrainingConfig, batch_record, open_run, start_run, step_learning_rate
 
 CHANNELS = channel_names()
 BODY = CHANNELS.index("body")
@@ -183,17 +195,48 @@ def projection_target(patient: "ParetoPatient", desired: np.ndarray, curve_weigh
     return a * patient.doses[i].astype(np.float32) + (1 - a) * patient.doses[j].astype(np.float32)
 
 
+def draw_mirror_shift(rng: np.random.Generator) -> tuple[bool, tuple[int, int, int]]:
+    """The random part of :func:`augment`: (mirror, shift along z, y, x), drawn in its order."""
+    mirror = bool(rng.random() < 0.5)
+    return mirror, tuple(int(s) for s in rng.integers(-3, 4, size=3))
+
+
 def augment(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_weights: np.ndarray,
             structures: list[str], rng: np.random.Generator):
     """Left-right mirror (parotid channels, DVH rows and their curve weights swapped) and small shifts;
     ``dose`` (k, z, y, x) and ``desired`` (structures, points) or (k, structures, points) may hold several."""
-    if rng.random() < 0.5:
+    return apply_mirror_shift(features, dose, desired, curve_weights, structures, *draw_mirror_shift(rng))
+
+
+def apply_mirror_shift(features: np.ndarray, dose: np.ndarray, desired: np.ndarray, curve_weights: np.ndarray,
+                       structures: list[str], mirror: bool, shift: tuple[int, int, int]):
+    """:func:`augment` with its random part given (from :func:`draw_mirror_shift`)."""
+    if mirror:
         features, dose = features[MIRROR_ORDER, ..., ::-1], dose[..., ::-1]  # fancy indexing copies
         rows = mirror_order(structures)
         desired, curve_weights = desired[..., rows, :], curve_weights[rows]  # one DVH vector or a stack of them
-    shift = tuple(int(s) for s in rng.integers(-3, 4, size=3))
     return (np.roll(features, shift, axis=(-3, -2, -1)), np.roll(dose, shift, axis=(-3, -2, -1)), desired,
             curve_weights)
+
+
+@dataclass(frozen=True)
+class SampleDraw:
+    """The random part of one training sample: the desired DVH, its projection's curve weights, the plan it was
+    drawn from, the reference plan of the pair (None without ``pair_weight``), mirror and shift."""
+
+    desired: np.ndarray
+    curve_weights: np.ndarray
+    drawn_from: int
+    reference: int | None
+    mirror: bool
+    shift: tuple[int, int, int]
+
+
+def draw_sample(dvh: np.ndarray, rng: np.random.Generator, paired: bool) -> SampleDraw:
+    """Every draw of a sample of the patient with plans' DVH vectors ``dvh``, in the training step's order."""
+    desired, curve_weights, drawn_from = sample_desired_dvh(dvh, rng)
+    reference = reference_plan(dvh, desired, drawn_from, rng) if paired else None
+    return SampleDraw(desired, curve_weights, drawn_from, reference, *draw_mirror_shift(rng))
 
 
 def structure_metric_loss(prediction: torch.Tensor, y: torch.Tensor, masks: list[tuple[int, torch.Tensor]],
@@ -308,10 +351,12 @@ class DVHTrainingConfig(TrainingConfig):
 
 def train_dvh(spec: GridSpec, pareto_run: str, init_weights: Path, config: DVHTrainingConfig | None = None) -> Path:
     """Train (or resume) the DVH-conditioned network on ``spec``'s grid from the plans of Pareto run
-    ``pareto_run``, starting from the preference weights ``init_weights``; the path of the run's last checkpoint."""
+    ``pareto_run``, starting from the preference weights ``init_weights``; the path of the run's last checkpoint.
+    Under ``torchrun`` every process trains on its share of each step's patients (see the module docstring);
+    rank 0 monitors, logs and checkpoints."""
     config = config or DVHTrainingConfig()
     rng, torch_device = start_run(config)
-    epochs, learning_rate, norm_gy = config.epochs, config.learning_rate, config.norm_gy
+    epochs, learning_rate, norm_gy = config.epochs, step_learning_rate(config), config.norm_gy
     edit_metric_weight, pair_weight, near_max_weight = (config.edit_metric_weight, config.pair_weight,
                                                         config.near_max_weight)
     layout = dict(DEFAULT_DVH_LAYOUT)
@@ -333,59 +378,78 @@ def train_dvh(spec: GridSpec, pareto_run: str, init_weights: Path, config: DVHTr
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-4)
     checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(net, optimizer)
-    held_out = load_pareto_patients(pareto_root / config.held_out_split, config.held_out_split, spec, norm_gy)
-    print(f"zero-initialised (new) layers: {fresh}; {len(held_out)} held-out patients; "
-          f"device {torch_device}")
+    held_out = (load_pareto_patients(pareto_root / config.held_out_split, config.held_out_split, spec, norm_gy)
+                if is_main_process() else {})  # the monitor runs on rank 0
+    if is_main_process():
+        print(f"zero-initialised (new) layers: {fresh}; {len(held_out)} held-out patients; "
+              f"device {torch_device}")
+    # the mean-offset gains get no gradient for a patient without structures: DDP must look for unused ones
+    step = wrap(StepModule(net, training_step_loss), torch_device, find_unused_parameters=net.offset is not None)
     patients: dict[str, ParetoPatient] = {}
     for epoch in range(start_epoch, epochs):
-        patients = load_pareto_patients(pareto_root / "train", "train", spec, norm_gy, patients)
-        if not patients:
+        with main_process_first():  # rank 0 may write the model-grid cache; the others then see its plans too
+            patients = load_pareto_patients(pareto_root / "train", "train", spec, norm_gy, patients)
+        ids = broadcast(list(patients))  # rank 0's patients: plans may appear between the processes' looks
+        if not ids:
             raise FileNotFoundError(f"no Pareto plans under {pareto_root / 'train'}: run `doseai train pareto` first")
         for group in optimizer.param_groups:  # cosine decay per epoch (the number of steps grows with the data)
             group["lr"] = group["lr_scale"] * learning_rate * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
         start = time.perf_counter()
         totals: dict[str, list[float]] = {}
-        ids = list(patients)
-        for index in tqdm(rng.permutation(len(ids)), desc=f"DVH epoch {epoch + 1}/{epochs}", unit="patient",
-                          leave=False):
-            patient = patients[ids[index]]
-            desired, curve_weights, drawn_from = sample_desired_dvh(patient.dvh, rng)
-            doses, conditions = [projection_target(patient, desired, curve_weights, config.targets)], [desired]
-            if pair_weight > 0:
-                reference = reference_plan(patient.dvh, desired, drawn_from, rng)
-                doses.append(patient.doses[reference].astype(np.float32))
-                conditions.append(patient.dvh[reference])
-            features, dose, desired, curve_weights = augment(patient.features, np.stack(doses), np.stack(conditions),
-                                                             curve_weights, layout["structures"], rng)
-            x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(torch_device)
-            y = torch.from_numpy(dose[:, np.newaxis].astype(np.float32)).to(torch_device)
-            condition = torch.from_numpy(desired.reshape(len(desired), -1)).to(torch_device)
-            loss, parts = training_step_loss(net, x, y, condition, structure_masks(x, layout["structures"], norm_gy),
-                                             np.where(curve_weights > 1, edit_metric_weight, 1.0), pair_weight,
-                                             near_max_weight)
-            if not torch.isfinite(loss):  # never let one bad sample move the weights; counted in the log
-                totals.setdefault("skipped", []).append(1.0)
-                continue
+        order = rng.permutation(len(ids))
+        # every process draws for every patient, in order, so that a patient's draws are the single process's
+        draws = [draw_sample(patients[ids[index]].dvh, rng, pair_weight > 0) for index in order]
+        for positions in tqdm(step_positions(len(order), config.accumulate), desc=f"DVH epoch {epoch + 1}/{epochs}",
+                              unit="step", leave=False, disable=not is_main_process()):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            for key, value in parts.items():
-                totals.setdefault(key, []).append(value)
-        record = {"epoch": epoch, "patients": len(ids), "seconds": time.perf_counter() - start,
-                  **{key: float(np.sum(values) if key == "skipped" else np.mean(values)) for key, values in totals.items()},
-                  "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy),
-                  **({"offset_gains": [round(g, 3) for g in net.offset.gain.detach().tolist()]}
-                     if net.offset is not None else {})}
-        log.write(**record)
-        print(json.dumps(record))
+            stepped = False
+            for position in positions:
+                patient, draw = patients[ids[order[position]]], draws[position]
+                doses = [projection_target(patient, draw.desired, draw.curve_weights, config.targets)]
+                conditions = [draw.desired]
+                if draw.reference is not None:
+                    doses.append(patient.doses[draw.reference].astype(np.float32))
+                    conditions.append(patient.dvh[draw.reference])
+                features, dose, desired, curve_weights = apply_mirror_shift(
+                    patient.features, np.stack(doses), np.stack(conditions), draw.curve_weights, layout["structures"],
+                    draw.mirror, draw.shift)
+                x = torch.from_numpy(features[np.newaxis].astype(np.float32)).to(torch_device)
+                y = torch.from_numpy(dose[:, np.newaxis].astype(np.float32)).to(torch_device)
+                condition = torch.from_numpy(desired.reshape(len(desired), -1)).to(torch_device)
+                loss, parts = step(x, y, condition, structure_masks(x, layout["structures"], norm_gy),
+                                   np.where(curve_weights > 1, edit_metric_weight, 1.0), pair_weight, near_max_weight)
+                # never let one bad sample move the weights (counted in the log); every process skips alike
+                if not all_processes(bool(torch.isfinite(loss))):
+                    totals.setdefault("skipped", []).append(1.0)
+                    continue
+                backward_share(loss, len(positions))
+                stepped = True
+                for key, value in parts.items():
+                    totals.setdefault(key, []).append(value)
+            if stepped:
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+        merged: dict[str, list[float]] = {}  # every process's samples, for the epoch's means
+        for part in gather(totals):
+            for key, values in part.items():
+                merged.setdefault(key, []).extend(values)
+        if is_main_process():
+            record = {"epoch": epoch, "patients": len(ids), "seconds": time.perf_counter() - start,
+                      **{key: float(np.sum(values) if key == "skipped" else np.mean(values))
+                         for key, values in merged.items()},
+                      "held_out_body_mae_gy": held_out_mae_gy(net, held_out, torch_device, norm_gy),
+                      **({"offset_gains": [round(g, 3) for g in net.offset.gain.detach().tolist()]}
+                         if net.offset is not None else {})}
+            log.write(**record)
+            print(json.dumps(record))
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "config": network,
                           "layout": layout, "prior_config": prior_config, "init_weights": Path(init_weights).name,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing)},
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": ids, "pareto_run": pareto_run,
                           "loss": loss_text(edit_metric_weight, pair_weight, near_max_weight), "targets": config.targets,
-                          "edit_emphasis": EDIT_EMPHASIS})
+                          "edit_emphasis": EDIT_EMPHASIS, **batch_record(config)})
+    barrier()  # the last checkpoint is written before any process returns its path
     return checkpoints.path
 
 

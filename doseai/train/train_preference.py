@@ -6,6 +6,15 @@ one slider in [-1, 1] in 50 %, both in 10 %. At neutral the loss is the voxel L1
 (``preference_loss``) plus an L1 anchor to the reference where the slider should not act (inside the
 PTVs for OAR sparing, outside them for homogeneity). The frozen decoder's own output is also held to the
 reference at neutral, so the prior carries the dose and the refinement head only sharpens it. Resumable from ``<cache>/runs/<name>/last.pt``.
+
+With ``accumulate`` K (see :class:`~doseai.train.loop.TrainingConfig`) an optimizer step accumulates the
+gradients of K patients, each its own forward and backward (the loss is per patient: its slider draw picks the
+branch), clipped and applied once. Under ``torchrun`` each process takes its share of a step's patients and
+DDP averages the gradients, so N processes train as one process with ``accumulate`` N (the same weights on a
+CPU; with ``accumulate`` > 1 in each process, up to the rounding of another summation order). The augmentation
+and slider draws of a patient are those the single process makes for it: every process draws for every patient
+of the epoch in order and uses the draws of its own. (The network decodes the prior's continuous latent, so the
+prior's EMA codebook never moves here, trainable or not.)
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.models.preference import DEFAULT_PREFERENCE_CONFIG, PreferenceDoseNet
 from doseai.safe_load import load_checkpoint, load_state_dict_file
 from doseai.train.dataset import load_split
-from doseai.train.loop import TrainingConfig, autocast, bf16_is_faster, open_run, start_run
+from doseai.train.distributed import (StepModule, backward_share, barrier, broadcast, gather, gradient_sync,
+                                      is_main_process, main_print, main_process_first, step_positions, wrap)
+from doseai.train.loop import (TrainingConfig, autocast, batch_record, bf16_is_faster, open_run, start_run,
+                               step_learning_rate)
 from doseai.train.preference_loss import (
     DEFAULT_SEMANTICS,
     HOMOGENEITY,
@@ -46,6 +58,27 @@ MIRROR_ORDER = mirror_order(CHANNELS)
 MAX_SHIFT_VOXELS = 3  # augmentation: shifts along each axis (the model card's account reads it)
 
 
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random part of :func:`augment`: mirror or not, the shift along z, y, x, and the turn (radians about z)
+    and zoom factor, or None for no turn."""
+
+    mirror: bool
+    shift: tuple[int, int, int]
+    turn: tuple[float, float] | None = None
+
+
+def draw_augmentation(rng: np.random.Generator, rotate_deg: float = 0.0, scale: float = 0.0) -> AugmentationDraw:
+    """What :func:`augment` draws from ``rng``, in the same order (so the run's random stream is unchanged)."""
+    mirror = bool(rng.random() < 0.5)
+    shift = tuple(int(s) for s in rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3))
+    turn = None
+    if (rotate_deg or scale) and rng.random() < 0.5:
+        angle = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg))
+        turn = (angle, float(1.0 + rng.uniform(-scale, scale)))
+    return AugmentationDraw(mirror, shift, turn)
+
+
 def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator, rotate_deg: float = 0.0,
             scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right mirror (swapping the parotid channels) and small shifts, applied to inputs and dose alike.
@@ -53,13 +86,19 @@ def augment(features: torch.Tensor, dose: torch.Tensor, rng: np.random.Generator
     half the steps also turn the case about the z axis by up to that many degrees and zoom it by up to that
     fraction (MONAI's ``Affine``: linear, the prescription channel nearest): the beam plate turns with the
     anatomy, as the beams of a plan on the turned patient would, so the pair stays a plan."""
-    if rng.random() < 0.5:
+    return apply_augmentation(features, dose, draw_augmentation(rng, rotate_deg, scale))
+
+
+def apply_augmentation(features: torch.Tensor, dose: torch.Tensor,
+                       draw: AugmentationDraw) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment` with its random part given (from :func:`draw_augmentation`)."""
+    if draw.mirror:
         features, dose = features.flip(-1)[:, MIRROR_ORDER], dose.flip(-1)
-    shift = tuple(int(s) for s in rng.integers(-MAX_SHIFT_VOXELS, MAX_SHIFT_VOXELS + 1, size=3))
+    shift = draw.shift
     features, dose = torch.roll(features, shift, dims=(-3, -2, -1)), torch.roll(dose, shift, dims=(-3, -2, -1))
-    if (rotate_deg or scale) and rng.random() < 0.5:
-        turn = Affine(rotate_params=(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg)), 0.0, 0.0),
-                      scale_params=(float(1.0 + rng.uniform(-scale, scale)),) * 3,
+    if draw.turn is not None:
+        angle, zoom = draw.turn
+        turn = Affine(rotate_params=(angle, 0.0, 0.0), scale_params=(zoom,) * 3,
                       mode="bilinear", padding_mode="border", image_only=True)
         both = convert_to_tensor(turn(torch.cat([features[0], dose[0]]).float()))  # no MONAI metadata
         # the prescription channel stays one level per target (the DVH-metric loss takes each level as a target)
@@ -202,6 +241,7 @@ class PreferenceTrainingConfig(TrainingConfig):
     scale: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (0.0 <= self.rotate_deg <= 90.0 and 0.0 <= self.scale < 0.5):
             raise DoseAIError(f"the turn must be within 0-90 deg and the zoom within 0-0.5, got {self.rotate_deg} "
                               f"and {self.scale}")
@@ -210,10 +250,12 @@ class PreferenceTrainingConfig(TrainingConfig):
 def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
                      config: PreferenceTrainingConfig | None = None) -> Path:
     """Train (or resume) the preference model on ``spec``'s grid into the Stage I prior of ``prior_checkpoint``
-    (None: a random prior, for the ablation); the path of the run's last checkpoint."""
+    (None: a random prior, for the ablation); the path of the run's last checkpoint. Under ``torchrun`` every
+    process trains on its share of each step's patients (see the module docstring); rank 0 validates, logs and
+    checkpoints, and sizes the epochs to a time budget for all."""
     config = config or PreferenceTrainingConfig()
     rng, torch_device = start_run(config)
-    norm_gy, freeze_prior, learning_rate = config.norm_gy, config.freeze_prior, config.learning_rate
+    norm_gy, freeze_prior = config.norm_gy, config.freeze_prior
     torch.backends.cudnn.benchmark = torch_device.type == "cuda"  # one input shape: autotuned kernels pay off
     semantics = {**DEFAULT_SEMANTICS, **(config.semantics or {})}
     network = {**DEFAULT_PREFERENCE_CONFIG, **(config.network or {})}
@@ -232,13 +274,15 @@ def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
     if freeze_prior:
         net.freeze_prior()
     net = route_convolutions_to_onednn(net.to(torch_device))
-    train = load_split("train", spec, norm_gy, need_dose=True, need_ct=not config.with_ct_less)
-    validation = load_split("validation", spec, norm_gy, need_dose=True, need_ct=True)
+    with main_process_first():  # rank 0 writes the model-grid cache, if missing
+        train = load_split("train", spec, norm_gy, need_dose=True, need_ct=not config.with_ct_less)
+    validation = load_split("validation", spec, norm_gy, need_dose=True, need_ct=True) if is_main_process() else None
     trainable = [p for p in net.parameters() if p.requires_grad]
+    learning_rate = step_learning_rate(config)  # the schedule's peak
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-4)
     checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(net, optimizer)
-    steps_per_epoch = len(train.ids)
+    steps_per_epoch = len(step_positions(len(train.ids), config.accumulate))  # the same on every process
 
     def one_cycle(total_epochs: int, steps_done: int):
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, pct_start=0.1,
@@ -250,36 +294,50 @@ def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
     train_features = torch.from_numpy(train.features).to(torch_device)
     train_doses = torch.from_numpy(train.doses).to(torch_device)
     example = train_features[:1].float()
-    use_bf16 = bf16_is_faster(lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example, torch_device)
-    print(f"{len(train.ids)} training patients ({int(np.sum(train.has_ct))} with CT), "
-          f"{trainable and sum(p.numel() for p in trainable)} trainable parameters, device {torch_device}, "
-          f"bf16 {'on' if use_bf16 else 'off'}")
+    use_bf16 = broadcast(bf16_is_faster(lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example,
+                                        torch_device))  # one precision for every process
+    # the prior's encoder gets no gradient when it trains (the ablation): DDP must look for unused parameters
+    step = wrap(StepModule(net, step_loss), torch_device, find_unused_parameters=not freeze_prior)
+    main_print(f"{len(train.ids)} training patients ({int(np.sum(train.has_ct))} with CT), "
+               f"{trainable and sum(p.numel() for p in trainable)} trainable parameters, device {torch_device}, "
+               f"bf16 {'on' if use_bf16 else 'off'}")
     training_start = time.perf_counter()
     epoch, requested_epochs = start_epoch, epochs
     while epoch < epochs:
         start = time.perf_counter()
         totals: dict[str, list[float]] = {}
-        for index in tqdm(rng.permutation(len(train.ids)), desc=f"preference epoch {epoch + 1}/{epochs}",
-                          unit="patient", leave=False):
-            features, dose = augment(train_features[index:index + 1], train_doses[index:index + 1], rng,
-                                     config.rotate_deg, config.scale)
-            x, y = features.float(), dose.float()
-            sliders = torch.from_numpy(sample_sliders(rng, config.neutral_fraction)[np.newaxis]).to(torch_device)
-            loss, parts = step_loss(net, x, y, sliders, semantics, use_bf16, torch_device,
-                                    latent_weight=0.1 if freeze_prior else 0.0,
-                                    metric_weight=config.metric_weight)
+        order = rng.permutation(len(train.ids))
+        # every process draws for every patient, in order, so that a patient's draws are the single process's
+        draws = [(draw_augmentation(rng, config.rotate_deg, config.scale), sample_sliders(rng, config.neutral_fraction))
+                 for _ in order]
+        for positions in tqdm(step_positions(len(order), config.accumulate),
+                              desc=f"preference epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                              disable=not is_main_process()):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for n, position in enumerate(positions):
+                index, (turn, slider_draw) = order[position], draws[position]
+                features, dose = apply_augmentation(train_features[index:index + 1], train_doses[index:index + 1], turn)
+                x, y = features.float(), dose.float()
+                sliders = torch.from_numpy(slider_draw[np.newaxis]).to(torch_device)
+                with gradient_sync(step, sync=n == len(positions) - 1):
+                    loss, parts = step(x, y, sliders, semantics, use_bf16, torch_device,
+                                       latent_weight=0.1 if freeze_prior else 0.0, metric_weight=config.metric_weight)
+                    backward_share(loss, len(positions))
+                for key, value in parts.items():
+                    totals.setdefault(key, []).append(value)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
-            for key, value in parts.items():
-                totals.setdefault(key, []).append(value)
-        record = {"epoch": epoch, "epochs": epochs, "seconds": time.perf_counter() - start,
-                  **{key: float(np.mean(values)) for key, values in totals.items()},
-                  "val_body_mae_gy": validation_mae_gy(net, validation, torch_device, use_bf16, norm_gy)}
-        log.write(**record)
-        print(json.dumps(record))
+        merged: dict[str, list[float]] = {}  # every process's patients, for the epoch's means
+        for part in gather(totals):
+            for key, values in part.items():
+                merged.setdefault(key, []).extend(values)
+        if is_main_process():
+            record = {"epoch": epoch, "epochs": epochs, "seconds": time.perf_counter() - start,
+                      **{key: float(np.mean(values)) for key, values in merged.items()},
+                      "val_body_mae_gy": validation_mae_gy(net, validation, torch_device, use_bf16, norm_gy)}
+            log.write(**record)
+            print(json.dumps(record))
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "config": network, "prior_config": prior_config, "semantics": semantics,
                           "grid": {"shape_zyx": list(spec.shape), "spacing_xyz_mm": list(spec.spacing),
@@ -287,14 +345,16 @@ def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
                           "norm_gy": norm_gy, "channels": CHANNELS, "train_ids": train.ids,
                           "freeze_prior": freeze_prior, "with_ct_less": config.with_ct_less,
                           "loss": {"neutral_fraction": config.neutral_fraction, "metric_weight": config.metric_weight},
-                          "augmentation": {"rotate_deg": config.rotate_deg, "scale": config.scale}})
+                          "augmentation": {"rotate_deg": config.rotate_deg, "scale": config.scale},
+                          **batch_record(config)})
         if config.time_budget_s and epoch - start_epoch < BUDGET_SIZING_EPOCHS:
-            fitting = _epochs_within(config.time_budget_s, time.perf_counter() - training_start,
-                                     time.perf_counter() - start, epoch, requested_epochs)
+            fitting = broadcast(_epochs_within(config.time_budget_s, time.perf_counter() - training_start,
+                                               time.perf_counter() - start, epoch, requested_epochs))  # rank 0's pace
             if fitting != epochs:
                 epochs = fitting
                 if epoch + 1 < epochs:  # steps remain: the schedule ends with them
                     scheduler = one_cycle(epochs, (epoch + 1) * steps_per_epoch)
-            print(f"time budget {config.time_budget_s:.0f} s: {epochs} epochs in all")
+            main_print(f"time budget {config.time_budget_s:.0f} s: {epochs} epochs in all")
         epoch += 1
+    barrier()  # the last checkpoint is written before any process returns its path
     return checkpoints.path
