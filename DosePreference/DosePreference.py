@@ -35,7 +35,7 @@ from slicer import (  # noqa: E402
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
 )
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -85,6 +85,8 @@ class DosePreferenceParameterNode:
     structureMapping: the structure-mapping table as JSON (DosePreferenceLib.rows_to_json).
     outputDose: the predicted dose volume (created by the first Predict when empty).
     doseGridMm: the predicted dose's own grid, the CT's voxels binned to about this spacing; 0: the CT's grid.
+    predictionModel: "preference" (one dose, live sliders) or "diffusion" (the mean of ``samples`` doses drawn
+    with ``seed``; their voxel-wise spread goes into spreadVolume, their DVH bands into the chart).
     The preference sliders are not fields here: they come from the model card, and their values are kept as
     DoseAI.Slider.<name> parameters of the same node (DosePreferenceLib.sliders).
     showIsodose, isodoseLevels: isodose lines and their levels (percent of the highest prescription).
@@ -99,6 +101,10 @@ class DosePreferenceParameterNode:
     structureMapping: str = ""
     outputDose: vtkMRMLScalarVolumeNode
     doseGridMm: Annotated[float, WithinRange(0.0, 10.0)] = 2.5
+    predictionModel: Annotated[str, Choice(["preference", "diffusion"])] = "preference"
+    samples: Annotated[int, WithinRange(2, 32)] = 4
+    seed: Annotated[int, WithinRange(0, 99999)] = 0
+    spreadVolume: vtkMRMLScalarVolumeNode
     showIsodose: bool = True
     isodoseLevels: str = "30, 50, 70, 80, 90, 95, 100, 105"
     isodoseSegmentation: vtkMRMLSegmentationNode
@@ -365,10 +371,14 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             DosePreferenceLib.store_values(self._parameterNode.parameterNode, {name: value})
 
+    def _sampling(self) -> bool:
+        """Whether Predict draws samples with the diffusion model (the model choice in the parameter node)."""
+        return bool(self._parameterNode) and self._parameterNode.predictionModel == "diffusion"
+
     def onPredictButton(self) -> None:
         from doseai.errors import CancelledError
 
-        if not self._installPackages("predict"):  # asks before the wait cursor, not under it
+        if not self._installPackages("sample" if self._sampling() else "predict"):  # asked before the wait cursor
             return
         with slicer.util.tryWithErrorDisplay("Failed to predict the dose.", waitCursor=True):
             self.dvhEditor.end("Predict started over from the sliders: DVH edits discarded.")
@@ -386,10 +396,15 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         overrides, prescriptions = self._mappingArguments()
         values = self._sliderValues()
-        result = self.logic.predict(
-            parameters.ctVolume, parameters.segmentation, values, doseNode=parameters.outputDose, overrides=overrides, prescriptions=prescriptions,
-            chartNode=parameters.dvhChart, metricsTableNode=parameters.metricsTable,
-            referenceDoseNode=parameters.referenceDose, progress=progress)
+        common = {"doseNode": parameters.outputDose, "overrides": overrides, "prescriptions": prescriptions,
+                  "chartNode": parameters.dvhChart, "metricsTableNode": parameters.metricsTable,
+                  "referenceDoseNode": parameters.referenceDose, "progress": progress}
+        if self._sampling():
+            result = self.logic.sampleDoses(parameters.ctVolume, parameters.segmentation, parameters.samples,
+                                            parameters.seed, values, spreadNode=parameters.spreadVolume, **common)
+            self._setParameters(spreadVolume=result.spreadNode)
+        else:
+            result = self.logic.predict(parameters.ctVolume, parameters.segmentation, values, **common)
         return self._acceptResult(result, tuple(values.items()))
 
     def _acceptResult(self, result, sliders):
@@ -419,6 +434,9 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         values that change meanwhile are predicted as soon as it is free (only the latest counts)."""
         parameters = self._parameterNode
         if self._result is None or not parameters or parameters.outputDose is not self._result.doseNode:
+            return
+        if self._sampling():  # drawing samples takes seconds: not on every slider rest
+            self.ui.statusLabel.text = "Sliders changed: press Predict to draw the samples at these values."
             return
         self.dvhEditor.end("The sliders changed the dose: DVH edits discarded.")
         if self._pending is not None:

@@ -100,6 +100,34 @@ def tiny_preference_model(tmp_path_factory):
     return write_tiny_preference_model(tmp_path_factory.mktemp("preference_model"))
 
 
+def write_tiny_diffusion_model(folder) -> Path:
+    """A residual diffusion model with random (seeded) weights over the tiny preference model (written beside it,
+    which its card names as the base): for the plumbing of samples, spread and bands, not for quality
+    (bench_diffusion.py measures the shipped model)."""
+    import json
+
+    import torch
+
+    from doseai.models.diffusion import ResidualDiffusionNet, config_with_defaults
+
+    base = write_tiny_preference_model(folder)
+    torch.manual_seed(0)
+    config = config_with_defaults({"pool_zyx": [4, 4, 4], "channels": [8, 16, 16], "head_channels": 8,
+                                   "context_dim": 8, "norm_groups": 4})
+    net = ResidualDiffusionNet(12, config)
+    path = Path(folder) / "tiny_diffusion.pt"
+    torch.save(net.state_dict(), path)
+    card = {"name": "tiny_diffusion", "base_model": base.name,
+            "inputs": {"condition_channels": 12}, "network": {"config": config}}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_model(tmp_path_factory):
+    return write_tiny_diffusion_model(tmp_path_factory.mktemp("diffusion_model"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dvh_model(tmp_path_factory):
     return write_tiny_dvh_model(tmp_path_factory.mktemp("dvh_model"))

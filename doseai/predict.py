@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_preference_v2_5.pt"
 DEFAULT_DVH_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_dvh_v3.pt"
+DEFAULT_DIFFUSION_MODEL = REPO_ROOT / "Resources" / "Models" / "dose_diffusion_v1.pt"
 
 
 def load_card(weights: Path) -> dict:

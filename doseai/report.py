@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,32 @@ def case_dvhs(case: PlanningCase, dose: np.ndarray, bin_width_gy: float = 0.1) -
     """DVHs of the case's structures (by partial volume where the case has them, see PlanningCase)."""
     return compute_dvhs(dose, case.structures, case.geometry.voxel_volume_mm3 / 1000.0, bin_width_gy,
                         partial_volumes=case.partial_volumes)
+
+
+@dataclass(frozen=True)
+class DVHBand:
+    """Where a structure's cumulative DVH lies across several doses (samples): at each ``dose_gy`` the
+    ``low_pct``..``high_pct`` volume percentiles (e.g. 5 and 95 %) of the samples' curves."""
+
+    dose_gy: np.ndarray
+    low_pct: np.ndarray
+    high_pct: np.ndarray
+
+
+def dvh_bands(case: PlanningCase, doses, percentiles=(5.0, 95.0), bin_width_gy: float = 0.1) -> dict[str, DVHBand]:
+    """Each structure's DVH band over ``doses`` (a list of doses of ``case``): the curves are read on one dose
+    axis (0 to the highest dose of any sample) and their volume percentiles taken level by level."""
+    per_sample = [case_dvhs(case, dose, bin_width_gy) for dose in doses]
+    bands = {}
+    for name in per_sample[0]:
+        curves = [dvhs[name] for dvhs in per_sample if name in dvhs]
+        top = max(float(c.dose_gy[-1]) if c.dose_gy.size else 0.0 for c in curves)
+        axis = np.arange(0.0, top + bin_width_gy, bin_width_gy)
+        volumes = np.stack([np.interp(axis, c.dose_gy, c.volume_pct, left=100.0, right=0.0) if c.dose_gy.size
+                            else np.zeros_like(axis) for c in curves])
+        low, high = np.percentile(volumes, percentiles, axis=0)
+        bands[name] = DVHBand(axis, low, high)
+    return bands
 
 
 def case_metrics(case: PlanningCase, dose: np.ndarray) -> dict[str, dict[str, float]]:
@@ -138,8 +165,10 @@ def plot_dvhs(
     title: str = "Dose-volume histograms",
     force: bool = False,
     reference_label: str = "reference",
+    bands: Mapping[str, DVHBand] | None = None,
 ) -> Path:
-    """DVH curves (solid) with optional reference curves (dashed, same colour) as a PNG."""
+    """DVH curves (solid) with optional reference curves (dashed, same colour) and bands (shaded, e.g. the
+    5-95 % range of sampled doses' curves) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +181,9 @@ def plot_dvhs(
     for index, (name, dvh) in enumerate(dvhs.items()):
         color = (colors or {}).get(name) or palette(index % 20)
         axes.plot(dvh.dose_gy, dvh.volume_pct, color=color, lw=1.8, label=name)
+        if bands and name in bands:
+            band = bands[name]
+            axes.fill_between(band.dose_gy, band.low_pct, band.high_pct, color=color, alpha=0.18, lw=0)
         if reference and name in reference:
             axes.plot(reference[name].dose_gy, reference[name].volume_pct, color=color, lw=1.2, ls="--")
     axes.set_xlabel("Dose [Gy]")
@@ -159,7 +191,8 @@ def plot_dvhs(
     axes.set_ylim(0, 101)
     axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
-    axes.set_title(title + (f" (dashed: {reference_label})" if reference else ""))
+    notes = ([f"dashed: {reference_label}"] if reference else []) + (["shaded: 5-95 % of samples"] if bands else [])
+    axes.set_title(title + (f" ({'; '.join(notes)})" if notes else ""))
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path)

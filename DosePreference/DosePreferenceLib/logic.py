@@ -36,6 +36,8 @@ REQUIRED_PACKAGES: dict[str, str] = BASE_PACKAGES
 TASK_PACKAGES: dict[str, dict[str, str]] = {
     "dvh": REQUIRED_PACKAGES,
     "predict": {**REQUIRED_PACKAGES, "torch": TORCH_REQUIREMENT, "monai": "monai>=1.4"},
+    # the diffusion model's MONAI DiffusionModelUNet needs einops for its attention blocks
+    "sample": {**REQUIRED_PACKAGES, "torch": TORCH_REQUIREMENT, "monai": "monai>=1.4", "einops": "einops>=0.6"},
     "export": {**REQUIRED_PACKAGES, "pydicom": "pydicom>=2.4", "contourpy": "contourpy>=1.0",
                "matplotlib": "matplotlib>=3.7"},
 }
@@ -44,7 +46,7 @@ TASK_PACKAGES: dict[str, dict[str, str]] = {
 Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 # attributes of a predicted dose node that say how it was steered besides its sliders' (see doseai.conditions);
 # the ones a prediction does not set are removed
-PREDICTION_ATTRIBUTES = ("DoseAI.Calibration", "DoseAI.DesiredDVH")
+PREDICTION_ATTRIBUTES = ("DoseAI.Calibration", "DoseAI.DesiredDVH", "DoseAI.Samples", "DoseAI.Seed")
 
 
 def missing_packages_for(task: str) -> list[str]:
@@ -153,16 +155,16 @@ class DosePreferenceLogic:
         return result
 
     def _showDVH(self, case, dose, inputs: CaseInputs, name: str, targets: DisplayTargets, reference=None,
-                 referenceLabel: str = "reference") -> DVHResult:
+                 referenceLabel: str = "reference", bands=None) -> DVHResult:
         """DVH curves (segment colours) in a chart and metrics in a table, both named after ``name``; dashed:
-        the ``reference`` DVHs, else those of the targets' reference dose."""
+        the ``reference`` DVHs, else those of the targets' reference dose; dotted: ``bands`` of sampled doses."""
         from doseai.mrml import show_case_dvh
 
         if reference is None:
             reference = self.referenceDVHs(case, targets.referenceDoseNode)
         return show_case_dvh(case, dose, inputs.segNode, name, inputs.overrides, targets.chartNode,
                              targets.metricsTableNode, reference=reference, reference_label=referenceLabel,
-                             bin_width_gy=self.dvhBinWidthGy)
+                             bin_width_gy=self.dvhBinWidthGy, bands=bands)
 
     def referenceDVHs(self, case, referenceDoseNode) -> dict | None:
         """DVHs of a reference dose (e.g. the clinical plan's RTDOSE) for the structures of ``case``,
@@ -248,6 +250,46 @@ class DosePreferenceLogic:
             return self._showSliderPrediction(case, dose, values, predictSeconds, start, inputs, targets)
 
         return self.session.submit(run, show)
+
+    # --- several plausible doses: the diffusion model --------------------------------------------------
+    def diffusionPredictor(self, weights=None, device: str = "auto"):
+        """The session's :class:`doseai.diffusion_predict.DiffusionDosePredictor` (loaded on first use)."""
+        return self.session.diffusionModel(weights, device)
+
+    def sampleDoses(self, ctNode, segNode, samples: int = 4, seed: int = 0,
+                    sliders: Mapping[str, float] | None = None, doseNode=None, spreadNode=None,
+                    overrides: Mapping[str, str | None] | None = None, prescriptions: Mapping[str, float] | None = None,
+                    chartNode=None, metricsTableNode=None, referenceDoseNode=None,
+                    progress: Progress | None = None) -> PredictionResult:
+        """Draw ``samples`` doses with the diffusion model (``seed``: the same seed, the same doses) around its
+        base preference model's dose at ``sliders``; the dose node gets their mean, a second volume
+        (``spreadNode``, created when None) the width of their voxel-wise 5-95 % band, and the DVH chart the
+        mean's curves with each structure's band across the samples (dotted)."""
+        from doseai.mrml import create_or_update_spread_node
+
+        report = progress or (lambda text, percent: None)
+        start = time.time()
+        inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
+        if self.session.diffusionPredictor is None:
+            report("Loading the diffusion model", 5)
+        predictor, case = self._prepareCase(inputs, doseNode, report, loadPredictor=self.diffusionPredictor)
+        report(f"Drawing {samples} doses", 50)
+        self.session.waitForWorker()  # one prediction at a time
+        values = predictor.conditions.values(sliders)
+        drawn = predictor.sample(samples, seed, sliders=values)
+        report("Updating the dose, its spread and the DVH bands", 85)
+        attributes = {c.attribute: f"{values[c.name]:g}" for c in predictor.conditions}
+        attributes.update({"DoseAI.Calibration": calibrationText(predictor.base), "DoseAI.Model": modelName(predictor),
+                           "DoseAI.Samples": str(samples), "DoseAI.Seed": str(seed)})
+        result = self._showPrediction(case, drawn.mean, time.time() - start, start, inputs, targets, predictor,
+                                      attributes, bands=drawn.structure_bands(case))
+        result.spreadNode = create_or_update_spread_node(
+            ctNode.GetScene(), drawn.spread, case.geometry, f"{result.doseNode.GetName()} spread (5-95 %)",
+            ctNode=ctNode, node=spreadNode)
+        result.samples = samples
+        report("Done", 100)
+        return result
 
     def _showSliderPrediction(self, case, dose, values, predictSeconds: float, start: float, inputs: CaseInputs,
                               targets: DisplayTargets) -> PredictionResult:
@@ -488,7 +530,7 @@ class DosePreferenceLogic:
 
     def _showPrediction(self, case, dose, predictSeconds: float, start: float, inputs: CaseInputs,
                         targets: DisplayTargets, predictor, attributes: Mapping[str, str], reference=None,
-                        referenceLabel: str = "reference") -> PredictionResult:
+                        referenceLabel: str = "reference", bands=None) -> PredictionResult:
         """Put a predicted dose (by ``predictor``, set to ``case``) into the targets' dose node (created when None),
         tagged with ``attributes`` (how it was steered), and show its DVH (dashed: ``reference`` DVHs, else those
         of the reference dose)."""
@@ -504,8 +546,8 @@ class DosePreferenceLogic:
                 doseNode.RemoveAttribute(key)
         for key, value in attributes.items():
             doseNode.SetAttribute(key, value)
-        dvh = self._showDVH(case, dose, inputs, name, targets, reference, referenceLabel)
-        missing = case.missing(model_oars(predictor.card))
+        dvh = self._showDVH(case, dose, inputs, name, targets, reference, referenceLabel, bands)
+        missing = case.missing(model_oars(getattr(predictor, "base", predictor).card))  # a diffusion model: its base
         logging.info(f"DosePreference: predicted in {predictSeconds:.2f} s, shown in {time.time() - shown_at:.2f} s")
         return PredictionResult(doseNode, dvh, predictSeconds, time.time() - start, missing,
                                 caseWarnings=list(predictor.case_warnings))

@@ -57,9 +57,13 @@ class PredictionResult:
     # per edited structure: achieved and desired mean dose and D0.1cc (Gy), see DVHDosePredictor.edit_report
     dvhEditReport: dict[str, dict[str, float]] = field(default_factory=dict)
     caseWarnings: list[str] = field(default_factory=list)  # the predictor's case_warnings: what it may get wrong
+    spreadNode: object = None  # sampled doses (diffusion model): the volume of their 5-95 % band's width
+    samples: int = 0  # how many doses were drawn (0: one dose, no sampling)
 
     def summary(self) -> str:
         text = f"Predicted in {self.predictSeconds:.2f} s"
+        if self.samples:
+            text += f" (mean of {self.samples} samples; their 5-95 % band in the spread volume and the DVH chart)"
         if self.editedStructures is not None:
             text += " from the desired DVH"
             if self.dvhEditReport:

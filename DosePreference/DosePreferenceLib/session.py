@@ -68,6 +68,7 @@ class PredictionSession:
     def __init__(self) -> None:
         self.predictor = None
         self.dvhPredictor = None
+        self.diffusionPredictor = None
         self.caseKey = None
         self.case = None
         self.casePredictors: list = []  # the loaded predictors that are set to ``case``
@@ -96,6 +97,17 @@ class PredictionSession:
                 raise UnreadableInputError(problem)
             self.dvhPredictor = DVHDosePredictor(weights, device=device)
         return self.dvhPredictor
+
+    def diffusionModel(self, weights=None, device: str = "auto"):
+        """The :class:`doseai.diffusion_predict.DiffusionDosePredictor` (default
+        ``Resources/Models/dose_diffusion_v1.pt``), loaded on first use and when ``weights`` change; it holds its
+        own copy of its base preference model (2.5 MB of weights)."""
+        from doseai.diffusion_predict import DiffusionDosePredictor
+
+        loaded = self.diffusionPredictor
+        if loaded is None or (weights and str(loaded.weights) != str(weights)):
+            self.diffusionPredictor = DiffusionDosePredictor(weights, device=device)
+        return self.diffusionPredictor
 
     def dvhModelProblem(self, weights=None) -> str:
         """Why DVH editing cannot load its model (a sentence), or "" (loaded, or the weights file exists)."""
@@ -154,8 +166,8 @@ class PredictionSession:
         if not any(prepared is predictor for prepared in self.casePredictors):
             self.waitForWorker()
             predictor.set_case(self.case)
-            self.casePredictors = [p for p in self.casePredictors
-                                   if p is self.predictor or p is self.dvhPredictor] + [predictor]
+            self.casePredictors = [p for p in self.casePredictors if any(
+                p is loaded for loaded in (self.predictor, self.dvhPredictor, self.diffusionPredictor))] + [predictor]
         return self.case
 
     def caseWithDose(self, inputs: CaseInputs, doseNode, doseGridMm: float | None):

@@ -123,12 +123,15 @@ def test_dosepreference_ui_matches_module_file():
     assert fields == {
         "ctVolume": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode", "structureMapping": "str",
         "outputDose": "vtkMRMLScalarVolumeNode", "doseGridMm": "Annotated[float, WithinRange(0.0, 10.0)]",
-        "showIsodose": "bool", "isodoseLevels": "str",
+        "predictionModel": "Annotated[str, Choice(['preference', 'diffusion'])]",
+        "samples": "Annotated[int, WithinRange(2, 32)]", "seed": "Annotated[int, WithinRange(0, 99999)]",
+        "spreadVolume": "vtkMRMLScalarVolumeNode", "showIsodose": "bool", "isodoseLevels": "str",
         "isodoseSegmentation": "vtkMRMLSegmentationNode", "referenceDose": "vtkMRMLScalarVolumeNode",
         "dvhChart": "vtkMRMLPlotChartNode", "metricsTable": "vtkMRMLTableNode", "exportFolder": "pathlib.Path"}
     bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
                      "outputDose": "qMRMLNodeComboBox", "doseGridMm": "QDoubleSpinBox",
+                     "predictionModel": "QComboBox", "samples": "QSpinBox", "seed": "QSpinBox",
                      "showIsodose": "QCheckBox",
                      "referenceDose": "qMRMLNodeComboBox", "exportFolder": "ctkDirectoryButton"}
 

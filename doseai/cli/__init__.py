@@ -24,13 +24,25 @@ _demo_dvh_edit, _load_case = demo_dvh_edit, load_case_of
 
 
 def _weights_of(argv: list[str] | None) -> str | None:
-    """``--weights`` of a ``predict`` command line (its card decides the slider options), else None."""
+    """The preference model whose card decides the slider options of a ``predict`` command line: its
+    ``--weights``, else with ``--model diffusion`` the base model of the diffusion card; else None."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "predict":
         return None
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--weights")
-    return pre.parse_known_args(argv[1:])[0].weights
+    pre.add_argument("--model")
+    pre.add_argument("--diffusion-weights")
+    known = pre.parse_known_args(argv[1:])[0]
+    if known.weights or known.model != "diffusion":
+        return known.weights
+    from doseai.diffusion_predict import base_model_of
+    from doseai.predict import DEFAULT_DIFFUSION_MODEL
+
+    try:
+        return str(base_model_of(known.diffusion_weights or DEFAULT_DIFFUSION_MODEL))
+    except DoseAIError:
+        return None  # the shipped sliders; loading the model then says what is wrong
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

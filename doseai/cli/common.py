@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from doseai.errors import DoseAIError, UnreadableInputError, refuse_overwrite
-from doseai.predict import DEFAULT_DVH_MODEL, DEFAULT_MODEL
+from doseai.predict import DEFAULT_DIFFUSION_MODEL, DEFAULT_DVH_MODEL, DEFAULT_MODEL
 
 # the training commands' defaults: the shipped weights, relative to the repository root they run from
 SHIPPED_PREFERENCE = str(Path("Resources") / "Models" / DEFAULT_MODEL.name)
 SHIPPED_DVH = str(Path("Resources") / "Models" / DEFAULT_DVH_MODEL.name)
+SHIPPED_DIFFUSION = str(Path("Resources") / "Models" / DEFAULT_DIFFUSION_MODEL.name)
 
 CASE_HELP = ("the patient: an OpenKBP pt_N.npz or CSV patient folder, a folder with ct.nrrd (.nii.gz, .mha) and "
              "structures.seg.nrrd (or a structures labelmap + case.json), or a DICOM folder with a CT series and "
@@ -155,8 +156,9 @@ def on_dose_grid(case, spacing_mm: float | None):
     return binned
 
 
-def report(case, dose, out: Path | None, reference=None, force: bool = False) -> None:
-    """Print the metrics table; with ``out``, write dvh.csv, metrics.csv and dvh.png there (checked first)."""
+def report(case, dose, out: Path | None, reference=None, force: bool = False, bands=None) -> None:
+    """Print the metrics table; with ``out``, write dvh.csv, metrics.csv and dvh.png there (checked first);
+    ``bands`` (doseai.report.dvh_bands of sampled doses) are drawn shaded in the plot."""
     from doseai.report import case_dvhs, case_metrics, format_metrics_table, plot_dvhs, write_dvh_csv, write_metrics_csv
 
     metrics = case_metrics(case, dose)
@@ -169,7 +171,8 @@ def report(case, dose, out: Path | None, reference=None, force: bool = False) ->
     write_dvh_csv(dvhs, out / "dvh.csv", force=force)
     write_metrics_csv(metrics, out / "metrics.csv", force=force)
     reference_dvhs = case_dvhs(case, reference) if reference is not None else None
-    plot_dvhs(dvhs, out / "dvh.png", reference=reference_dvhs, title=f"DVH of {case.patient_id}", force=force)
+    plot_dvhs(dvhs, out / "dvh.png", reference=reference_dvhs, title=f"DVH of {case.patient_id}", force=force,
+              bands=bands)
     print(f"wrote {out / 'dvh.csv'}, {out / 'metrics.csv'} and {out / 'dvh.png'}")
 
 

@@ -1,5 +1,6 @@
-"""``doseai predict``: a dose for a case from the preference model (its sliders from the model card), or from a
-desired DVH with the DVH-conditioned model."""
+"""``doseai predict``: a dose for a case from the preference model (its sliders from the model card), from a
+desired DVH with the DVH-conditioned model, or the mean of several samples of the diffusion model (with their
+voxel-wise spread)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from doseai.cli.common import (
     REPORT_FILES,
+    SHIPPED_DIFFUSION,
     SHIPPED_DVH,
     SHIPPED_PREFERENCE,
     add_case,
@@ -24,6 +28,7 @@ from doseai.cli.common import (
     write_dose,
 )
 from doseai.dose_grid import DEFAULT_DOSE_GRID_MM
+from doseai.errors import UnreadableInputError
 from doseai.output_paths import DOSE_SUFFIXES, check_output_file, check_output_folder
 
 
@@ -49,6 +54,17 @@ def add_parser(sub, conditions) -> None:
                                                "layout of --report's dvh.csv): predict with the DVH-conditioned model")
     predict.add_argument("--dvh-weights", help=f"DVH-conditioned weights (default: {SHIPPED_DVH}), with their "
                                                "card .json beside them")
+    predict.add_argument("--model", choices=("preference", "diffusion"), default="preference",
+                         help="preference: one dose (default); diffusion: --samples doses drawn around the preference "
+                              "model's, --out their mean (its sliders and calibration options apply to the base)")
+    predict.add_argument("--samples", type=int, default=4, help="with --model diffusion: how many (default: %(default)s)")
+    predict.add_argument("--seed", type=int, default=0,
+                         help="with --model diffusion: the draw (the same seed gives the same samples)")
+    predict.add_argument("--spread", help="with --model diffusion: image file (.nrrd/.nii.gz/.mha) for the voxel-wise "
+                                          "width of the samples' 5-95 %% band (Gy): where the prediction is unsure")
+    predict.add_argument("--diffusion-weights", help=f"diffusion weights (default: {SHIPPED_DIFFUSION}), with their "
+                                                     "card; the base preference model is the one its card names "
+                                                     "unless --weights is given")
     add_device(predict)
     predict.add_argument("--dose-grid", type=dose_grid_type, default=DEFAULT_DOSE_GRID_MM, metavar="MM|ct",
                          help="the dose's own grid: the CT's voxels binned to about MM (default: %(default)s mm; a CT "
@@ -68,13 +84,33 @@ def _check_outputs(args) -> Path:
     if args.report:
         check_output_folder(args.report, REPORT_FILES + (("dvh_vs_desired.png",) if args.desired_dvh else ()),
                             args.force, "--report")
+    diffusion = args.model == "diffusion"
+    for option, given in (("--spread", args.spread), ("--diffusion-weights", args.diffusion_weights)):
+        if given and not diffusion:
+            raise UnreadableInputError(f"{option} needs --model diffusion")
+    if diffusion:
+        if args.desired_dvh:
+            raise UnreadableInputError("--desired-dvh takes the DVH-conditioned model, not --model diffusion")
+        if args.samples < 1:
+            raise UnreadableInputError(f"--samples must be at least 1, got {args.samples}")
+        if args.spread:
+            check_output_file(args.spread, tuple(s for s in DOSE_SUFFIXES if s != ".dcm"), args.force, "--spread")
     return out
 
 
 def _predictor(args):
     from doseai.predict import DosePredictor
 
-    predictor = DosePredictor(args.weights, device=args.device)
+    if args.model == "diffusion":
+        from doseai.diffusion_predict import DiffusionDosePredictor
+
+        sampler = DiffusionDosePredictor(args.diffusion_weights, device=args.device, base_weights=args.weights)
+        _set_base_options(args, sampler.base)
+        return sampler
+    return _set_base_options(args, DosePredictor(args.weights, device=args.device))
+
+
+def _set_base_options(args, predictor):
     predictor.calibrated = not args.no_calibration
     if args.mirror_average is not None:
         predictor.mirror_average = args.mirror_average
@@ -84,6 +120,7 @@ def _predictor(args):
 
 
 def _what_ran(args, predictor) -> str:
+    predictor = getattr(predictor, "base", predictor)
     text = "no calibration" if args.no_calibration or predictor.calibration is None else "calibrated"
     if predictor.network_mode != "plain":
         text += {"mirror_average": ", mirror-averaged", "mirror_neutral": ", mirror-averaged at neutral"}[
@@ -94,12 +131,13 @@ def _what_ran(args, predictor) -> str:
 def _warn_about(case, predictor) -> None:
     from doseai.predict import model_oars
 
-    missing = case.missing(model_oars(predictor.card))
+    base = getattr(predictor, "base", predictor)  # a diffusion model's base reads the anatomy
+    missing = case.missing(model_oars(base.card))
     if missing:
         print(f"note: structures not in the case (empty model channels): {', '.join(missing)}", file=sys.stderr)
     for note in predictor.case_warnings:
         print(f"warning: {note}", file=sys.stderr)
-    scale = predictor.timings.get("plan_level_scale", 1.0)
+    scale = base.timings.get("plan_level_scale", 1.0)
     if scale != 1.0:
         print(f"note: the network's plan level lay outside the training plans' range; dose scaled by {scale:.3f} "
               "(model card: calibration.plan_level_range)", file=sys.stderr)
@@ -118,16 +156,33 @@ def run(args) -> int:
     predictor = _predictor(args)
     values = condition_values(args, predictor.conditions)
     start = time.perf_counter()
-    dose = predictor.predict_case(case, sliders=values)
+    samples = None
+    if args.model == "diffusion":
+        predictor.set_case(case)
+        samples = predictor.sample(args.samples, args.seed, sliders=values)
+        dose = samples.mean
+        what = f"mean of {args.samples} samples, seed {args.seed}"
+    else:
+        dose = predictor.predict_case(case, sliders=values)
+        what = "one dose"
     print(f"predicted {case.patient_id} on {predictor.device} in {time.perf_counter() - start:.2f} s "
-          f"({predictor.conditions.describe(values)}, {_what_ran(args, predictor)})")
+          f"({what}; {predictor.conditions.describe(values)}, {_what_ran(args, predictor)})")
     _warn_about(case, predictor)
     if curves is not None:
         return _predict_from_dvh(args, case, dose, out, curves)
     write_dose(dose, case, out, args.force)
     print(f"wrote {out}")
+    if samples is not None and args.spread:
+        from doseai.io import images
+        from doseai.models.features import body_mask
+
+        spread = samples.spread
+        images.write_image(spread, case.geometry, Path(args.spread), force=args.force)
+        print(f"wrote {args.spread} (5-95 % band width: median {float(np.median(spread[body_mask(case) > 0])):.1f} "
+              f"Gy in the body, max {float(spread.max()):.1f} Gy)")
     if args.report:
-        report(case, dose, Path(args.report), reference=case.dose, force=args.force)
+        report(case, dose, Path(args.report), reference=case.dose, force=args.force,
+               bands=samples.structure_bands(case) if samples is not None else None)
     return 0
 
 

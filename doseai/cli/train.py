@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from doseai.cli.common import SHIPPED_DVH, SHIPPED_PREFERENCE, add_device, add_force
+from doseai.cli.common import SHIPPED_DIFFUSION, SHIPPED_DVH, SHIPPED_PREFERENCE, add_device, add_force
 from doseai.errors import UnreadableInputError
 
 TRAINING_STAGES = ("prior", "preference", "dvh")  # those that run under torchrun too
@@ -108,6 +108,26 @@ def add_parser(sub) -> None:
     dvh.add_argument("--mean-offset", action="store_true",
                      help="add the layer that moves each structure's mean dose toward its desired curve's "
                           "(learned gains; doseai/models/dvh_conditioned.py)")
+    diffusion = train_sub.add_parser("diffusion", help="the residual dose diffusion model around the preference "
+                                                       "model (several plausible doses; resumable)")
+    diffusion.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
+    diffusion.add_argument("--base", default=SHIPPED_PREFERENCE,
+                           help="the preference weights whose neutral dose the samples vary (default: shipped)")
+    diffusion.add_argument("--epochs", type=int, default=60)
+    diffusion.add_argument("--lr", type=float, default=2e-4)
+    diffusion.add_argument("--batch", type=int, default=4, help="patients per step (default: %(default)s)")
+    diffusion.add_argument("--dvh-weight", type=float, default=0.1,
+                           help="weight of the clinical-metric term (0: the ablation; default: %(default)s)")
+    diffusion.add_argument("--minutes", type=float, help="stop after the epoch that passes this many minutes")
+    diffusion.add_argument("--seed", type=int, default=0)
+    add_device(diffusion)
+    diffusion.add_argument("--threads", type=int)
+    export_diffusion = train_sub.add_parser("export-diffusion",
+                                            help="write the diffusion model's weights (EMA) + model card")
+    export_diffusion.add_argument("--checkpoint", required=True)
+    export_diffusion.add_argument("--out", default=SHIPPED_DIFFUSION)
+    export_diffusion.add_argument("--ablation", help="the checkpoint of the run without the clinical-metric term")
+    add_force(export_diffusion)
     calibrate = train_sub.add_parser("calibrate-dvh", help="measure on training Pareto plans the offset of the "
                                      "DVH model's near-max matching and write it into its card")
     calibrate.add_argument("--weights", default=SHIPPED_DVH)
@@ -204,6 +224,24 @@ def run(args) -> int:
                 print(f"wrote {path}")
         finally:
             shutdown()  # the process group init_from_environment started, if any
+        return 0
+    if args.stage == "diffusion":
+        from doseai.models.features import GridSpec
+        from doseai.predict import load_card
+        from doseai.train.train_diffusion import DiffusionTrainingConfig, train_diffusion
+
+        config = DiffusionTrainingConfig(
+            run_name=args.run, base_weights=args.base, epochs=args.epochs, learning_rate=args.lr, batch=args.batch,
+            dvh_weight=args.dvh_weight, minutes=args.minutes, seed=args.seed, device=args.device,
+            threads=args.threads)
+        print(f"wrote {train_diffusion(GridSpec.from_card(load_card(Path(args.base))), config)}")
+        return 0
+    if args.stage == "export-diffusion":
+        from doseai.train.export import export_diffusion_model
+
+        out = export_diffusion_model(Path(args.checkpoint), Path(args.out), Path(args.ablation) if args.ablation
+                                     else None, force=args.force)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
         return 0
     if args.stage == "calibrate-dvh":
         from doseai.train.train_dvh import calibrate_near_max

@@ -138,6 +138,19 @@ def _set_dose_display(dose_node, color_node, max_dose_gy: float) -> None:
     display.EndModify(was_modifying)
 
 
+def _place_beside(scene, node, ctNode) -> tuple[object, int]:
+    """Put ``node`` under the subject hierarchy parent of ``ctNode`` (its study), when it has one; returns
+    (the subject hierarchy node, the item of ``node``)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = subject_hierarchy_item(sh, node)
+    if ctNode is not None:
+        ct_item = sh.GetItemByDataNode(ctNode)
+        parent = sh.GetItemParent(ct_item) if ct_item else 0
+        if parent and parent != sh.GetSceneItemID():
+            sh.SetItemParent(item, parent)
+    return sh, item
+
+
 def create_or_update_dose_node(
     scene,
     dose: np.ndarray,
@@ -166,12 +179,33 @@ def create_or_update_dose_node(
     top = display_max_gy if display_max_gy else float(dose.max(initial=0.0))
     _set_dose_display(node, get_or_create_dose_color_table(scene), top)
 
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    item = subject_hierarchy_item(sh, node)
-    if ctNode is not None:
-        ct_item = sh.GetItemByDataNode(ctNode)
-        parent = sh.GetItemParent(ct_item) if ct_item else 0
-        if parent and parent != sh.GetSceneItemID():
-            sh.SetItemParent(item, parent)
+    sh, item = _place_beside(scene, node, ctNode)
     set_study_dose_unit(sh, item)
+    return node
+
+
+SPREAD_ATTRIBUTE = "DoseAI.DoseSpread"  # on a spread volume: what it holds ("5-95 %" band width of samples)
+SPREAD_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"  # Slicer's perceptual map; Grey where it is absent
+
+
+def create_or_update_spread_node(scene, spread: np.ndarray, geometry: ImageGeometry, name: str, ctNode=None,
+                                 node=None, band: str = "5-95 %"):
+    """A scalar volume node with the voxel-wise spread of sampled doses (Gy: the width of their ``band``),
+    beside ``ctNode`` in the subject hierarchy like a dose, but not marked as one (it is not a dose to plan
+    with). ``node`` given: updated in place."""
+    spread = validate_dose(spread, "dose spread")
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    set_volume_from_array(node, spread, geometry)
+    node.SetAttribute(SPREAD_ATTRIBUTE, band)
+    node.SetAttribute(DOSE_UNIT_NAME_ATTRIBUTE, DOSE_UNIT_NAME)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    color = scene.GetNodeByID(SPREAD_COLOR_NODE_ID) or scene.GetNodeByID("vtkMRMLColorTableNodeGrey")
+    if color is not None:
+        display.SetAndObserveColorNodeID(color.GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, max(float(np.percentile(spread, 99.5)), 1e-3))
+    _place_beside(scene, node, ctNode)
     return node

@@ -24,6 +24,8 @@ REFERENCE_ATTRIBUTE = "DoseAI.ReferenceStructure"  # the same, on the dashed cur
 CHART_ATTRIBUTE = "DoseAI.DVHChart"  # on DVH charts: the name_prefix they were made with
 METRICS_ATTRIBUTE = "DoseAI.MetricsTable"
 EDIT_ATTRIBUTE = "DoseAI.EditedStructure"  # on the draggable desired-DVH curve of a chart (table and series)
+# on the dotted curves of sampled doses' DVH band (doseai.report.DVHBand): its low and its high edge
+BAND_ATTRIBUTES = ("DoseAI.BandLowStructure", "DoseAI.BandHighStructure")
 
 
 def _double_column(name: str, values) -> vtk.vtkDoubleArray:
@@ -74,6 +76,7 @@ def show_dvh(
     name_prefix: str = "DVH",
     reference: Mapping[str, object] | None = None,
     reference_label: str = "reference",
+    bands: Mapping[str, object] | None = None,
 ):
     """Show cumulative DVHs (``{name: doseai.dvh.DVH}``) in one plot chart; returns the chart node.
 
@@ -84,7 +87,8 @@ def show_dvh(
 
     ``reference`` (DVHs of a reference dose, e.g. the clinical plan) adds dashed curves in the same
     colours for comparison, named "<structure> (``reference_label``)"; without it, dashed curves shown
-    before are removed.
+    before are removed. ``bands`` (``{name: doseai.report.DVHBand}``, e.g. the 5-95 % range of sampled doses'
+    curves) adds each structure's band as two dotted curves (its low and high edge) in the same colour.
     """
     colors = colors or {}
     if chartNode is None:
@@ -93,7 +97,8 @@ def show_dvh(
         chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name_prefix} chart"))
     was_modifying = chartNode.StartModify()
     chartNode.SetAttribute(CHART_ATTRIBUTE, name_prefix)
-    chartNode.SetTitle("Dose-volume histogram" + (f" (dashed: {reference_label})" if reference else ""))
+    notes = ([f"dashed: {reference_label}"] if reference else []) + (["dotted: 5-95 % of samples"] if bands else [])
+    chartNode.SetTitle("Dose-volume histogram" + (f" ({'; '.join(notes)})" if notes else ""))
     chartNode.SetXAxisTitle("Dose [Gy]")
     chartNode.SetYAxisTitle("Volume [%]")
     chartNode.SetLegendVisibility(True)
@@ -101,9 +106,24 @@ def show_dvh(
                  slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
     _sync_series(scene, chartNode, reference or {}, colors, name_prefix, REFERENCE_ATTRIBUTE, f" ({reference_label})",
                  slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+    for edge, (attribute, label) in enumerate(zip(BAND_ATTRIBUTES, (" (samples 5 %)", " (samples 95 %)"))):
+        _sync_series(scene, chartNode, _band_edges(bands or {}, dvhs, edge), colors, name_prefix, attribute, label,
+                     slicer.vtkMRMLPlotSeriesNode.LineStyleDot)
     _keep_editable_curve_last(chartNode)
     chartNode.EndModify(was_modifying)
     return chartNode
+
+
+def _band_edges(bands: Mapping[str, object], dvhs: Mapping[str, object], edge: int) -> dict:
+    """One edge (0: low, 1: high) of each band as a DVH (for its table's cc column, the structure's volume)."""
+    from doseai.dvh import DVH
+
+    edges = {}
+    for name, band in bands.items():
+        total = dvhs[name].total_cc if name in dvhs else 0.0
+        pct = band.low_pct if edge == 0 else band.high_pct
+        edges[name] = DVH(name, band.dose_gy, pct * total / 100.0, total)
+    return edges
 
 
 def _sync_series(scene, chartNode, dvhs, colors, name_prefix, attribute, suffix, line_style) -> None:
@@ -346,10 +366,12 @@ class DVHResult:
 
 def show_case_dvh(case, dose, segNode, name: str, overrides: Mapping[str, str | None] | None = None,
                   chartNode=None, metricsTableNode=None, reference: Mapping[str, object] | None = None,
-                  reference_label: str = "reference", bin_width_gy: float = 0.1) -> DVHResult:
+                  reference_label: str = "reference", bin_width_gy: float = 0.1,
+                  bands: Mapping[str, object] | None = None) -> DVHResult:
     """DVH curves of ``dose`` (on the grid of ``case``) for every structure of the case, in segment
     colours, in one chart, and their metrics in a table, both named after ``name`` (and updated in place
-    when given); ``reference`` DVHs (e.g. ``case_dvhs(case, other_dose)``) are added dashed."""
+    when given); ``reference`` DVHs (e.g. ``case_dvhs(case, other_dose)``) are added dashed, ``bands``
+    (doseai.report.dvh_bands of sampled doses) dotted."""
     from doseai.mrml.nodes import segment_colors
     from doseai.report import case_dvhs, case_metrics
 
@@ -357,7 +379,8 @@ def show_case_dvh(case, dose, segNode, name: str, overrides: Mapping[str, str | 
     dvhs = case_dvhs(case, dose, bin_width_gy=bin_width_gy)
     metrics = case_metrics(case, dose)
     chartNode = show_dvh(scene, dvhs, colors=segment_colors(segNode, overrides), chartNode=chartNode,
-                         name_prefix=f"{name} DVH", reference=reference, reference_label=reference_label)
+                         name_prefix=f"{name} DVH", reference=reference, reference_label=reference_label,
+                         bands=bands)
     metricsTableNode = metrics_table(scene, metrics, tableNode=metricsTableNode, name=f"{name} DVH metrics")
     empty = [structure for structure in case.structures if structure not in dvhs]
     return DVHResult(case, dvhs, metrics, chartNode, metricsTableNode, empty, reference, reference_label)

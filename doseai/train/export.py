@@ -231,3 +231,59 @@ def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
             "gains": {name: round(gain, 4) for name, gain in zip(layout["structures"], gains)}}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return out
+
+
+def export_diffusion_model(checkpoint: Path, out: Path, ablation: Path | None = None, force: bool = False) -> Path:
+    """Ship the residual dose diffusion model (``doseai train diffusion``): its EMA weights in fp16 + its card.
+    ``ablation``: the checkpoint of the run without the clinical-metric term (recorded for the benchmark)."""
+    from doseai.models.diffusion import TOKEN_FEATURES
+
+    state, out = _write_half_weights(checkpoint, out, force)
+    config = state["config"]
+    card = {
+        **_card_header(out, "head-and-neck IMRT: several plausible doses around the preference model's, and "
+                            "how sure the prediction is (voxel-wise spread)"),
+        "base_model": state["base_weights"],
+        "inputs": {"note": "the base preference model's anatomy channels and grid (its card), pooled by pool_zyx, "
+                           "and its neutral dose (mirror-averaged, as its predictor gives at neutral sliders)",
+                   "condition_channels": state["condition_channels"],
+                   "tokens": f"11 tokens of {TOKEN_FEATURES} numbers, read by cross-attention: the 7 OpenKBP OARs, up "
+                             "to 3 target levels (highest first) and the beams; each: kind (OAR, target, beams), "
+                             "present, volume (10 x fraction of the body), prescription level, base dose in it, "
+                             "centroid z, y, x (0..1 of the grid)"},
+        "grid": state["grid"],
+        "sites": {"slots": config["site_slots"], "in_use": state["sites"],
+                  "text": "the treatment site is the network's class embedding; only head and neck (slot 0) exists "
+                          "in the training data, so the other slots are untrained (a second site's data goes there)"},
+        "network": {"kind": "ResidualDiffusionNet: MONAI DiffusionModelUNet (doseai/models/diffusion.py)",
+                    "config": config, "epochs": state["epoch"] + 1, "weights": "exponential moving average "
+                    f"(decay {state['ema_decay']}) of the trained weights"},
+        "sampling": {"sampler": "DDIM, eta 0", "default_steps": 10,
+                     "text": "a sample = base network dose + the sampled coarse residual upsampled trilinearly, on "
+                             "the model grid; then resampled to the case grid and calibrated as the base model's "
+                             "doses are (its card's calibration); at other slider positions the residual drawn for "
+                             "the case is added to the base dose at those sliders (trained at neutral only)"},
+        "training": {"data": "OpenKBP train split, patients with a dose (those without a CT as a water-equivalent "
+                             "body); the residual = clinical dose - the base model's neutral dose; validation never "
+                             "used",
+                     "patients": len(state["train_ids"]), "batch": state["batch_size"],
+                     "learning_rate": state["learning_rate"],
+                     "loss": f"MSE on v (v-prediction, {config['train_timesteps']} steps, {config['schedule']} "
+                             f"{config['beta_start']}-{config['beta_end']}) + {state['dvh_weight']} x the "
+                             "clinical-metric term / residual_scale: the DVH-metric stand-ins (OAR mean and hottest "
+                             "1 %, target coldest 5 %, hottest 1 % and mean) of base + the implied clean residual "
+                             "against the clinical plan's, on the first patient of a batch below half the noise "
+                             "schedule (doseai/train/train_diffusion.py)",
+                     "caveat": "the base model was trained on these same patients, so their residuals are smaller "
+                               "than on new patients: the samples' spread comes out narrower than the base's real "
+                               "error there (validation.calibration measures it)"},
+        "validation": {},
+    }
+    if ablation is not None:
+        ablation_state = load_checkpoint(ablation)
+        card["ablation"] = {"without_clinical_metric_term": {
+            "checkpoint": Path(ablation).parent.name, "epochs": ablation_state["epoch"] + 1,
+            "dvh_weight": ablation_state["dvh_weight"],
+            "text": "the same run with dvh_weight 0; Testing/benchmarks/bench_diffusion.py --ablation compares"}}
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
