@@ -29,6 +29,14 @@ under the CT's study in the Data module, tagged as an RT dose (so SlicerRT's mod
 time the slider rests for 150&nbsp;ms (only the slider-dependent half of the network runs again, on a
 worker thread, so the views stay responsive while it computes).
 Their tooltips quote the model card. <i>Reset</i> sets every slider to 0.</li>
+<li><b>Several plausible doses</b>: set <i>Model</i> to <i>diffusion</i>, choose the number of <i>Samples</i> and a
+<i>Seed</i>, and press <i>Predict dose</i>. A diffusion model (<code>Resources/Models/dose_diffusion_v1.pt</code>)
+draws that many doses around the preference model's at the sliders' values (the same seed gives the same doses):
+the output dose is their mean, a second volume (<i>&lt;dose&gt; spread (5-95 %)</i>, not an RT dose) holds the
+width of their voxel-wise 5&ndash;95&nbsp;% band in Gy, where the prediction is unsure, and the DVH chart shows
+each structure's band across the samples as two dotted curves. Drawing takes about a second per sample on a
+2-core CPU, so with this model a slider change waits for the next <i>Predict dose</i>. The model card says how
+well the band holds the clinical dose on the validation patients.</li>
 <li><b>DVH editing</b>: shapes the dose by its DVH, with a second model that predicts the dose from a
 desired DVH (<code>Resources/Models/dose_dvh_v3.pt</code>, loaded on first use). Once a dose was predicted,
 pick a structure and press <i>Edit DVH</i>: its desired curve appears in the DVH chart, dashed with
