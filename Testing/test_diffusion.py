@@ -152,3 +152,43 @@ def test_training_runs_resumes_and_exports_a_card(tmp_path, monkeypatch):
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["base_model"] == "base.pt" and card["network"]["epochs"] == 2
     assert card["sites"]["in_use"] == ["head_and_neck"] and "0.1 x the clinical-metric term" in card["training"]["loss"]
+
+
+def test_fine_scale_is_fitted_from_residuals_and_widens_the_band(tmp_path, tiny_diffusion_model, small_case):
+    """The synthetic residual is white noise of SD 0.05 (fp16-rounded): nearly all of it is finer than the coarse
+    grid, so the fitted table's RMS comes out near 0.05 in every bin, and a band with it is wider than the
+    samples' own and covers the mean by at least that RMS."""
+    import shutil
+
+    from doseai.diffusion_predict import DiffusionDosePredictor
+    from doseai.train.train_diffusion import fit_fine_scale, fit_metric_scale
+
+    folder = tmp_path / "residuals"
+    _synthetic_residual_set(folder)
+    table = fit_fine_scale(folder, (3.0, 6.0, 6.0), (4, 4, 4), every=1)
+    rms = np.array(table["rms"])
+    assert rms.shape == (len(table["dose_edges"]) - 1, len(table["gradient_edges"]) - 1)
+    assert 0.04 < table["overall_rms"] < 0.055 and np.all((rms > 0.035) & (rms < 0.065))
+    metric_rms = fit_metric_scale(folder, (3.0, 6.0, 6.0), (4, 4, 4), every=1)
+    assert set(metric_rms) >= {"target D_99", "OAR mean"} and all(v >= 0 for v in metric_rms.values())
+
+    weights = tmp_path / "model" / tiny_diffusion_model.name
+    weights.parent.mkdir()
+    for path in tiny_diffusion_model.parent.iterdir():
+        shutil.copy(path, weights.parent / path.name)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    card["fine_scale"] = {**table, "metric_rms": metric_rms}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    predictor = DiffusionDosePredictor(weights, device="cpu")
+    predictor.set_case(small_case)
+    drawn = predictor.sample(3, seed=4)
+    assert drawn.fine_sigma is not None and drawn.fine_sigma.shape == small_case.geometry.shape
+    inside = drawn.fine_sigma > 0
+    low, high = drawn.band()
+    own_low, own_high = drawn.band(fine_scale=False)
+    assert np.all((high - low)[inside] >= 0.99 * (own_high - own_low)[inside] - 1e-4)
+    # 5-95 %: mean +- 1.645 sd with sd >= the fine sigma (where the band is not clipped at zero)
+    unclipped = inside & (low > 0)
+    assert np.all(high[unclipped] - drawn.mean[unclipped] >= 1.64 * drawn.fine_sigma[unclipped] - 1e-3)
+    bands = drawn.metric_bands(small_case)
+    assert bands and all(lo <= hi for lo, hi in bands.values())

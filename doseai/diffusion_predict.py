@@ -37,18 +37,34 @@ def base_model_of(weights: Path, card: dict | None = None) -> Path:
 
 @dataclass
 class DoseSamples:
-    """Sampled doses of one case on its grid (Gy, 0 outside the body), with their voxel-wise summary."""
+    """Sampled doses of one case on its grid (Gy, 0 outside the body), with their voxel-wise summary.
+    ``fine_sigma`` (Gy, case grid): the RMS of the error finer than the samples' residual grid (the card's
+    ``fine_scale`` table), None when the card has none."""
 
     doses: list[np.ndarray]
     seed: int
     timings: dict
+    fine_sigma: np.ndarray | None = None
+    metric_rms_gy: dict[str, float] | None = None  # the same for DVH metrics, by kind ("target D_99", "OAR mean")
 
     @property
     def mean(self) -> np.ndarray:
         return np.mean(self.doses, axis=0).astype(np.float32)
 
-    def band(self, percentiles=BAND_PERCENTILES) -> tuple[np.ndarray, np.ndarray]:
-        """The voxel-wise (low, high) percentiles of the samples (with few samples, nearly their min and max)."""
+    def band(self, percentiles=BAND_PERCENTILES, fine_scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The voxel-wise (low, high) band. With the fine scale (when the card has it): a normal band around the
+        mean whose variance is the samples' variance plus ``fine_sigma``^2 (the samples vary the dose on a ~2 cm
+        grid; the error below that scale adds to it), clipped at 0. Without: the samples' own percentiles (with
+        few samples, nearly their min and max)."""
+        if fine_scale and self.fine_sigma is not None:
+            from statistics import NormalDist
+
+            stack = np.stack(self.doses)
+            variance = stack.var(axis=0, ddof=1) if len(self.doses) > 1 else np.zeros_like(stack[0])
+            sd = np.sqrt(variance + self.fine_sigma.astype(np.float32) ** 2)
+            mean = stack.mean(axis=0)
+            low, high = (mean + NormalDist().inv_cdf(p / 100.0) * sd for p in percentiles)
+            return np.clip(low, 0.0, None).astype(np.float32), np.clip(high, 0.0, None).astype(np.float32)
         low, high = np.percentile(np.stack(self.doses), percentiles, axis=0)
         return low.astype(np.float32), high.astype(np.float32)
 
@@ -57,6 +73,29 @@ class DoseSamples:
         """The width of the 5-95 % band per voxel (Gy): where the samples disagree, the prediction is unsure."""
         low, high = self.band()
         return high - low
+
+    def metric_bands(self, case: PlanningCase, percentiles=BAND_PERCENTILES) -> dict[tuple[str, str], tuple]:
+        """Each OpenKBP DVH metric's (low, high) band (Gy): a normal band around the samples' mean whose variance
+        is their variance plus the card's fine-scale RMS of that kind of metric; without it, the samples' own
+        percentiles."""
+        from statistics import NormalDist
+
+        from doseai.scoring import openkbp_dvh_metrics
+        from doseai.structures import is_target
+
+        per_sample = [openkbp_dvh_metrics(dose, case) for dose in self.doses]
+        bands = {}
+        for key in per_sample[0]:
+            values = np.array([m[key] for m in per_sample])
+            if self.metric_rms_gy is None:
+                bands[key] = tuple(float(v) for v in np.percentile(values, percentiles))
+                continue
+            kind = f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
+            variance = values.var(ddof=1) if len(values) > 1 else 0.0
+            sd = float(np.sqrt(variance + self.metric_rms_gy.get(kind, 0.0) ** 2))
+            bands[key] = tuple(max(0.0, float(values.mean()) + NormalDist().inv_cdf(p / 100.0) * sd)
+                               for p in percentiles)
+        return bands
 
     def structure_bands(self, case: PlanningCase, percentiles=BAND_PERCENTILES) -> dict:
         """Each structure's DVH band across the samples (:func:`doseai.report.dvh_bands`)."""
@@ -144,6 +183,10 @@ class DiffusionDosePredictor:
         condition, tokens = self._condition
         generator = self._torch.Generator().manual_seed(int(seed))
         residuals = sample_residuals(self.net, condition, tokens, 0, n, steps, generator)
+        tau = float(self.card.get("sampling", {}).get("calibration", {}).get("spread_scale", 1.0))
+        if tau != 1.0 and n > 1:  # the deviations about the mean widened as fitted on training patients
+            mean = residuals.mean(dim=0, keepdim=True)
+            residuals = mean + tau * (residuals - mean)
         sampled_at = time.perf_counter()
         base = self.base
         p = base._require_case()
@@ -159,7 +202,21 @@ class DiffusionDosePredictor:
             doses.append(base.calibrate(dose) if base.calibrated else dose)
         timings = {"set_case_s": self._set_case_s, "diffusion_s": sampled_at - start,
                    "doses_s": time.perf_counter() - sampled_at, "per_sample_s": (time.perf_counter() - start) / n}
-        return DoseSamples(doses, int(seed), timings)
+        metric_rms = (self.card.get("fine_scale") or {}).get("metric_rms")
+        return DoseSamples(doses, int(seed), timings, self._fine_sigma(base_dose, p),
+                           {k: v * p.norm_gy for k, v in metric_rms.items()} if metric_rms else None)
+
+    def _fine_sigma(self, base_dose: np.ndarray, p) -> np.ndarray | None:
+        """The card's fine-scale error RMS for this base dose, on the case grid (Gy), or None without a table."""
+        from doseai.models.diffusion import fine_sigma
+        from doseai.resample import resample_to
+
+        table = self.card.get("fine_scale")
+        if not table:
+            return None
+        spacing_zyx = tuple(reversed(self.base.spec.spacing))
+        sigma = fine_sigma(base_dose, spacing_zyx, table)
+        return (np.clip(resample_to(sigma * p.norm_gy, p.grid, p.case.geometry), 0.0, None) * p.body).astype(np.float32)
 
     def predict(self, *values: float, sliders: Mapping[str, float] | None = None, **named: float) -> np.ndarray:
         """The mean of ``samples`` doses (seed 0) at the given sliders (as DosePredictor.predict takes them)."""

@@ -32,7 +32,7 @@ from doseai.diffusion_predict import DiffusionDosePredictor
 from doseai.io import openkbp
 from doseai.paths import openkbp_root
 from doseai.predict import DEFAULT_DIFFUSION_MODEL
-from doseai.scoring import Evaluation, openkbp_dvh_metrics, score_patient
+from doseai.scoring import Evaluation, score_patient
 
 TIMED_SAMPLES = 4
 
@@ -54,6 +54,7 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
     base_eval, mean4_eval, mean_eval, single_eval = Evaluation(), Evaluation(), Evaluation(), Evaluation()
     voxel_inside, metric_inside, band_width, wide_error, narrow_error = [], [], [], [], []
+    samples_only_inside, samples_only_width = [], []
     case_s, sampling_s = [], []
     for pid, path in tqdm(patients, desc="validation patients", unit="patient"):
         case = openkbp.load_npz(path)
@@ -77,14 +78,14 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
         possible = case.possible_dose_mask if case.possible_dose_mask is not None else np.ones(base.shape, bool)
         voxel_inside.append(float(_inside(case.dose, low, high)[possible].mean()))
         band_width.append(float(np.median((high - low)[possible])))
+        samples_low, samples_high = drawn.band(fine_scale=False)
+        samples_only_inside.append(float(_inside(case.dose, samples_low, samples_high)[possible].mean()))
+        samples_only_width.append(float(np.median((samples_high - samples_low)[possible])))
         wide, narrow = _spread_points_at_error(high - low, np.abs(base - case.dose), possible)
         wide_error.append(wide)
         narrow_error.append(narrow)
-        sample_metrics = [openkbp_dvh_metrics(dose, case) for dose in drawn.doses]
-        for key, clinical in reference_metrics.items():
-            values = [m[key] for m in sample_metrics]
-            lo, hi = np.percentile(values, [5, 95])
-            metric_inside.append(bool(lo <= clinical <= hi))
+        for key, (lo, hi) in drawn.metric_bands(case).items():
+            metric_inside.append(bool(lo <= reference_metrics[key] <= hi))
 
     def scores(evaluation: Evaluation) -> dict:
         return {"dose_score_gy": evaluation.dose_score, "dvh_score_gy": evaluation.dvh_score}
@@ -95,8 +96,14 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
         "threads": threads, "ddim_steps": steps, "samples_for_calibration": samples,
         "accuracy": {"base_model": scores(base_eval), f"mean_of_{TIMED_SAMPLES}": scores(mean4_eval),
                      f"mean_of_{samples}": scores(mean_eval), "single_sample": scores(single_eval)},
-        "calibration": {"band": "5-95 % of the samples, voxel-wise and per DVH metric",
+        "calibration": {"band": "voxels: the 5-95 % band of DiffusionDosePredictor (the samples' spread with the card's "
+                                "fine-scale error added, when it has one) and the samples' own 5-95 % percentiles; "
+                                "DVH metrics: DoseSamples.metric_bands (the samples' spread with the card's fine-scale "
+                                "metric error added, when it has one)",
+                        "fine_scale": predictor.card.get("fine_scale") is not None,
                         "voxels_inside_fraction": float(np.mean(voxel_inside)),
+                        "voxels_inside_fraction_samples_only": float(np.mean(samples_only_inside)),
+                        "median_band_width_gy_samples_only": float(np.median(samples_only_width)),
                         "dvh_metrics_inside_fraction": float(np.mean(metric_inside)),
                         "dvh_metrics": len(metric_inside),
                         "median_band_width_gy": float(np.median(band_width)),
@@ -116,9 +123,10 @@ def print_table(result: dict) -> None:
     for name, row in result["accuracy"].items():
         print(f"{name:<16}{row['dose_score_gy']:12.3f}{row['dvh_score_gy']:12.3f}")
     c = result["calibration"]
-    print(f"clinical dose inside the 5-95 % band: {100 * c['voxels_inside_fraction']:.1f} % of voxels, "
-          f"{100 * c['dvh_metrics_inside_fraction']:.1f} % of {c['dvh_metrics']} DVH metrics; median band "
-          f"{c['median_band_width_gy']:.2f} Gy")
+    print(f"clinical dose inside the 5-95 % band: {100 * c['voxels_inside_fraction']:.1f} % of voxels (median band "
+          f"{c['median_band_width_gy']:.2f} Gy; the samples' own band: {100 * c['voxels_inside_fraction_samples_only']:.1f} "
+          f"%, {c['median_band_width_gy_samples_only']:.2f} Gy), {100 * c['dvh_metrics_inside_fraction']:.1f} % of "
+          f"{c['dvh_metrics']} DVH metrics")
     print(f"base error where the band is widest / narrowest tenth: {c['base_error_in_widest_tenth_gy']:.2f} / "
           f"{c['base_error_in_narrowest_tenth_gy']:.2f} Gy")
     t = result["time_s"]

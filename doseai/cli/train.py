@@ -122,6 +122,12 @@ def add_parser(sub) -> None:
     diffusion.add_argument("--seed", type=int, default=0)
     add_device(diffusion)
     diffusion.add_argument("--threads", type=int)
+    calibrate_diffusion = train_sub.add_parser(
+        "calibrate-diffusion", help="refit the diffusion card's DVH-metric bands on the case grid of training patients")
+    calibrate_diffusion.add_argument("--weights", default=SHIPPED_DIFFUSION)
+    calibrate_diffusion.add_argument("--every", type=int, default=5, help="every N-th training patient (default: 5)")
+    calibrate_diffusion.add_argument("--samples", type=int, default=8)
+    calibrate_diffusion.add_argument("--threads", type=int)
     export_diffusion = train_sub.add_parser("export-diffusion",
                                             help="write the diffusion model's weights (EMA) + model card")
     export_diffusion.add_argument("--checkpoint", required=True)
@@ -235,6 +241,12 @@ def run(args) -> int:
             dvh_weight=args.dvh_weight, minutes=args.minutes, seed=args.seed, device=args.device,
             threads=args.threads)
         print(f"wrote {train_diffusion(GridSpec.from_card(load_card(Path(args.base))), config)}")
+        return 0
+    if args.stage == "calibrate-diffusion":
+        from doseai.train.train_diffusion import calibrate_metric_bands
+
+        rms = calibrate_metric_bands(Path(args.weights), args.every, args.samples, args.threads)
+        print("metric band RMS (x highest prescription): " + ", ".join(f"{k} {v:.4f}" for k, v in rms.items()))
         return 0
     if args.stage == "export-diffusion":
         from doseai.train.export import export_diffusion_model

@@ -233,6 +233,15 @@ def export_dvh_model(checkpoint: Path, out: Path, force: bool = False) -> Path:
     return out
 
 
+def _spread_calibration(state: dict, residuals: Path) -> dict:
+    from doseai.models.diffusion import ResidualDiffusionNet
+    from doseai.train.train_diffusion import fit_spread_scale
+
+    net = ResidualDiffusionNet(state["condition_channels"], state["config"])
+    net.load_state_dict(state["model"])
+    return fit_spread_scale(net, residuals)
+
+
 def export_diffusion_model(checkpoint: Path, out: Path, ablation: Path | None = None, force: bool = False) -> Path:
     """Ship the residual dose diffusion model (``doseai train diffusion``): its EMA weights in fp16 + its card.
     ``ablation``: the checkpoint of the run without the clinical-metric term (recorded for the benchmark)."""
@@ -279,6 +288,14 @@ def export_diffusion_model(checkpoint: Path, out: Path, ablation: Path | None = 
                                "error there (validation.calibration measures it)"},
         "validation": {},
     }
+    from doseai.train.train_diffusion import fit_fine_scale, fit_metric_scale, residual_set_folder
+
+    residuals = residual_set_folder(Path(state["base_weights"]))
+    if residuals.is_dir() and any(residuals.glob("pt_*.npz")):  # fitted on the training patients' residuals
+        spacing_zyx = tuple(reversed(state["grid"]["spacing_xyz_mm"]))
+        card["fine_scale"] = fit_fine_scale(residuals, spacing_zyx, config["pool_zyx"])
+        card["fine_scale"]["metric_rms"] = fit_metric_scale(residuals, spacing_zyx, config["pool_zyx"])
+        card["sampling"]["calibration"] = _spread_calibration(state, residuals)
     if ablation is not None:
         ablation_state = load_checkpoint(ablation)
         card["ablation"] = {"without_clinical_metric_term": {

@@ -231,3 +231,157 @@ def train_diffusion(spec: GridSpec, config: DiffusionTrainingConfig, folder: Pat
         if config.minutes is not None and time.time() - began > 60 * config.minutes:
             break
     return checkpointer.path
+
+
+FINE_DOSE_EDGES = [0.0, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 1.05, 10.0]  # base dose / highest prescription
+FINE_GRADIENT_BINS = 10  # quantile bins of the base dose gradient inside the patients' dose
+
+
+def fit_fine_scale(folder: Path, spacing_zyx, pool_zyx, every: int = 2) -> dict:
+    """The card's ``fine_scale`` table from the residual set in ``folder`` (every ``every``-th patient): the RMS of
+    the fine part of the base's error (clinical - base - the upsampled coarse residual) by base dose level and
+    gradient, over the voxels where the base or the clinical plan gives dose."""
+    paths = sorted(folder.glob("pt_*.npz"))[::every]
+    gradients, levels, fine_parts = [], [], []
+    for path in tqdm(paths, desc="fine-scale error of the training patients", unit="patient"):
+        d = np.load(path)
+        base, clinical = d["base"].astype(np.float32), d["dose"].astype(np.float32)
+        residual = torch.from_numpy(clinical - base)[None, None]
+        fine_part = (residual - fine(coarse(residual, pool_zyx), residual.shape[2:]))[0, 0].numpy()
+        where = (base > 0.01) | (clinical > 0)
+        from doseai.models.diffusion import dose_gradient
+
+        gradients.append(dose_gradient(base, spacing_zyx)[where])
+        levels.append(base[where])
+        fine_parts.append(fine_part[where])
+    gradient, level, part = (np.concatenate(a) for a in (gradients, levels, fine_parts))
+    # quantile edges (flat dose repeats the lowest, so they are made unique); the last one open-ended
+    gradient_edges = np.unique(np.quantile(gradient, np.linspace(0, 1, FINE_GRADIENT_BINS + 1)))
+    gradient_edges[0], gradient_edges[-1] = 0.0, float(gradient_edges[-1]) * 10
+    n_gradient = len(gradient_edges) - 1
+    g_bin = np.clip(np.searchsorted(gradient_edges, gradient, side="right") - 1, 0, n_gradient - 1)
+    d_bin = np.clip(np.searchsorted(FINE_DOSE_EDGES, level, side="right") - 1, 0, len(FINE_DOSE_EDGES) - 2)
+    squares = np.zeros((len(FINE_DOSE_EDGES) - 1, n_gradient))
+    counts = np.zeros_like(squares)
+    np.add.at(squares, (d_bin, g_bin), part.astype(np.float64) ** 2)
+    np.add.at(counts, (d_bin, g_bin), 1)
+    overall = float(np.sqrt(np.mean(part.astype(np.float64) ** 2)))
+    row = np.sqrt(squares.sum(axis=1, keepdims=True) / np.maximum(counts.sum(axis=1, keepdims=True), 1))
+    row = np.where(counts.sum(axis=1, keepdims=True) >= 100, row, overall)
+    rms = np.where(counts >= 100, np.sqrt(squares / np.maximum(counts, 1)), row)  # a thin bin: its dose row's
+    return {"gradient_edges": [float(e) for e in gradient_edges], "dose_edges": FINE_DOSE_EDGES,
+            "rms": rms.round(5).tolist(), "patients": len(paths), "overall_rms": overall,
+            "text": "RMS of the fine part of the base model's error on training patients (clinical - base - the "
+                    "upsampled coarse residual), by base dose level (rows, relative to the highest prescription) "
+                    "and base dose gradient (columns, relative dose per mm); the voxel-wise band adds it to the "
+                    "samples' spread (doseai/diffusion_predict.py)"}
+
+
+METRIC_KINDS = ("target D_99", "target D_95", "target D_1", "OAR mean", "OAR D_0.1_cc")
+
+
+def _metric_values(dose: np.ndarray, oars: np.ndarray, levels: np.ndarray, voxel_cc: float) -> dict[str, list]:
+    """The OpenKBP DVH metrics of a model-grid dose by kind (targets: each prescription level)."""
+    from doseai.dvh import dose_at_volume_cc, dose_at_volume_pct
+
+    values = {kind: [] for kind in METRIC_KINDS}
+    for mask in oars:
+        if mask.sum() >= 10:
+            values["OAR mean"].append(float(dose[mask].mean()))
+            values["OAR D_0.1_cc"].append(dose_at_volume_cc(dose[mask].astype(np.float64), 0.1, voxel_cc))
+    for level in np.unique(levels[levels > 0]):
+        inside = dose[levels == level].astype(np.float64)
+        if inside.size >= 10:
+            for kind, pct in (("target D_99", 99.0), ("target D_95", 95.0), ("target D_1", 1.0)):
+                values[kind].append(dose_at_volume_pct(inside, pct))
+    return values
+
+
+def fit_metric_scale(folder: Path, spacing_zyx, pool_zyx, every: int = 2) -> dict:
+    """Per DVH-metric kind, the RMS of what the coarse residual leaves of the base's metric error on training
+    patients: metric(clinical) - metric(base + upsampled coarse residual), relative dose (the band of a
+    sampled metric adds it to the samples' spread, as the voxel band adds the fine scale)."""
+    voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
+    errors = {kind: [] for kind in METRIC_KINDS}
+    for path in tqdm(sorted(folder.glob("pt_*.npz"))[::every], desc="DVH-metric error of the training patients",
+                     unit="patient"):
+        d = np.load(path)
+        base, clinical = d["base"].astype(np.float32), d["dose"].astype(np.float32)
+        shape = base.shape
+        oars = np.unpackbits(d["oars"])[: len(OAR_CHANNELS) * base.size].reshape(len(OAR_CHANNELS), *shape) > 0
+        levels = d["target"].astype(np.float32)
+        residual = torch.from_numpy(clinical - base)[None, None]
+        smooth = base + fine(coarse(residual, pool_zyx), shape)[0, 0].numpy()
+        wanted, got = _metric_values(clinical, oars, levels, voxel_cc), _metric_values(smooth, oars, levels, voxel_cc)
+        for kind in METRIC_KINDS:
+            errors[kind].extend(np.subtract(wanted[kind], got[kind]).tolist())
+    return {kind: float(np.sqrt(np.mean(np.square(values)))) if values else 0.0 for kind, values in errors.items()}
+
+
+@torch.no_grad()
+def fit_spread_scale(net: ResidualDiffusionNet, folder: Path, samples: int = 8, steps: int = 10, every: int = 10,
+                     seed: int = 0) -> dict:
+    """How much the sampled residuals' spread must be scaled about their mean to match the error of that mean on
+    training patients (every ``every``-th): tau = sqrt(mean (true - mean)^2 / mean sample variance), over the
+    body cells of the coarse grid. A diffusion model trained this briefly draws too narrow a spread; scaling the
+    deviations about the mean keeps the mean (and its dose score) as it is."""
+    from doseai.models.diffusion import sample_residuals
+
+    net.eval()
+    errors, variances = [], []
+    generator = torch.Generator().manual_seed(seed)
+    patients = load_residual_set(folder)[::every]
+    for patient in tqdm(patients, desc="spread of the samples on training patients", unit="patient"):
+        drawn = sample_residuals(net, patient.condition[None], patient.tokens[None], 0, samples, steps, generator)[:, 0]
+        body = patient.condition[BODY] > 0.5
+        mean = drawn.mean(dim=0)
+        errors.append(((patient.residual[0] - mean)[body] ** 2).mean().item())
+        variances.append(drawn.var(dim=0, unbiased=True)[body].mean().item())
+    tau = float(np.sqrt(np.mean(errors) / max(np.mean(variances), 1e-12)))
+    return {"spread_scale": tau, "patients": len(patients), "samples": samples, "steps": steps,
+            "text": "the sampled residuals' deviations from their mean are multiplied by spread_scale, fitted on "
+                    "training patients so that the samples' variance matches the squared error of their mean "
+                    "(coarse grid, body cells)"}
+
+
+def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, threads: int | None = None) -> dict:
+    """Refit the card's ``fine_scale.metric_rms`` where the user stands: on the case grid of training patients
+    (every ``every``-th, through DiffusionDosePredictor as a prediction runs), per DVH-metric kind, what the
+    squared error of the samples' mean metric leaves beyond the samples' variance: sqrt(max(0, mean (clinical -
+    mean)^2 - mean variance)), relative to the case's highest prescription. Written into the card."""
+    from doseai.diffusion_predict import DiffusionDosePredictor
+    from doseai.io import openkbp
+    from doseai.paths import openkbp_root
+    from doseai.scoring import openkbp_dvh_metrics
+    from doseai.structures import is_target
+    from doseai.train.export import update_card
+
+    predictor = DiffusionDosePredictor(weights, threads=threads)
+    squared, variance = {kind: [] for kind in METRIC_KINDS}, {kind: [] for kind in METRIC_KINDS}
+    patients = list(openkbp.list_patients(openkbp_root() / "train").items())[::every]
+    used = 0
+    for pid, path in tqdm(patients, desc="metric bands on training patients", unit="patient"):
+        case = openkbp.load_npz(path)
+        if case.dose is None:
+            continue
+        predictor.set_case(case)
+        drawn = predictor.sample(samples, seed=used)
+        norm = case.max_prescription
+        per_sample = [openkbp_dvh_metrics(dose, case) for dose in drawn.doses]
+        for key, clinical in openkbp_dvh_metrics(case.dose, case).items():
+            kind = f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
+            values = np.array([m[key] for m in per_sample]) / norm
+            squared[kind].append((clinical / norm - values.mean()) ** 2)
+            variance[kind].append(values.var(ddof=1))
+        used += 1
+    metric_rms = {kind: float(np.sqrt(max(0.0, np.mean(squared[kind]) - np.mean(variance[kind]))))
+                  if squared[kind] else 0.0 for kind in METRIC_KINDS}
+
+    def record(card: dict) -> None:
+        card["fine_scale"]["metric_rms"] = metric_rms
+        card["fine_scale"]["metric_rms_text"] = (
+            f"fitted on the case grid of {used} training patients ({samples} samples each): per DVH-metric kind, "
+            "the RMS the samples' mean misses beyond their spread (doseai.train.train_diffusion."
+            "calibrate_metric_bands), relative to the highest prescription")
+    update_card(Path(weights), record)
+    return metric_rms
