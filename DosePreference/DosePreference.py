@@ -29,12 +29,7 @@ _ensureDoseAIImportable()
 import vtk  # noqa: E402
 
 import slicer  # noqa: E402
-from slicer import (  # noqa: E402
-    vtkMRMLPlotChartNode,
-    vtkMRMLScalarVolumeNode,
-    vtkMRMLSegmentationNode,
-    vtkMRMLTableNode,
-)
+from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode  # noqa: E402
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
@@ -46,12 +41,7 @@ from slicer.util import VTKObservationMixin  # noqa: E402
 import DosePreferenceLib  # noqa: E402
 from DosePreferenceLib.help import ACKNOWLEDGEMENT_TEXT, HELP_TEXT  # noqa: E402
 from DosePreferenceLib.sliders import POLL_INTERVAL_MS, SLIDER_UPDATE_DELAY_MS  # noqa: E402
-from doseai.mrml.app import (  # noqa: E402
-    export_asking_to_overwrite,
-    packages_ready,
-    progress_dialog,
-    show_dose_and_dvh,
-)
+from doseai.mrml.app import export_asking_to_overwrite, packages_ready, progress_dialog, show_dose_and_dvh  # noqa: E402
 
 
 #
@@ -495,25 +485,19 @@ class DosePreferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateIsodose(self) -> None:
         """Isodose lines of the output dose at the chosen levels, or hidden."""
+        from doseai.errors import DoseAIError
+        from doseai.mrml import show_isodose_lines
+
         parameters = self._parameterNode
-        isodose = parameters.isodoseSegmentation if parameters else None
         if not parameters or self._result is None or self._result.doseNode is not parameters.outputDose:
             return
-        if not parameters.showIsodose:
-            if isodose and isodose.GetDisplayNode():
-                isodose.GetDisplayNode().SetVisibility(False)
-            return
-        from doseai.errors import DoseAIError
-        from doseai.mrml import parse_isodose_levels
-
         try:
-            levels = parse_isodose_levels(parameters.isodoseLevels)
+            isodose = show_isodose_lines(parameters.outputDose, self._result.dvh.case.max_prescription,
+                                         parameters.isodoseLevels, parameters.isodoseSegmentation,
+                                         visible=parameters.showIsodose)
         except DoseAIError as error:
             self.ui.statusLabel.text = str(error)
             return
-        prescription = self._result.dvh.case.max_prescription
-        isodose = self.logic.isodoseSegmentation(parameters.outputDose, prescription, levels, isodose)
-        isodose.GetDisplayNode().SetVisibility(True)
         self._setParameters(isodoseSegmentation=isodose)
 
     def onIsodoseLevelsEdited(self) -> None:

@@ -99,14 +99,13 @@ class DoseOptimizerLogic:
     def targetProblem(segNode, prescriptions: Mapping[str, float] | None = None) -> str:
         """Why the segment names give no target to plan for (a sentence), or "": a target needs a
         prescription, from its name (PTV_70, PTV7000) or from ``prescriptions``."""
+        from doseai.mrml import segment_names
         from doseai.structures import is_target, match_structures, prescription_from_name
 
         if segNode is None:
             return ""
-        segmentation = segNode.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
         try:
-            canonical = match_structures(names).values()
+            canonical = match_structures(segment_names(segNode)).values()
         except DoseAIError as error:  # two segments with one structure name
             return str(error)
         if any(name in (prescriptions or {}) or (is_target(name) and prescription_from_name(name))

@@ -18,16 +18,10 @@ from doseai.mrml.plots import DVHResult
 from doseai.packages import BASE_PACKAGES, TORCH_REQUIREMENT, missing_packages
 
 from .dvh_edit import DesiredDVHError, DVHEditSession, check_curve, check_desired_vector
-from .export import Lookup, dicom_reference, existing_outputs, export_paths, safe_file_stem
+from .export import (Lookup, dicom_reference, dose_description, existing_outputs, export_paths, safe_file_stem,
+                     write_dose_export)
 from .mapping import StructureRow, structure_rows
-from .results import (
-    DVHRequest,
-    PredictionResult,
-    calibrationText,
-    model_conditions,
-    model_oars,
-    modelName,
-)
+from .results import DVHRequest, PredictionResult, calibrationText, model_conditions, model_oars, modelName
 from .session import SHARED_SESSION, CaseInputs, DisplayTargets, PendingPrediction, PredictionSession, Progress
 
 # import name -> pip requirement; what "Compute DVH" needs beyond the doseai package itself
@@ -50,7 +44,7 @@ PREDICTION_ATTRIBUTES = ("DoseAI.Calibration", "DoseAI.DesiredDVH", "DoseAI.Samp
 
 
 def missing_packages_for(task: str) -> list[str]:
-    """pip requirements missing for ``task`` ("dvh", "predict" or "export")."""
+    """pip requirements missing for ``task`` ("dvh", "predict", "sample" or "export")."""
     return missing_packages(TASK_PACKAGES[task])
 
 
@@ -95,10 +89,8 @@ class DosePreferenceLogic:
         from doseai.mrml import scene_inputs
 
         cts, segmentations, doses = scene_inputs(scene)
-        ct = cts[0] if cts else None
-        segmentation = segmentations[0] if segmentations else None
-        dose = next((volume for volume in doses if not volume.GetAttribute("DoseAI.Model")), None)
-        return ct, segmentation, dose
+        return (cts[0] if cts else None, segmentations[0] if segmentations else None,
+                next((volume for volume in doses if not volume.GetAttribute("DoseAI.Model")), None))
 
     @staticmethod
     def outputProblem(doseNode) -> str:
@@ -111,10 +103,9 @@ class DosePreferenceLogic:
 
     @staticmethod
     def segmentNames(segNode) -> list[str]:
-        if segNode is None:
-            return []
-        segmentation = segNode.GetSegmentation()
-        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        from doseai.mrml import segment_names
+
+        return segment_names(segNode)
 
     def structureRows(self, segNode, previous: Sequence[StructureRow] = ()) -> list[StructureRow]:
         """The structure-mapping table of ``segNode`` (see :mod:`DosePreferenceLib.mapping`)."""
@@ -256,21 +247,17 @@ class DosePreferenceLogic:
         """The session's :class:`doseai.diffusion_predict.DiffusionDosePredictor` (loaded on first use)."""
         return self.session.diffusionModel(weights, device)
 
-    def sampleDoses(self, ctNode, segNode, samples: int = 4, seed: int = 0,
-                    sliders: Mapping[str, float] | None = None, doseNode=None, spreadNode=None,
-                    overrides: Mapping[str, str | None] | None = None, prescriptions: Mapping[str, float] | None = None,
-                    chartNode=None, metricsTableNode=None, referenceDoseNode=None,
-                    progress: Progress | None = None) -> PredictionResult:
-        """Draw ``samples`` doses with the diffusion model (``seed``: the same seed, the same doses) around its
-        base preference model's dose at ``sliders``; the dose node gets their mean, a second volume
-        (``spreadNode``, created when None) the width of their voxel-wise 5-95 % band, and the DVH chart the
-        mean's curves with each structure's band across the samples (dotted)."""
+    def sampleDoses(self, ctNode, segNode, samples: int = 4, seed: int = 0, sliders: Mapping[str, float] | None = None,
+                    doseNode=None, spreadNode=None, overrides=None, prescriptions=None, chartNode=None,
+                    metricsTableNode=None, referenceDoseNode=None, progress: Progress | None = None) -> PredictionResult:
+        """Draw ``samples`` doses with the diffusion model (the same ``seed``, the same doses) around its base
+        model's dose at ``sliders`` (``overrides``, ``prescriptions``, the display nodes: as :meth:`predict`). The
+        dose node gets their mean, ``spreadNode`` (created when None) the width of their voxel-wise 5-95 % band,
+        the chart the mean's DVH with each structure's band across the samples (dotted)."""
         from doseai.mrml import create_or_update_spread_node
 
-        report = progress or (lambda text, percent: None)
-        start = time.time()
+        report, start = progress or (lambda text, percent: None), time.time()
         inputs = CaseInputs(ctNode, segNode, overrides, prescriptions)
-        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
         if self.session.diffusionPredictor is None:
             report("Loading the diffusion model", 5)
         predictor, case = self._prepareCase(inputs, doseNode, report, loadPredictor=self.diffusionPredictor)
@@ -282,6 +269,7 @@ class DosePreferenceLogic:
         attributes = {c.attribute: f"{values[c.name]:g}" for c in predictor.conditions}
         attributes.update({"DoseAI.Calibration": calibrationText(predictor.base), "DoseAI.Model": modelName(predictor),
                            "DoseAI.Samples": str(samples), "DoseAI.Seed": str(seed)})
+        targets = DisplayTargets(doseNode, chartNode, metricsTableNode, referenceDoseNode)
         result = self._showPrediction(case, drawn.mean, time.time() - start, start, inputs, targets, predictor,
                                       attributes, bands=drawn.structure_bands(case))
         result.spreadNode = create_or_update_spread_node(
@@ -474,27 +462,16 @@ class DosePreferenceLogic:
     def applyDesiredCurve(self, session: DVHEditSession, tableNode) -> bool:
         """Put the (dragged) curve of ``tableNode`` into ``session``; True when the desired DVH changed. The
         table then shows the curve as taken (clamped to 0..100 %, non-increasing, at the model's doses)."""
-        from doseai.mrml import editable_curve
+        from doseai.mrml import editable_curve, editable_curve_chart
 
         structure, dose, volume = self.readDesiredCurve(tableNode)
         changed = session.setCurvePoints(structure, dose, volume)
         taken_dose, taken_volume = session.curve(structure)
         if dose.shape != taken_dose.shape or not (np.allclose(dose, taken_dose) and np.allclose(volume, taken_volume)):
-            chart = self._chartOf(tableNode)
+            chart = editable_curve_chart(tableNode)
             if chart is not None:
                 editable_curve(tableNode.GetScene(), chart, structure, taken_dose, taken_volume)
         return changed
-
-    @staticmethod
-    def _chartOf(tableNode):
-        """The DVH chart that shows the draggable curve of ``tableNode``."""
-        from doseai.mrml import editable_curve_table
-
-        charts = tableNode.GetScene().GetNodesByClass("vtkMRMLPlotChartNode")
-        for index in range(charts.GetNumberOfItems()):
-            if editable_curve_table(charts.GetItemAsObject(index)) is tableNode:
-                return charts.GetItemAsObject(index)
-        return None
 
     @staticmethod
     def removeDesiredDVHCurve(chartNode) -> None:
@@ -605,32 +582,13 @@ class DosePreferenceLogic:
         if existing and not force:
             raise OutputExistsError(f"{len(existing)} file(s) exist in {Path(folder)}: "
                                     f"{', '.join(p.name for p in existing)}")
-        from doseai.io.dicom import write_rtdose
-        from doseai.mrml import geometry_from_volume_node, volume_array
-        from doseai.report import case_dvhs, case_metrics, write_dvh_csv, write_metrics_csv
-
         case = self.session.caseWithDose(CaseInputs(ctNode, segNode, overrides, prescriptions), doseNode,
                                          self.doseGridMm)
         reference = dicom_reference(ctNode, lookup or self.dicomLookup(), segNode)
         reference["DoseDescription"] = self._doseDescription(doseNode)
-        from doseai.io.rtplan import PlanDescription
-
-        write_rtdose(volume_array(doseNode), geometry_from_volume_node(doseNode), paths["rtdose"], reference,
-                     force=force, plan=PlanDescription(prescriptions=dict(case.prescriptions)))
-        write_dvh_csv(case_dvhs(case, case.dose, bin_width_gy=self.dvhBinWidthGy), paths["dvh"], force=force)
-        write_metrics_csv(case_metrics(case, case.dose), paths["metrics"], force=force)
+        write_dose_export(case, doseNode, paths, reference, self.dvhBinWidthGy, force)
         logging.info(f"DosePreference: exported {', '.join(str(p) for p in paths.values())}")
         return paths
 
     def _doseDescription(self, doseNode) -> str:
-        """Series description of the RTDOSE (DICOM LO: at most 64 characters)."""
-        model = doseNode.GetAttribute("DoseAI.Model")
-        if not model:
-            return doseNode.GetName()[:64]
-        if doseNode.GetAttribute("DoseAI.DesiredDVH"):
-            return f"DoseAI {model} DVH {doseNode.GetAttribute('DoseAI.DesiredDVH')}"[:64]
-        conditions = model_conditions(self.modelCard())
-        if conditions is None:
-            return f"DoseAI {model}"[:64]
-        values = {c.name: float(doseNode.GetAttribute(c.attribute) or 0) for c in conditions}
-        return f"DoseAI {model} {conditions.describe_short(values)}"[:64]
+        return dose_description(doseNode, model_conditions(self.modelCard()))

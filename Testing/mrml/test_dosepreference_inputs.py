@@ -154,8 +154,9 @@ def test_model_card_is_read_without_loading_the_model(tmp_path):
 
 
 def test_packages_per_action():
-    assert set(TASK_PACKAGES) == {"dvh", "predict", "export"}
+    assert set(TASK_PACKAGES) == {"dvh", "predict", "sample", "export"}
     assert {"torch", "monai"} <= set(TASK_PACKAGES["predict"]) and "pydicom" in TASK_PACKAGES["export"]
+    assert set(TASK_PACKAGES["sample"]) == set(TASK_PACKAGES["predict"]) | {"einops"}  # the diffusion model's
     assert missing_packages_for("dvh") == [] and missing_packages_for("export") == []
     assert install_plan([]) == (False, [])
     assert install_plan(["torch>=2.2", "monai>=1.4"]) == (True, ["monai>=1.4"])  # torch first, on its own

@@ -25,12 +25,14 @@ from doseai.mrml.dose import (
     is_dose_volume,
     missing_inputs,
     scene_inputs,
+    segment_names,
 )
 from doseai.mrml.isodose import (
     DEFAULT_ISODOSE_LEVELS_PCT,
     isodose_levels,
     isodose_segmentation,
     parse_levels as parse_isodose_levels,
+    show_isodose_lines,
 )
 from doseai.mrml.nodes import (
     case_from_nodes,
@@ -47,6 +49,7 @@ from doseai.mrml.plots import (
     STRUCTURE_ATTRIBUTE,
     DVHResult,
     editable_curve,
+    editable_curve_chart,
     editable_curve_table,
     metrics_table,
     read_curve,
@@ -72,6 +75,7 @@ __all__ = [
     "create_or_update_spread_node",
     "dose_on_grid",
     "editable_curve",
+    "editable_curve_chart",
     "editable_curve_table",
     "geometry_from_volume_node",
     "get_or_create_dose_color_table",
@@ -83,9 +87,11 @@ __all__ = [
     "missing_inputs",
     "nodes_from_case",
     "parse_isodose_levels",
+    "show_isodose_lines",
     "read_curve",
     "remove_editable_curve",
     "scene_inputs",
+    "segment_names",
     "segment_colors",
     "set_point_dragging",
     "set_volume_from_array",

@@ -63,6 +63,14 @@ def scene_inputs(scene) -> tuple[list, list, list]:
     return cts, segmentations, doses
 
 
+def segment_names(segNode) -> list[str]:
+    """The names of a segmentation node's segments, in order ([] for None)."""
+    if segNode is None:
+        return []
+    segmentation = segNode.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
 def missing_inputs(ctNode, segNode, doseNode, what: str = "dose volume", hint: str = "") -> str:
     """Why a dose module cannot run on these inputs (a sentence for a button's tooltip), or "": a CT, a
     segmentation and a dose (``what``, e.g. "desired dose"; ``hint`` follows its "Select ...") that is

@@ -78,6 +78,19 @@ def isodose_segmentation(
     return node
 
 
+def show_isodose_lines(dose_node, prescription_gy: float, levels_text: str, node=None, visible: bool = True):
+    """The isodose lines of ``dose_node`` at the levels of ``levels_text`` (:func:`parse_levels`; DoseAIError when
+    they do not parse) in ``node`` (created when None), shown; with ``visible`` False, ``node`` hidden instead
+    (nothing is computed). Returns the node (None when hidden and there was none)."""
+    if not visible:
+        if node is not None and node.GetDisplayNode():
+            node.GetDisplayNode().SetVisibility(False)
+        return node
+    node = isodose_segmentation(dose_node, prescription_gy, parse_levels(levels_text), node=node)
+    node.GetDisplayNode().SetVisibility(True)
+    return node
+
+
 def _show_as_lines(node) -> None:
     display = node.GetDisplayNode()
     if display is None:

@@ -241,6 +241,15 @@ def editable_curve_table(chartNode):
     return series.GetTableNode() if series is not None else None
 
 
+def editable_curve_chart(tableNode):
+    """The DVH chart whose draggable curve is ``tableNode`` (see :func:`editable_curve`), or None."""
+    charts = tableNode.GetScene().GetNodesByClass("vtkMRMLPlotChartNode")
+    for index in range(charts.GetNumberOfItems()):
+        if editable_curve_table(charts.GetItemAsObject(index)) is tableNode:
+            return charts.GetItemAsObject(index)
+    return None
+
+
 def remove_editable_curve(chartNode) -> None:
     """Take the draggable curve (series and table) out of the chart and the scene."""
     series = _edit_series(chartNode) if chartNode is not None else None
