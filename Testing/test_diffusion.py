@@ -68,8 +68,7 @@ def test_dvh_bands_hold_every_sample_curve(sampler, small_case):
 
 
 def test_structure_tokens_mark_absent_organs_and_target_levels():
-    from doseai.models.diffusion import TARGET_TOKENS, TOKEN_FEATURES, structure_tokens
-    from doseai.train.train_diffusion import BEAMS, BODY, OAR_CHANNELS, TARGET
+    from doseai.models.diffusion import BEAMS, BODY, OAR_CHANNELS, TARGET, TARGET_TOKENS, TOKEN_FEATURES, structure_tokens
 
     anatomy = torch.zeros(1, 11, 8, 8, 8)
     anatomy[0, BODY] = 1
@@ -108,7 +107,7 @@ def test_cli_predict_with_the_diffusion_model_writes_mean_and_spread(tmp_path, t
 def _synthetic_residual_set(folder, n=3, shape=(32, 32, 32), pool=(4, 4, 4)):
     """Patients of a residual set with random anatomy and a residual of known size (no base model needed)."""
     from doseai.models.diffusion import coarse
-    from doseai.train.train_diffusion import OAR_CHANNELS, TARGET, condition_inputs
+    from doseai.models.diffusion import OAR_CHANNELS, TARGET, condition_inputs
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)

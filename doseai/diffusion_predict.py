@@ -148,8 +148,7 @@ class DiffusionDosePredictor:
 
     def set_case(self, case: PlanningCase) -> None:
         """Prepare ``case`` (the base's down path and neutral dose, the pooled condition and tokens)."""
-        from doseai.models.diffusion import coarse, structure_tokens
-        from doseai.train.train_diffusion import BEAMS, BODY, OAR_CHANNELS, TARGET
+        from doseai.models.diffusion import condition_inputs
 
         start = time.perf_counter()
         self.base.set_case(case)
@@ -158,11 +157,7 @@ class DiffusionDosePredictor:
         with self._torch.no_grad():
             base_dose = self._torch.from_numpy(np.ascontiguousarray(self.base._model_grid_dose(p, neutral)))
             base_dose = base_dose[None, None].to(self.device)
-            anatomy = p.anatomy.float()
-            pool = self.net.config["pool_zyx"]
-            condition = self._torch.cat([coarse(anatomy, pool), coarse(base_dose, pool)], dim=1)
-            tokens = structure_tokens(anatomy, base_dose, OAR_CHANNELS, TARGET, BODY, BEAMS)
-        self._condition = (condition, tokens)
+            self._condition = condition_inputs(p.anatomy.float(), base_dose, self.net.config["pool_zyx"])
         self._case = case
         self._set_case_s = time.perf_counter() - start
 

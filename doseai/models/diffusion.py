@@ -29,6 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from doseai.models.features import channel_names
+
+# the base model's input channels the conditions read
+CHANNELS = channel_names()
+OAR_CHANNELS = list(range(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1))
+TARGET, BODY, BEAMS = CHANNELS.index("target_dose"), CHANNELS.index("body"), CHANNELS.index("beam_plate")
 SITES = ("head_and_neck",)  # class-embedding slots in use; the network has ``site_slots`` of them
 DEFAULT_DIFFUSION_CONFIG = {
     "pool_zyx": [8, 4, 4],  # model grid 128 x 80 x 128 -> 16 x 20 x 32 (20 mm x 15.6 mm x 15.6 mm cells)
@@ -200,3 +206,10 @@ def fine_sigma(dose, spacing_zyx, table: dict) -> np.ndarray:
                            0, len(table["gradient_edges"]) - 2)
     dose_bin = np.clip(np.searchsorted(table["dose_edges"], dose, side="right") - 1, 0, len(table["dose_edges"]) - 2)
     return np.asarray(table["rms"], np.float32)[dose_bin, gradient_bin]
+
+
+def condition_inputs(anatomy: torch.Tensor, base_dose: torch.Tensor, pool_zyx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coarse condition channels: the anatomy's and then the base dose's, structure tokens) of one batch."""
+    condition = torch.cat([coarse(anatomy, pool_zyx), coarse(base_dose, pool_zyx)], dim=1)
+    tokens = structure_tokens(anatomy, base_dose, OAR_CHANNELS, TARGET, BODY, BEAMS)
+    return condition, tokens

@@ -29,24 +29,13 @@ import torch
 from tqdm import tqdm
 
 from doseai.errors import DoseAIError
-from doseai.models.diffusion import (SITES, ResidualDiffusionNet, coarse, config_with_defaults, fine,
-                                     predicted_sample, schedulers, structure_tokens)
-from doseai.models.features import GridSpec, channel_names, mirror_order
+from doseai.models.diffusion import (BODY, CHANNELS, OAR_CHANNELS, SITES, TARGET, ResidualDiffusionNet,
+                                     coarse, condition_inputs, config_with_defaults, fine, predicted_sample,
+                                     schedulers)
+from doseai.models.features import GridSpec, mirror_order
 from doseai.paths import cache_root
 from doseai.train.loop import TrainingConfig, open_run, start_run
 from doseai.train.preference_loss import dvh_metric_loss
-
-CHANNELS = channel_names()
-OAR_CHANNELS = list(range(CHANNELS.index("Brainstem"), CHANNELS.index("Mandible") + 1))
-TARGET, BODY, BEAMS = CHANNELS.index("target_dose"), CHANNELS.index("body"), CHANNELS.index("beam_plate")
-
-
-def condition_inputs(anatomy: torch.Tensor, base_dose: torch.Tensor, pool_zyx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coarse condition channels: the anatomy's and then the base dose's, structure tokens) of one batch."""
-    condition = torch.cat([coarse(anatomy, pool_zyx), coarse(base_dose, pool_zyx)], dim=1)
-    tokens = structure_tokens(anatomy, base_dose, OAR_CHANNELS, TARGET, BODY, BEAMS)
-    return condition, tokens
-
 
 def residual_set_folder(base_weights: Path, split: str = "train") -> Path:
     return cache_root() / "diffusion_set" / Path(base_weights).stem / split
