@@ -191,3 +191,24 @@ def test_fine_scale_is_fitted_from_residuals_and_widens_the_band(tmp_path, tiny_
     assert np.all(high[unclipped] - drawn.mean[unclipped] >= 1.64 * drawn.fine_sigma[unclipped] - 1e-3)
     bands = drawn.metric_bands(small_case)
     assert bands and all(lo <= hi for lo, hi in bands.values())
+
+
+def test_shipped_diffusion_model_matches_its_card(small_case):
+    from doseai.diffusion_predict import DiffusionDosePredictor
+    from doseai.predict import DEFAULT_DIFFUSION_MODEL
+
+    if not DEFAULT_DIFFUSION_MODEL.is_file():
+        pytest.skip(f"{DEFAULT_DIFFUSION_MODEL} not shipped")
+    predictor = DiffusionDosePredictor(device="cpu", threads=2)
+    card = predictor.card
+    assert set(card["validation"]) >= {"accuracy", "calibration", "time_s"}
+    assert card["sampling"]["calibration"]["spread_scale"] >= 1.0 and card["fine_scale"]["metric_rms"]
+    assert "without_clinical_metric_term" in card["ablation"] and card["sites"]["in_use"] == ["head_and_neck"]
+    predictor.set_case(small_case)
+    drawn = predictor.sample(2, seed=0)
+    base = predictor.base.predict()
+    assert all(d.shape == small_case.geometry.shape and np.isfinite(d).all() for d in drawn.doses)
+    inside = base > 0.5 * float(base.max())  # the samples vary the base dose, they do not replace it
+    assert float(np.abs(drawn.mean - base)[inside].mean()) < 0.15 * float(base.max())
+    low, high = drawn.band()
+    assert np.all(high >= low) and float((high - low)[inside].mean()) > 0

@@ -85,6 +85,17 @@ def add_parser(sub) -> None:
     pareto.add_argument("--varied", type=int, default=4,
                         help="of the plans, how many draw an independent weight per OAR (default: %(default)s)")
     pareto.add_argument("--shard", default="0/1", help="K/N: every N-th patient from the K-th, to run N processes")
+    fluence = train_sub.add_parser("fluence-set", help="per patient with a CT, the plan mimicking its clinical dose "
+                                                       "(weights, bixels, beams, objective history): the learned "
+                                                       "planner's training data; resumable")
+    fluence.add_argument("--run", required=True, help="run name (records in <cache>/fluence_set/<run>)")
+    fluence.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    fluence.add_argument("--limit", type=int, help="only the first N patients")
+    fluence.add_argument("--bixel-mm", type=float, default=10.0)
+    fluence.add_argument("--beams", type=int, default=9)
+    fluence.add_argument("--iterations", type=int, default=300, help="L-BFGS-B iterations (default: %(default)s)")
+    fluence.add_argument("--shard", default="0/1", help="K/N: every N-th patient from the K-th, to run N processes")
+    fluence.add_argument("--out", help="the folder of the records (default: <cache>/fluence_set/<run>/<split>)")
     dvh = train_sub.add_parser("dvh", help="the DVH-conditioned network on generated Pareto plans (resumable)")
     dvh.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
     dvh.add_argument("--pareto-run", required=True, help="the `doseai train pareto --run` whose plans to learn from")
@@ -299,6 +310,14 @@ def run(args) -> int:
         shard = tuple(int(part) for part in args.shard.split("/"))
         path = generate_pareto(args.run, split=args.split, n_plans=args.plans, limit=args.limit,
                                bixel_width_mm=args.bixel_mm, n_varied=args.varied, shard=shard)
+    elif args.stage == "fluence-set":
+        from doseai.optimize.plan import PlanSettings
+        from doseai.train.fluence_set import generate_fluence_set
+
+        settings = PlanSettings(mode="mimic", n_beams=args.beams, bixel_width_mm=args.bixel_mm,
+                                max_iterations=args.iterations)
+        path = generate_fluence_set(args.run, args.split, settings, args.limit,
+                                    tuple(int(part) for part in args.shard.split("/")), args.out)
     else:
         from doseai.train.export import export_model
 

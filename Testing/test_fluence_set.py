@@ -1,0 +1,60 @@
+"""The learned planner's training data (doseai.train.fluence_set): a mimicking plan per patient kept as its
+weights, bixel layout, beams, objective history and scores; resumable, refusing mixed settings, and the influence
+matrix rebuilt from the record gives the plan's dose back. On the synthetic sample case with 3 beams."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="torch not installed (pip install -e '.[models]')")
+pytest.importorskip("pyRadPlan", reason="pyRadPlan not installed (see README: pip install --no-deps pyradplan)")
+
+from doseai.errors import DoseAIError  # noqa: E402
+from doseai.optimize.plan import PlanSettings  # noqa: E402
+
+SETTINGS = PlanSettings(n_beams=3, bixel_width_mm=10.0, lateral_cutoff_mm=30.0, max_iterations=40)
+
+
+@pytest.fixture()
+def sample_split(monkeypatch, tmp_path):
+    """OpenKBP's reader pointed at two copies of the sample case (pt_1 with a CT, pt_2 without)."""
+    from doseai.io import openkbp
+    from doseai.sample import make_sample_case
+
+    monkeypatch.setenv("DOSEAI_CACHE", str(tmp_path / "cache"))
+    case = make_sample_case(seed=2)
+    without_ct = make_sample_case(seed=2)
+    without_ct.ct = None
+    cases = {"pt_1": case, "pt_2": without_ct}
+    monkeypatch.setattr(openkbp, "list_patients", lambda root: {pid: pid for pid in cases})
+    monkeypatch.setattr(openkbp, "load_npz", lambda pid: cases[pid])
+    return case
+
+
+def test_a_set_holds_one_record_per_patient_with_a_ct_and_resumes(sample_split, tmp_path):
+    from doseai.train.fluence_set import generate_fluence_set, load_fluence_set, rebuild_influence
+
+    folder = generate_fluence_set("tiny", settings=SETTINGS)
+    settings, records = load_fluence_set(folder)
+    assert settings == SETTINGS and list(records) == ["pt_1"]  # pt_2 has no CT to plan on
+    record = records["pt_1"]
+    n = len(record["weights"])
+    assert n > 0 and record["bixel_beam"].shape == (n,) and record["bixel_position_mm"].shape == (n, 2)
+    assert np.all(record["weights"] >= 0) and len(record["gantry_angles_deg"]) == 3
+    history = record["objective_history"]
+    assert len(history) == int(record["iterations"]) + 1 and history[-1] < history[0]
+    assert np.isfinite(record["dose_score_gy"]) and record["dose_score_gy"] > 0
+
+    stamp = (folder / "pt_1.npz").stat().st_mtime_ns
+    generate_fluence_set("tiny", settings=SETTINGS)  # resumes: the done patient is not planned again
+    assert (folder / "pt_1.npz").stat().st_mtime_ns == stamp
+    with pytest.raises(DoseAIError, match="other settings"):
+        generate_fluence_set("tiny", settings=PlanSettings(n_beams=5, bixel_width_mm=10.0))
+    assert json.loads((folder / "settings.json").read_text())["plan_settings"]["n_beams"] == 3
+
+    influence = rebuild_influence(sample_split, record, settings)  # the weights index the same bixels
+    dose = influence.dose_image(record["weights"])
+    assert dose.shape == tuple(record["working_shape"]) and float(dose.max()) > 0
