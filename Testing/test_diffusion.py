@@ -212,3 +212,24 @@ def test_shipped_diffusion_model_matches_its_card(small_case):
     assert float(np.abs(drawn.mean - base)[inside].mean()) < 0.15 * float(base.max())
     low, high = drawn.band()
     assert np.all(high >= low) and float((high - low)[inside].mean()) > 0
+
+
+def test_metric_band_factor_makes_the_band_hold_90_percent_where_the_spread_misses_the_error():
+    """The samples vary most where the error is smallest (a misplaced spread): a normal band of the matched RMS
+    then holds fewer than 90 % of the metrics, and the fitted factor widens it to 90 %."""
+    from doseai.train.train_diffusion import metric_band_fit
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    u = rng.uniform(0, 1, n)
+    variance = (0.03 * u) ** 2
+    errors = rng.normal(0, 0.03 * (1 - u) + 0.002)
+    mean = rng.uniform(0.2, 1.0, n)
+    rows = [("OAR mean", m + e, m, v, m + e / 2) for m, e, v in zip(mean, errors, variance)]
+    metric_rms, base_rms, factor = metric_band_fit(rows)
+    sd = np.sqrt(variance + metric_rms["OAR mean"] ** 2)
+    plain = np.mean(np.abs(errors) <= 1.6449 * sd)
+    widened = np.mean(np.abs(errors) <= factor["OAR mean"] * 1.6449 * sd)
+    assert plain < 0.88 and factor["OAR mean"] > 1.0 and abs(widened - 0.9) < 0.005
+    assert base_rms["OAR mean"] < metric_rms["OAR mean"]  # the base's error here is half the mean's
+    assert factor["target D_99"] == 1.0 and metric_rms["target D_99"] == 0.0  # a kind without rows

@@ -46,6 +46,7 @@ class DoseSamples:
     timings: dict
     fine_sigma: np.ndarray | None = None
     metric_rms_gy: dict[str, float] | None = None  # the same for DVH metrics, by kind ("target D_99", "OAR mean")
+    metric_band_factor: dict[str, float] | None = None  # how much wider a metric's band is made, by kind
 
     @property
     def mean(self) -> np.ndarray:
@@ -76,7 +77,8 @@ class DoseSamples:
 
     def metric_bands(self, case: PlanningCase, percentiles=BAND_PERCENTILES) -> dict[tuple[str, str], tuple]:
         """Each OpenKBP DVH metric's (low, high) band (Gy): a normal band around the samples' mean whose variance
-        is their variance plus the card's fine-scale RMS of that kind of metric; without it, the samples' own
+        is their variance plus the card's fine-scale RMS of that kind of metric, widened by the card's band factor
+        (fitted so that the 5-95 % band holds 90 % of training patients' metrics); without them, the samples' own
         percentiles."""
         from statistics import NormalDist
 
@@ -93,6 +95,7 @@ class DoseSamples:
             kind = f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
             variance = values.var(ddof=1) if len(values) > 1 else 0.0
             sd = float(np.sqrt(variance + self.metric_rms_gy.get(kind, 0.0) ** 2))
+            sd *= (self.metric_band_factor or {}).get(kind, 1.0)
             bands[key] = tuple(max(0.0, float(values.mean()) + NormalDist().inv_cdf(p / 100.0) * sd)
                                for p in percentiles)
         return bands
@@ -197,9 +200,11 @@ class DiffusionDosePredictor:
             doses.append(base.calibrate(dose) if base.calibrated else dose)
         timings = {"set_case_s": self._set_case_s, "diffusion_s": sampled_at - start,
                    "doses_s": time.perf_counter() - sampled_at, "per_sample_s": (time.perf_counter() - start) / n}
-        metric_rms = (self.card.get("fine_scale") or {}).get("metric_rms")
+        fine_scale = self.card.get("fine_scale") or {}
+        metric_rms = fine_scale.get("metric_rms")
         return DoseSamples(doses, int(seed), timings, self._fine_sigma(base_dose, p),
-                           {k: v * p.norm_gy for k, v in metric_rms.items()} if metric_rms else None)
+                           {k: v * p.norm_gy for k, v in metric_rms.items()} if metric_rms else None,
+                           fine_scale.get("metric_band_factor"))
 
     def _fine_sigma(self, base_dose: np.ndarray, p) -> np.ndarray | None:
         """The card's fine-scale error RMS for this base dose, on the case grid (Gy), or None without a table."""

@@ -3,8 +3,8 @@ beside its base preference model, from the case as the user loads it (the predic
 
   accuracy     OpenKBP dose score and DVH score of the base model's dose, of the mean of 4 samples, of the mean
                of --samples samples, and of a single sample
-  calibration  with --samples samples (seed 1): the fraction of possible-dose voxels (OpenKBP's scoring mask),
-               of body voxels, and of the OpenKBP DVH metrics, where the clinical dose lies inside the samples' 5-95 % band; the median band width; and
+  calibration  with --samples samples (seed 1): the fraction of body voxels (OpenKBP's possible-dose mask, where
+               it scores), and of the OpenKBP DVH metrics, where the clinical dose lies inside the samples' 5-95 % band; the median band width; and
                whether the spread points at the error: the base's mean absolute error in the voxels of the
                widest and of the narrowest tenth of the band
   time         a new case (set_case) and 4 samples with their mean on the case grid, per patient (median)
@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from doseai.diffusion_predict import DiffusionDosePredictor
 from doseai.io import openkbp
-from doseai.models.features import body_mask
 from doseai.paths import openkbp_root
 from doseai.predict import DEFAULT_DIFFUSION_MODEL
 from doseai.scoring import Evaluation, score_patient
+from doseai.structures import is_target
 
 TIMED_SAMPLES = 4
 
@@ -55,7 +55,7 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
     base_eval, mean4_eval, mean_eval, single_eval = Evaluation(), Evaluation(), Evaluation(), Evaluation()
     voxel_inside, metric_inside, band_width, wide_error, narrow_error = [], [], [], [], []
-    samples_only_inside, samples_only_width, body_inside = [], [], []
+    samples_only_inside, samples_only_width, metric_kind = [], [], []
     case_s, sampling_s = [], []
     for pid, path in tqdm(patients, desc="validation patients", unit="patient"):
         case = openkbp.load_npz(path)
@@ -78,7 +78,6 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
         low, high = drawn.band()
         possible = case.possible_dose_mask if case.possible_dose_mask is not None else np.ones(base.shape, bool)
         voxel_inside.append(float(_inside(case.dose, low, high)[possible].mean()))
-        body_inside.append(float(_inside(case.dose, low, high)[body_mask(case) > 0].mean()))
         band_width.append(float(np.median((high - low)[possible])))
         samples_low, samples_high = drawn.band(fine_scale=False)
         samples_only_inside.append(float(_inside(case.dose, samples_low, samples_high)[possible].mean()))
@@ -88,6 +87,7 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
         narrow_error.append(narrow)
         for key, (lo, hi) in drawn.metric_bands(case).items():
             metric_inside.append(bool(lo <= reference_metrics[key] <= hi))
+            metric_kind.append(f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}")
 
     def scores(evaluation: Evaluation) -> dict:
         return {"dose_score_gy": evaluation.dose_score, "dvh_score_gy": evaluation.dvh_score}
@@ -104,11 +104,13 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
                                 "metric error added, when it has one)",
                         "fine_scale": predictor.card.get("fine_scale") is not None,
                         "voxels_inside_fraction": float(np.mean(voxel_inside)),
-                        "body_voxels_inside_fraction": float(np.mean(body_inside)),
                         "voxels_inside_fraction_samples_only": float(np.mean(samples_only_inside)),
                         "median_band_width_gy_samples_only": float(np.median(samples_only_width)),
                         "dvh_metrics_inside_fraction": float(np.mean(metric_inside)),
                         "dvh_metrics": len(metric_inside),
+                        "dvh_metrics_inside_by_kind": {
+                            kind: float(np.mean([i for i, k in zip(metric_inside, metric_kind) if k == kind]))
+                            for kind in sorted(set(metric_kind))},
                         "median_band_width_gy": float(np.median(band_width)),
                         "base_error_in_widest_tenth_gy": float(np.mean(wide_error)),
                         "base_error_in_narrowest_tenth_gy": float(np.mean(narrow_error)),
@@ -129,7 +131,9 @@ def print_table(result: dict) -> None:
     print(f"clinical dose inside the 5-95 % band: {100 * c['voxels_inside_fraction']:.1f} % of voxels (median band "
           f"{c['median_band_width_gy']:.2f} Gy; the samples' own band: {100 * c['voxels_inside_fraction_samples_only']:.1f} "
           f"%, {c['median_band_width_gy_samples_only']:.2f} Gy), {100 * c['dvh_metrics_inside_fraction']:.1f} % of "
-          f"{c['dvh_metrics']} DVH metrics; {100 * c['body_voxels_inside_fraction']:.1f} % of body voxels")
+          f"{c['dvh_metrics']} DVH metrics")
+    print("DVH metrics inside, by kind: " + ", ".join(f"{kind} {100 * value:.0f} %"
+                                                      for kind, value in c["dvh_metrics_inside_by_kind"].items()))
     print(f"base error where the band is widest / narrowest tenth: {c['base_error_in_widest_tenth_gy']:.2f} / "
           f"{c['base_error_in_narrowest_tenth_gy']:.2f} Gy")
     t = result["time_s"]

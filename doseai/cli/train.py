@@ -256,8 +256,9 @@ def run(args) -> int:
     if args.stage == "calibrate-diffusion":
         from doseai.train.train_diffusion import calibrate_metric_bands
 
-        rms = calibrate_metric_bands(Path(args.weights), args.every, args.samples, args.threads)
-        print("metric band RMS (x highest prescription): " + ", ".join(f"{k} {v:.4f}" for k, v in rms.items()))
+        fit = calibrate_metric_bands(Path(args.weights), args.every, args.samples, args.threads)
+        print("metric band RMS (x highest prescription), factor: " + ", ".join(
+            f"{k} {v:.4f} x{fit['metric_band_factor'][k]:.2f}" for k, v in fit["metric_rms"].items()))
         return 0
     if args.stage == "export-diffusion":
         from doseai.train.export import export_diffusion_model

@@ -333,11 +333,31 @@ def fit_spread_scale(net: ResidualDiffusionNet, folder: Path, samples: int = 8, 
                     "(coarse grid, body cells)"}
 
 
+def metric_band_fit(rows, coverage: float = 0.9) -> tuple[dict, dict, dict]:
+    """From (kind, clinical, samples' mean, samples' variance, base) rows of training metrics: per kind the RMS of
+    the mean's error beyond the samples' variance, the same for the base's, and the factor on 1.645 sd that makes
+    a band mean +- factor x 1.645 x sqrt(variance + RMS^2) hold ``coverage`` of the rows (split-conformal style:
+    the ``coverage`` quantile of |error| / sd)."""
+    metric_rms, base_rms, factor = {}, {}, {}
+    for kind in METRIC_KINDS:
+        picked = [r for r in rows if r[0] == kind]
+        if not picked:
+            metric_rms[kind], base_rms[kind], factor[kind] = 0.0, 0.0, 1.0
+            continue
+        clinical, mean, variance, base = (np.array([r[i] for r in picked], np.float64) for i in range(1, 5))
+        metric_rms[kind] = float(np.sqrt(max(0.0, np.mean((clinical - mean) ** 2) - variance.mean())))
+        base_rms[kind] = float(np.sqrt(max(0.0, np.mean((clinical - base) ** 2) - variance.mean())))
+        sd = np.sqrt(variance + metric_rms[kind] ** 2)
+        scores = np.abs(clinical - mean) / np.maximum(sd, 1e-6)
+        factor[kind] = float(max(1.0, np.quantile(scores, coverage) / 1.6449))
+    return metric_rms, base_rms, factor
+
+
 def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, threads: int | None = None) -> dict:
     """Refit the card's ``fine_scale.metric_rms`` where the user stands: on the case grid of training patients
     (every ``every``-th, through DiffusionDosePredictor as a prediction runs), per DVH-metric kind, what the
-    squared error of the samples' mean metric leaves beyond the samples' variance: sqrt(max(0, mean (clinical -
-    mean)^2 - mean variance)), relative to the case's highest prescription. Written into the card."""
+    samples' mean's squared metric error leaves beyond the samples' variance, and the band factor that holds 90 %
+    of these metrics (:func:`metric_band_fit`). Written into the card."""
     from doseai.diffusion_predict import DiffusionDosePredictor
     from doseai.io import openkbp
     from doseai.paths import openkbp_root
@@ -346,7 +366,7 @@ def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, thre
     from doseai.train.export import update_card
 
     predictor = DiffusionDosePredictor(weights, threads=threads)
-    squared, variance = {kind: [] for kind in METRIC_KINDS}, {kind: [] for kind in METRIC_KINDS}
+    rows = []  # per metric: kind, clinical, the samples' mean, their variance, the base's (relative to Rx)
     patients = list(openkbp.list_patients(openkbp_root() / "train").items())[::every]
     used = 0
     for pid, path in tqdm(patients, desc="metric bands on training patients", unit="patient"):
@@ -357,20 +377,25 @@ def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, thre
         drawn = predictor.sample(samples, seed=used)
         norm = case.max_prescription
         per_sample = [openkbp_dvh_metrics(dose, case) for dose in drawn.doses]
+        base = openkbp_dvh_metrics(predictor.base.predict(), case)
         for key, clinical in openkbp_dvh_metrics(case.dose, case).items():
-            kind = f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
             values = np.array([m[key] for m in per_sample]) / norm
-            squared[kind].append((clinical / norm - values.mean()) ** 2)
-            variance[kind].append(values.var(ddof=1))
+            rows.append((f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}", clinical / norm, values.mean(),
+                         values.var(ddof=1), base[key] / norm))
         used += 1
-    metric_rms = {kind: float(np.sqrt(max(0.0, np.mean(squared[kind]) - np.mean(variance[kind]))))
-                  if squared[kind] else 0.0 for kind in METRIC_KINDS}
+    metric_rms, base_rms, factor = metric_band_fit(rows)
 
     def record(card: dict) -> None:
         card["fine_scale"]["metric_rms"] = metric_rms
+        card["fine_scale"]["metric_band_factor"] = factor
+        card["fine_scale"]["metric_rms_of_the_base"] = base_rms
         card["fine_scale"]["metric_rms_text"] = (
-            f"fitted on the case grid of {used} training patients ({samples} samples each): per DVH-metric kind, "
-            "the RMS the samples' mean misses beyond their spread (doseai.train.train_diffusion."
-            "calibrate_metric_bands), relative to the highest prescription")
+            f"fitted on the case grid of {used} training patients ({samples} samples each), per DVH-metric kind "
+            "(doseai.train.train_diffusion.calibrate_metric_bands): metric_rms, what the samples' mean's squared "
+            "metric error leaves beyond the samples' variance, relative to the highest prescription; "
+            "metric_band_factor, how much wider than the normal 5-95 % band (1.645 sd) a band must be to hold 90 % "
+            "of these patients' metrics (their errors are heavier-tailed than normal); metric_rms_of_the_base, the "
+            "same RMS for the base model's dose (not smaller than the mean's: the diffusion model has not "
+            "memorised these patients)")
     update_card(Path(weights), record)
-    return metric_rms
+    return {"metric_rms": metric_rms, "metric_band_factor": factor}
