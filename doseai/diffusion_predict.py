@@ -35,6 +35,13 @@ def base_model_of(weights: Path, card: dict | None = None) -> Path:
                                f"nor in {DEFAULT_MODEL.parent}")
 
 
+def _normal_band(mean, sd, percentiles):
+    """The (low, high) percentiles of a normal distribution around ``mean`` (arrays or numbers), clipped at 0."""
+    from statistics import NormalDist
+
+    return tuple(np.clip(mean + NormalDist().inv_cdf(p / 100.0) * sd, 0.0, None) for p in percentiles)
+
+
 @dataclass
 class DoseSamples:
     """Sampled doses of one case on its grid (Gy, 0 outside the body), with their voxel-wise summary.
@@ -58,14 +65,11 @@ class DoseSamples:
         grid; the error below that scale adds to it), clipped at 0. Without: the samples' own percentiles (with
         few samples, nearly their min and max)."""
         if fine_scale and self.fine_sigma is not None:
-            from statistics import NormalDist
-
             stack = np.stack(self.doses)
             variance = stack.var(axis=0, ddof=1) if len(self.doses) > 1 else np.zeros_like(stack[0])
             sd = np.sqrt(variance + self.fine_sigma.astype(np.float32) ** 2)
-            mean = stack.mean(axis=0)
-            low, high = (mean + NormalDist().inv_cdf(p / 100.0) * sd for p in percentiles)
-            return np.clip(low, 0.0, None).astype(np.float32), np.clip(high, 0.0, None).astype(np.float32)
+            low, high = _normal_band(stack.mean(axis=0), sd, percentiles)
+            return low.astype(np.float32), high.astype(np.float32)
         low, high = np.percentile(np.stack(self.doses), percentiles, axis=0)
         return low.astype(np.float32), high.astype(np.float32)
 
@@ -80,10 +84,7 @@ class DoseSamples:
         is their variance plus the card's fine-scale RMS of that kind of metric, widened by the card's band factor
         (fitted so that the 5-95 % band holds 90 % of training patients' metrics); without them, the samples' own
         percentiles."""
-        from statistics import NormalDist
-
-        from doseai.scoring import openkbp_dvh_metrics
-        from doseai.structures import is_target
+        from doseai.scoring import metric_kind, openkbp_dvh_metrics
 
         per_sample = [openkbp_dvh_metrics(dose, case) for dose in self.doses]
         bands = {}
@@ -92,12 +93,11 @@ class DoseSamples:
             if self.metric_rms_gy is None:
                 bands[key] = tuple(float(v) for v in np.percentile(values, percentiles))
                 continue
-            kind = f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
+            kind = metric_kind(key)
             variance = values.var(ddof=1) if len(values) > 1 else 0.0
             sd = float(np.sqrt(variance + self.metric_rms_gy.get(kind, 0.0) ** 2))
             sd *= (self.metric_band_factor or {}).get(kind, 1.0)
-            bands[key] = tuple(max(0.0, float(values.mean()) + NormalDist().inv_cdf(p / 100.0) * sd)
-                               for p in percentiles)
+            bands[key] = tuple(float(v) for v in _normal_band(float(values.mean()), sd, percentiles))
         return bands
 
     def structure_bands(self, case: PlanningCase, percentiles=BAND_PERCENTILES) -> dict:

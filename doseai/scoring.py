@@ -22,6 +22,11 @@ OAR_METRICS = ("D_0.1_cc", "mean")
 TARGET_METRICS = ("D_99", "D_95", "D_1")
 
 
+def metric_kind(key: tuple[str, str]) -> str:
+    """The kind of an OpenKBP DVH metric key, ("PTV_70", "D_99") -> "target D_99", ("Larynx", "mean") -> "OAR mean"."""
+    return f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}"
+
+
 def openkbp_dvh_metrics(dose: np.ndarray, case: PlanningCase) -> dict[tuple[str, str], float]:
     """The challenge's DVH metrics of ``dose`` for every non-empty structure of ``case`` (except External)."""
     voxel_cc = case.geometry.voxel_volume_mm3 / 1000.0

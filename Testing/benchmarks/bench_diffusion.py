@@ -32,8 +32,7 @@ from doseai.diffusion_predict import DiffusionDosePredictor
 from doseai.io import openkbp
 from doseai.paths import openkbp_root
 from doseai.predict import DEFAULT_DIFFUSION_MODEL
-from doseai.scoring import Evaluation, score_patient
-from doseai.structures import is_target
+from doseai.scoring import Evaluation, metric_kind, score_patient
 
 TIMED_SAMPLES = 4
 
@@ -55,7 +54,7 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
     patients = list(openkbp.list_patients(openkbp_root() / "validation").items())[:limit]
     base_eval, mean4_eval, mean_eval, single_eval = Evaluation(), Evaluation(), Evaluation(), Evaluation()
     voxel_inside, metric_inside, band_width, wide_error, narrow_error = [], [], [], [], []
-    samples_only_inside, samples_only_width, metric_kind = [], [], []
+    samples_only_inside, samples_only_width, metric_kinds = [], [], []
     case_s, sampling_s = [], []
     for pid, path in tqdm(patients, desc="validation patients", unit="patient"):
         case = openkbp.load_npz(path)
@@ -87,7 +86,7 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
         narrow_error.append(narrow)
         for key, (lo, hi) in drawn.metric_bands(case).items():
             metric_inside.append(bool(lo <= reference_metrics[key] <= hi))
-            metric_kind.append(f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}")
+            metric_kinds.append(metric_kind(key))
 
     def scores(evaluation: Evaluation) -> dict:
         return {"dose_score_gy": evaluation.dose_score, "dvh_score_gy": evaluation.dvh_score}
@@ -109,8 +108,8 @@ def run(weights: Path, limit: int | None, samples: int, threads: int | None, ste
                         "dvh_metrics_inside_fraction": float(np.mean(metric_inside)),
                         "dvh_metrics": len(metric_inside),
                         "dvh_metrics_inside_by_kind": {
-                            kind: float(np.mean([i for i, k in zip(metric_inside, metric_kind) if k == kind]))
-                            for kind in sorted(set(metric_kind))},
+                            kind: float(np.mean([i for i, k in zip(metric_inside, metric_kinds) if k == kind]))
+                            for kind in sorted(set(metric_kinds))},
                         "median_band_width_gy": float(np.median(band_width)),
                         "base_error_in_widest_tenth_gy": float(np.mean(wide_error)),
                         "base_error_in_narrowest_tenth_gy": float(np.mean(narrow_error)),

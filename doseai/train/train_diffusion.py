@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from doseai.errors import DoseAIError
 from doseai.models.diffusion import (BODY, CHANNELS, OAR_CHANNELS, SITES, TARGET, ResidualDiffusionNet,
-                                     coarse, condition_inputs, config_with_defaults, fine, predicted_sample,
-                                     schedulers)
+                                     coarse, condition_inputs, config_with_defaults, dose_gradient, fine,
+                                     predicted_sample, schedulers)
 from doseai.models.features import GridSpec, mirror_order
 from doseai.paths import cache_root
 from doseai.train.loop import TrainingConfig, open_run, start_run
@@ -238,8 +238,6 @@ def fit_fine_scale(folder: Path, spacing_zyx, pool_zyx, every: int = 2) -> dict:
         residual = torch.from_numpy(clinical - base)[None, None]
         fine_part = (residual - fine(coarse(residual, pool_zyx), residual.shape[2:]))[0, 0].numpy()
         where = (base > 0.01) | (clinical > 0)
-        from doseai.models.diffusion import dose_gradient
-
         gradients.append(dose_gradient(base, spacing_zyx)[where])
         levels.append(base[where])
         fine_parts.append(fine_part[where])
@@ -361,8 +359,7 @@ def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, thre
     from doseai.diffusion_predict import DiffusionDosePredictor
     from doseai.io import openkbp
     from doseai.paths import openkbp_root
-    from doseai.scoring import openkbp_dvh_metrics
-    from doseai.structures import is_target
+    from doseai.scoring import metric_kind, openkbp_dvh_metrics
     from doseai.train.export import update_card
 
     predictor = DiffusionDosePredictor(weights, threads=threads)
@@ -380,7 +377,7 @@ def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, thre
         base = openkbp_dvh_metrics(predictor.base.predict(), case)
         for key, clinical in openkbp_dvh_metrics(case.dose, case).items():
             values = np.array([m[key] for m in per_sample]) / norm
-            rows.append((f"{'target' if is_target(key[0]) else 'OAR'} {key[1]}", clinical / norm, values.mean(),
+            rows.append((metric_kind(key), clinical / norm, values.mean(),
                          values.var(ddof=1), base[key] / norm))
         used += 1
     metric_rms, base_rms, factor = metric_band_fit(rows)
@@ -394,8 +391,8 @@ def calibrate_metric_bands(weights: Path, every: int = 5, samples: int = 8, thre
             "(doseai.train.train_diffusion.calibrate_metric_bands): metric_rms, what the samples' mean's squared "
             "metric error leaves beyond the samples' variance, relative to the highest prescription; "
             "metric_band_factor, how much wider than the normal 5-95 % band (1.645 sd) a band must be to hold 90 % "
-            "of these patients' metrics (their errors are heavier-tailed than normal); metric_rms_of_the_base, the "
-            "same RMS for the base model's dose (not smaller than the mean's: the diffusion model has not "
-            "memorised these patients)")
+            "of these patients' metrics (at least 1); metric_rms_of_the_base, the same RMS for the base model's "
+            "dose (were the mean's error smaller than the base's, the diffusion model would have memorised these "
+            "patients)")
     update_card(Path(weights), record)
     return {"metric_rms": metric_rms, "metric_band_factor": factor}
