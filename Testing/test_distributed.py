@@ -31,6 +31,9 @@ WORLD = 2
 # the accumulated sum does), but the prior takes a step's patients as one batch, whose convolutions and codebook
 # statistics sum in another order than two processes: rounding that the steps carry on.
 TOLERANCE = 1e-5
+# Both sides train in fp32: with precision "auto" a CPU with bf16 units times a forward each way, and the single
+# process and the two processes could pick differently (a prior off by 7e-2 on such a CPU).
+PRECISION = "fp32"
 TIME_LIMIT_S = 240  # for the spawned processes (a missed collective would otherwise wait for gloo's 30 min)
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this torch build")
@@ -83,9 +86,10 @@ def _train_prior(accumulate: int) -> Path:
     from doseai.paths import cache_root
     from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 
-    train_dose_prior(TINY, PriorTrainingConfig(run_name="prior", epochs=1, threads=1, accumulate=accumulate))
+    train_dose_prior(TINY, PriorTrainingConfig(run_name="prior", epochs=1, threads=1, accumulate=accumulate,
+                                               precision=PRECISION))
     assert main(["train", "prior", "--run-name", "prior", "--epochs", "2", "--threads", "1",
-                 "--accumulate", str(accumulate)]) == 0
+                 "--accumulate", str(accumulate), "--precision", PRECISION]) == 0
     return cache_root() / "runs" / "prior" / "last.pt"
 
 
@@ -99,7 +103,7 @@ def _train_others(accumulate: int, with_dvh: bool, prior: Path) -> dict[str, Pat
 
     paths = {"preference": train_preference(TINY, prior, PreferenceTrainingConfig(
         run_name="preference", epochs=1, threads=1, accumulate=accumulate, rotate_deg=10.0, scale=0.05,
-        neutral_fraction=0.5, metric_weight=0.5))}
+        neutral_fraction=0.5, metric_weight=0.5, precision=PRECISION))}
     if with_dvh:
         paths["dvh"] = train_dvh(TINY, "tiny", DEFAULT_MODEL, DVHTrainingConfig(
             run_name="dvh", epochs=1, threads=1, accumulate=accumulate, pair_weight=1.0, mean_offset=True))
@@ -224,6 +228,19 @@ def test_step_positions_follow_the_distributed_sampler_rule():
         step_positions(4, 0)
 
 
+def test_a_fixed_precision_is_kept_without_timing(monkeypatch):
+    from doseai.train import loop
+    from doseai.train.train_prior import PriorTrainingConfig
+
+    timed = []
+    monkeypatch.setattr(loop, "bf16_is_faster", lambda *args: timed.append(args) or True)
+    cpu, example = torch.device("cpu"), torch.zeros(1)
+    assert loop.choose_bf16(PriorTrainingConfig(precision="fp32"), None, example, cpu) is False
+    assert loop.choose_bf16(PriorTrainingConfig(precision="bf16"), None, example, cpu) is True
+    assert timed == []
+    assert loop.choose_bf16(PriorTrainingConfig(), None, example, cpu) is True and len(timed) == 1
+
+
 def test_learning_rate_rule_and_batch_options(monkeypatch, tmp_path):
     from doseai.cli import main
     from doseai.train.loop import batch_record, patients_per_step, step_learning_rate
@@ -239,11 +256,15 @@ def test_learning_rate_rule_and_batch_options(monkeypatch, tmp_path):
         PriorTrainingConfig(accumulate=0)
     with pytest.raises(DoseAIError, match="lr_scaling"):
         PriorTrainingConfig(lr_scaling="cubic")
+    with pytest.raises(DoseAIError, match="precision"):
+        PriorTrainingConfig(precision="fp16")
 
     configs = []
     monkeypatch.setattr("doseai.train.train_prior.train_dose_prior",
                         lambda spec, config: configs.append(config) or tmp_path / "last.pt")
-    assert main(["train", "prior", "--run", "r", "--accumulate", "3", "--lr-scaling", "linear"]) == 0
+    assert main(["train", "prior", "--run", "r", "--accumulate", "3", "--lr-scaling", "linear",
+                 "--precision", "fp32"]) == 0
     assert main(["train", "prior", "--run", "r"]) == 0
-    assert [(c.accumulate, c.lr_scaling) for c in configs] == [(3, "linear"), (1, "none")]
+    assert [(c.accumulate, c.lr_scaling, c.precision) for c in configs] == [(3, "linear", "fp32"),
+                                                                           (1, "none", "auto")]
     assert main(["train", "prior", "--run", "r", "--accumulate", "0"]) == 2 and len(configs) == 2

@@ -19,8 +19,8 @@ RUN_HELP = "run name (checkpoints in <cache>/runs/<run>); under torchrun spell i
 
 
 def add_batch_options(stage) -> None:
-    """``--accumulate`` and ``--lr-scaling``: the patients of an optimizer step and how the learning rate
-    follows them (see doseai.train.loop.TrainingConfig)."""
+    """``--accumulate``, ``--lr-scaling`` and ``--precision``: the patients of an optimizer step, how the
+    learning rate follows them, and the precision (see doseai.train.loop.TrainingConfig)."""
     stage.add_argument("--accumulate", type=int, default=1,
                        help="patients per optimizer step in each process (gradient accumulation; the prior takes "
                             "them as one batch). A step covers accumulate x processes patients, so an epoch takes "
@@ -28,6 +28,9 @@ def add_batch_options(stage) -> None:
     stage.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none",
                        help="learning rate per step: as --lr whatever the patients per step (none, the default), "
                             "or --lr x their number (linear) or x its square root (sqrt)")
+    stage.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="training precision: auto (the default) times a forward with and without bf16 autocast "
+                            "and keeps the faster; fp32 or bf16 fix it, e.g. so that two runs can be compared")
 
 
 def add_parser(sub) -> None:
@@ -194,7 +197,7 @@ def add_parser(sub) -> None:
 def _train(args) -> Path:
     """Run the training stage ``args.stage`` (one of TRAINING_STAGES); its last checkpoint."""
     from doseai.models.features import DEFAULT_GRID as spec
-    batch = {"accumulate": args.accumulate, "lr_scaling": args.lr_scaling}
+    batch = {"accumulate": args.accumulate, "lr_scaling": args.lr_scaling, "precision": args.precision}
     if args.stage == "prior":
         from doseai.train.train_prior import PriorTrainingConfig, train_dose_prior
 

@@ -21,6 +21,7 @@ from doseai.safe_load import load_checkpoint, plain
 from doseai.train.distributed import init_from_environment, is_main_process, main_print, world_size
 
 LR_SCALINGS = ("none", "linear", "sqrt")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,12 +44,17 @@ class TrainingConfig:
     threads: int | None = None  # torch's CPU threads (None: torch's default)
     accumulate: int = 1  # patients per optimizer step in each process
     lr_scaling: str = "none"  # one of LR_SCALINGS: how the learning rate follows the patients per step
+    # one of PRECISIONS: "auto" times a forward with and without bf16 autocast (see bf16_is_faster), so two runs
+    # on a CPU with bf16 units may train in different precisions; "fp32" / "bf16" fix it (e.g. to compare runs)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.accumulate < 1:
             raise DoseAIError(f"accumulate must be at least 1 patient per step, got {self.accumulate}")
         if self.lr_scaling not in LR_SCALINGS:
             raise DoseAIError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        if self.precision not in PRECISIONS:
+            raise DoseAIError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def patients_per_step(config: TrainingConfig) -> int:
@@ -110,6 +116,16 @@ def bf16_is_faster(forward, example: torch.Tensor, device: torch.device) -> bool
                 forward(example)
             timings[use_bf16] = time.perf_counter() - start
     return timings[True] < 0.8 * timings[False]
+
+
+def choose_bf16(config: TrainingConfig, forward, example: torch.Tensor, device: torch.device) -> bool:
+    """Whether the run trains under bf16 autocast: as ``config.precision`` says, timed when it is "auto" (the
+    caller broadcasts the answer, so that every process trains in rank 0's precision)."""
+    if config.precision == "auto":
+        return bf16_is_faster(forward, example, device)
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DoseAIError("precision bf16 was asked for, but this GPU does not support bf16; use fp32 or auto")
+    return config.precision == "bf16"
 
 
 def autocast(device: torch.device, enabled: bool):

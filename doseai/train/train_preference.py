@@ -38,7 +38,7 @@ from doseai.safe_load import load_checkpoint, load_state_dict_file
 from doseai.train.dataset import load_split
 from doseai.train.distributed import (StepModule, backward_share, barrier, broadcast, gather, gradient_sync,
                                       is_main_process, main_print, main_process_first, step_positions, wrap)
-from doseai.train.loop import (TrainingConfig, autocast, batch_record, bf16_is_faster, open_run, start_run,
+from doseai.train.loop import (TrainingConfig, autocast, batch_record, choose_bf16, open_run, start_run,
                                step_learning_rate)
 from doseai.train.preference_loss import (
     DEFAULT_SEMANTICS,
@@ -294,8 +294,8 @@ def train_preference(spec: GridSpec, prior_checkpoint: Path | None,
     train_features = torch.from_numpy(train.features).to(torch_device)
     train_doses = torch.from_numpy(train.doses).to(torch_device)
     example = train_features[:1].float()
-    use_bf16 = broadcast(bf16_is_faster(lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example,
-                                        torch_device))  # one precision for every process
+    use_bf16 = broadcast(choose_bf16(config, lambda x: net(x, torch.zeros(1, 2, device=torch_device)), example,
+                                     torch_device))  # one precision for every process
     # the prior's encoder gets no gradient when it trains (the ablation): DDP must look for unused parameters
     step = wrap(StepModule(net, step_loss), torch_device, find_unused_parameters=not freeze_prior)
     main_print(f"{len(train.ids)} training patients ({int(np.sum(train.has_ct))} with CT), "

@@ -27,7 +27,7 @@ from doseai.models.onednn import route_convolutions_to_onednn
 from doseai.train.dataset import load_split
 from doseai.train.distributed import (barrier, broadcast, gather, is_main_process, local_codebooks,
                                       main_process_first, step_positions, wrap)
-from doseai.train.loop import (TrainingConfig, autocast, batch_record, bf16_is_faster, open_run, start_run,
+from doseai.train.loop import (TrainingConfig, autocast, batch_record, choose_bf16, open_run, start_run,
                                step_learning_rate)
 
 
@@ -90,7 +90,7 @@ def train_dose_prior(spec: GridSpec, config: PriorTrainingConfig | None = None) 
     start_epoch = checkpoints.resume(model, optimizer)
     example = torch.from_numpy(train.doses[:1].astype(np.float32)).to(torch_device)
     with local_codebooks(model):  # the timing forwards move the codebook (as they always did), alike everywhere
-        use_bf16 = broadcast(bf16_is_faster(model, example, torch_device))  # one precision for every process
+        use_bf16 = broadcast(choose_bf16(config, model, example, torch_device))  # one precision for every process
     step_model = wrap(model, torch_device)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=start_epoch - 1)
     if is_main_process():
