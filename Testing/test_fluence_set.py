@@ -58,3 +58,22 @@ def test_a_set_holds_one_record_per_patient_with_a_ct_and_resumes(sample_split, 
     influence = rebuild_influence(sample_split, record, settings)  # the weights index the same bixels
     dose = influence.dose_image(record["weights"])
     assert dose.shape == tuple(record["working_shape"]) and float(dose.max()) > 0
+
+
+def test_kept_matrices_give_the_records_objective_back_and_feed_the_learned_optimizer(sample_split, tmp_path):
+    from doseai.train.fluence_set import generate_fluence_set, load_fluence_set
+    from doseai.train.train_learned_optimizer import load_problems
+
+    kept = tmp_path / "influence"
+    folder = generate_fluence_set("tiny", settings=SETTINGS, influence_folder=kept, with_ct_less=True)
+    _, records = load_fluence_set(folder)
+    assert list(records) == ["pt_1", "pt_2"] and bool(records["pt_2"]["on_water"])  # the CT-less one on water
+    assert not bool(records["pt_1"]["on_water"]) and sorted(p.name for p in kept.iterdir()) == ["pt_1.npz", "pt_2.npz"]
+    (kept / "pt_1.npz").unlink()
+    generate_fluence_set("tiny", settings=SETTINGS, influence_folder=kept, with_ct_less=True)  # only the matrix back
+    assert (kept / "pt_1.npz").is_file()
+    problems = load_problems(folder, kept)  # checks each record's objective against its rebuilt problem
+    assert [p.patient_id for p in problems] == ["pt_1", "pt_2"]
+    for problem, record in zip(problems, records.values()):
+        assert problem.reference_value == pytest.approx(float(record["objective_history"][-1]), rel=1e-3)
+        assert problem.reference_value < float(problem.objective.value(problem.uniform))

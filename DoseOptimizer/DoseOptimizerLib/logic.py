@@ -315,7 +315,8 @@ class DoseOptimizerLogic:
 
         settings = PlanSettings(mode=request.mode, engine=PLAN_ENGINE.key, n_beams=request.numberOfBeams,
                                 bixel_width_mm=request.bixelWidthMm, lateral_cutoff_mm=self.lateralCutoffMm,
-                                working_spacing_mm=self.workingSpacingMm, max_iterations=request.maxIterations)
+                                working_spacing_mm=self.workingSpacingMm, max_iterations=request.maxIterations,
+                                solver=request.optimizer)
         return case, desired, settings
 
     def _show(self, request: OptimizationRequest, targets: DisplayTargets, case, desired, plan):

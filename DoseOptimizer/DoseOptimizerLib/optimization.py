@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from doseai.mrml.plots import DVHResult
 
 MODES = ("mimic", "objectives")  # doseai.optimize.plan.MODES (not imported here: it needs torch)
+OPTIMIZERS = ("lbfgsb", "adam", "learned")  # doseai.optimize.fluence_solvers.SOLVERS (same reason)
 
 Progress = Callable[[str, int], None]  # (what is being done, percent done)
 
@@ -22,7 +23,8 @@ class OptimizationRequest:
     """What :meth:`DoseOptimizerLogic.run` plans for: the CT, segmentation and desired dose nodes, the mode
     ("mimic" or "objectives"), the beams (number, bixel width in mm), the iteration limit, and how segments
     map to structures (``overrides``: segment name -> canonical name or None; ``prescriptions``: target
-    name -> Gy, for targets whose names hold none)."""
+    name -> Gy, for targets whose names hold none). ``optimizer``: "lbfgsb", "adam" or "learned" (the LSTM
+    learned optimizer; with it ``maxIterations`` is its number of steps, 30 as trained)."""
 
     ctNode: object
     segNode: object
@@ -33,16 +35,19 @@ class OptimizationRequest:
     maxIterations: int = 300
     overrides: Mapping[str, str | None] | None = None
     prescriptions: Mapping[str, float] | None = None
+    optimizer: str = "lbfgsb"
 
     def __post_init__(self) -> None:
         self.numberOfBeams, self.bixelWidthMm = int(self.numberOfBeams), float(self.bixelWidthMm)
         self.maxIterations = int(self.maxIterations)
 
     def modeProblem(self) -> str:
-        """Why :attr:`mode` is not one the optimizer knows (a sentence), or ""."""
-        if self.mode in MODES:
-            return ""
-        return f"Unknown optimization mode '{self.mode}': choose one of {', '.join(MODES)}"
+        """Why :attr:`mode` or :attr:`optimizer` is not one the optimizer knows (a sentence), or ""."""
+        if self.mode not in MODES:
+            return f"Unknown optimization mode '{self.mode}': choose one of {', '.join(MODES)}"
+        if self.optimizer not in OPTIMIZERS:
+            return f"Unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
+        return ""
 
 
 @dataclass

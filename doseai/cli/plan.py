@@ -26,7 +26,12 @@ def add_parsers(sub) -> None:
     optimize.add_argument("--lateral-cutoff-mm", type=float, default=50.0,
                           help="pyRadPlan's lateral cut-off around each bixel (default: %(default)s mm)")
     optimize.add_argument("--smoothness", type=float, default=0.0, help="fluence smoothness weight")
-    optimize.add_argument("--max-iterations", type=int, default=300)
+    optimize.add_argument("--optimizer", default="lbfgsb", choices=["lbfgsb", "adam", "learned"],
+                          help="L-BFGS-B (the default), projected Adam, or the learned LSTM optimizer (its trained "
+                               "number of steps from the uniform start; it does not yet reach L-BFGS-B's objective, "
+                               "see Docs/LearnedPlanning.md)")
+    optimize.add_argument("--max-iterations", type=int,
+                          help="iterations (default: 300; for --optimizer learned the steps it was trained for)")
     add_force(optimize)
 
     objectives = sub.add_parser("objectives", help="DVH objectives derived from a dose, as JSON and CSV for a TPS")
@@ -42,11 +47,18 @@ def run_optimize(args) -> int:
 
     out = check_output_folder(args.out, PLAN_FILES, args.force, "--out")  # before the minutes of work
     case, desired = case_and_desired_dose(args)
+    iterations = args.max_iterations
+    if iterations is None:
+        iterations = 300
+        if args.optimizer == "learned":
+            from doseai.optimize.learned import load_learned_optimizer
+
+            iterations = int(load_learned_optimizer()[1]["steps"])
     settings = PlanSettings(mode=args.mode, engine=args.engine, n_beams=args.beams, bixel_width_mm=args.bixel_mm,
                             lateral_cutoff_mm=args.lateral_cutoff_mm, smoothness=args.smoothness,
-                            max_iterations=args.max_iterations)
+                            max_iterations=iterations, solver=args.optimizer)
     print(f"{case.patient_id}: {args.beams} beams, {args.bixel_mm:g} mm bixels, engine {args.engine}, "
-          f"mode {args.mode}", file=sys.stderr)
+          f"mode {args.mode}, optimizer {args.optimizer}", file=sys.stderr)
     plan = plan_from_dose(case, desired, settings)
     write_plan(plan, case, desired, out, force=args.force)
     print(plan.summary())

@@ -99,6 +99,23 @@ def add_parser(sub) -> None:
     fluence.add_argument("--iterations", type=int, default=300, help="L-BFGS-B iterations (default: %(default)s)")
     fluence.add_argument("--shard", default="0/1", help="K/N: every N-th patient from the K-th, to run N processes")
     fluence.add_argument("--out", help="the folder of the records (default: <cache>/fluence_set/<run>/<split>)")
+    fluence.add_argument("--keep-influence", metavar="DIR",
+                         help="keep each patient's influence matrix in DIR too (tens of MB each; for training the "
+                              "learned optimizer without recomputing them)")
+    fluence.add_argument("--with-ct-less", action="store_true",
+                         help="plan the patients without a CT too, on water inside the body")
+    learned = train_sub.add_parser("learned-optimizer", help="the LSTM learned fluence optimizer, unrolled on the "
+                                                             "training patients' mimicking problems (resumable)")
+    learned.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>)")
+    learned.add_argument("--fluence-set", required=True, help="a training fluence set (doseai train fluence-set)")
+    learned.add_argument("--influence", required=True, help="its kept influence matrices (--keep-influence)")
+    learned.add_argument("--epochs", type=int, default=30)
+    learned.add_argument("--lr", type=float, default=3e-3)
+    learned.add_argument("--steps", type=int, default=30, help="updates per unroll (default: %(default)s)")
+    learned.add_argument("--patients", type=int, default=40,
+                         help="at most this many training patients, ~0.3 GB of memory each (default: %(default)s)")
+    learned.add_argument("--threads", type=int)
+    learned.add_argument("--export", metavar="PT", help="after training, write the weights and card here")
     dvh = train_sub.add_parser("dvh", help="the DVH-conditioned network on generated Pareto plans (resumable)")
     dvh.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
     dvh.add_argument("--pareto-run", required=True, help="the `doseai train pareto --run` whose plans to learn from")
@@ -321,7 +338,18 @@ def run(args) -> int:
         settings = PlanSettings(mode="mimic", n_beams=args.beams, bixel_width_mm=args.bixel_mm,
                                 max_iterations=args.iterations)
         path = generate_fluence_set(args.run, args.split, settings, args.limit,
-                                    tuple(int(part) for part in args.shard.split("/")), args.out)
+                                    tuple(int(part) for part in args.shard.split("/")), args.out,
+                                    Path(args.keep_influence) if args.keep_influence else None, args.with_ct_less)
+    elif args.stage == "learned-optimizer":
+        from doseai.train.train_learned_optimizer import (
+            LearnedOptimizerConfig, export_learned_optimizer, train_learned_optimizer,
+        )
+
+        path = train_learned_optimizer(Path(args.fluence_set), Path(args.influence), LearnedOptimizerConfig(
+            run_name=args.run, epochs=args.epochs, learning_rate=args.lr, steps=args.steps, patients=args.patients,
+            threads=args.threads))
+        if args.export:
+            path = export_learned_optimizer(path, Path(args.export))
     else:
         from doseai.train.export import export_model
 

@@ -11,7 +11,8 @@ with exact row screening) and runs one of :data:`SOLVERS` (:mod:`~doseai.optimiz
 ``"lbfgsb"`` (scipy's L-BFGS-B; torch computes value and gradient, on CPU or CUDA) or ``"adam"``
 (projected Adam, all on the device: the choice for CUDA when host round trips matter). Both stop when the
 best objective improved by less than ``tolerance`` (relative) over the last ``patience`` iterations, or
-after ``max_iterations``.
+after ``max_iterations``. ``"learned"``: the shipped learned optimizer (:mod:`~doseai.optimize.learned`)
+takes ``max_iterations`` steps (its card says how many it was trained for).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def optimize_fluence(
     precondition: bool = True,
     screening: bool = True,
     threads: int | None = None,
+    learned_network=None,
 ) -> FluenceResult:
     """Optimize non-negative bixel weights of ``influence`` for ``objectives`` (see the module docstring).
 
@@ -111,7 +113,7 @@ def optimize_fluence(
     L-BFGS-B corrections; ``precondition``: diagonal rescaling of the weights for L-BFGS-B; ``screening``:
     skip rows that provably add nothing. Initial weights (unless given): uniform, scaled so that the mean
     target dose equals the prescription (:func:`uniform_initial_weights`). ``threads``: torch CPU threads
-    for the call.
+    for the call. ``learned_network``: the learned optimizer's network (default: the shipped one).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -125,7 +127,7 @@ def optimize_fluence(
         _check_voxels(influence, terms)
         n_bixels = int(influence.matrix.shape[1])
         uniform = None
-        if initial_weights is None or smoothness > 0:
+        if initial_weights is None or smoothness > 0 or solver == "learned":
             uniform = uniform_initial_weights(influence, terms, prescription_gy, target_voxels)
         if initial_weights is not None:
             w0 = torch.as_tensor(np.asarray(initial_weights, np.float32) if isinstance(initial_weights, np.ndarray)
@@ -146,9 +148,14 @@ def optimize_fluence(
                 scaling = problem.diagonal_scaling() if precondition else torch.ones(n_bixels, device=problem.device)
                 weights, history, iterations, reason = run_lbfgsb(problem, w0, scaling, max_iterations, tolerance,
                                                                    patience, memory, bar, clock)
-            else:
+            elif solver == "adam":
                 weights, history, iterations, reason = run_adam(problem, w0, max_iterations, tolerance, patience,
                                                                  learning_rate, bar, clock)
+            else:
+                from doseai.optimize.learned import run_learned
+
+                weights, history, iterations, reason = run_learned(problem, w0, float(uniform[0]), max_iterations,
+                                                                    bar, clock, learned_network)
         finally:
             bar.close()
         solve = time.perf_counter() - start - setup

@@ -230,8 +230,17 @@ class FluenceObjective:
         return sum(t["weighted"] for t in self.term_values(weights)) + self.smoothness_value(weights)
 
     def diagonal_scaling(self) -> torch.Tensor:
-        """s_j = 1/sqrt(H_jj), H = A^T diag(c) A with c_i = sum of 2 priority_t / n_t over the terms of row i
-        (the Gauss-Newton Hessian with every term active), normalised to mean 1."""
+        """s_j = 1/sqrt(H_jj) (:meth:`gauss_newton_diagonal`), normalised to mean 1."""
+        diagonal = self.gauss_newton_diagonal()
+        top = float(diagonal.max())
+        if not top > 0:
+            return torch.ones(self.n_bixels, device=self.device)
+        scaling = 1.0 / diagonal.clamp(min=top * 1e-6).sqrt()
+        return (scaling / scaling.mean()).float()
+
+    def gauss_newton_diagonal(self) -> torch.Tensor:
+        """H_jj (float64, n_bixels) of H = A^T diag(c) A with c_i = sum of 2 priority_t / n_t over the terms of
+        row i (the Gauss-Newton Hessian with every term active), plus the smoothness term's diagonal."""
         weight = torch.zeros(self.rows.numel(), device=self.device)
         for term, local, priority in zip(self.terms, self.local, self.priorities):
             weight.index_add_(0, local, torch.full((local.numel(),), 2.0 * priority / local.numel(),
@@ -246,8 +255,4 @@ class FluenceObjective:
             per_pair = 2.0 * self.smoothness / (scale**2 * self.pairs.shape[0])
             diagonal.index_add_(0, self.pairs.reshape(-1),
                                 torch.full((self.pairs.numel(),), per_pair, dtype=torch.float64, device=self.device))
-        top = float(diagonal.max())
-        if not top > 0:
-            return torch.ones(self.n_bixels, device=self.device)
-        scaling = 1.0 / diagonal.clamp(min=top * 1e-6).sqrt()
-        return (scaling / scaling.mean()).float()
+        return diagonal

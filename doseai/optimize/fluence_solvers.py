@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 Outcome = tuple[torch.Tensor, list[float], int, str]  # best weights, objective history, iterations, stop reason
 
-SOLVERS = ("lbfgsb", "adam")
+SOLVERS = ("lbfgsb", "adam", "learned")  # learned: doseai.optimize.learned
 
 
 class Stopper:

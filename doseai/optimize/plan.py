@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,11 @@ from doseai.optimize.from_dose import (
     FromDoseRules, PlanObjective, mimicking_terms, objectives_from_dose, objectives_to_terms,
 )
 from doseai.resample import resample_to
+
+if TYPE_CHECKING:
+    import torch
+
+    from doseai.optimize.fluence_objective import FluenceObjective
 
 MODES = ("mimic", "objectives")
 
@@ -108,17 +114,7 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
         raise GeometryMismatchError("the influence matrix was computed on another working grid than this case's")
 
     start = time.perf_counter()
-    masks = dict(work.structures)
-    body = body_mask(work)
-    if body is not None:
-        masks["External"] = body
-    objectives: list[PlanObjective] = []
-    if settings.mode == "mimic":
-        desired_work = np.clip(resample_to(desired, case.geometry, work.geometry, "linear"), 0, None)
-        terms = mimicking_terms(desired_work, masks, case.prescriptions)
-    else:  # DVH points read on the case grid, where the desired dose was made
-        objectives = objectives_from_dose(desired, case.structures, case.prescriptions, settings.rules)
-        terms = objectives_to_terms(objectives, masks)
+    terms, objectives = plan_terms(case, desired, settings, work)
     timings["objectives_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -133,6 +129,47 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
                       fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
                       objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings,
                       jaws_mm=influence.jaws_mm(fluence.weights))
+
+
+def plan_terms(case: PlanningCase, desired: np.ndarray, settings: PlanSettings,
+               work: PlanningCase) -> tuple[list, list[PlanObjective]]:
+    """The optimizer's objective terms on the working grid of ``work`` for a plan toward ``desired`` (Gy, case
+    grid), and the TPS objectives they come from (empty when mimicking)."""
+    masks = dict(work.structures)
+    body = body_mask(work)
+    if body is not None:
+        masks["External"] = body
+    if settings.mode == "mimic":
+        desired_work = np.clip(resample_to(desired, case.geometry, work.geometry, "linear"), 0, None)
+        return mimicking_terms(desired_work, masks, case.prescriptions), []
+    # DVH points read on the case grid, where the desired dose was made
+    objectives = objectives_from_dose(desired, case.structures, case.prescriptions, settings.rules)
+    return objectives_to_terms(objectives, masks), objectives
+
+
+@dataclass
+class PlanProblem:
+    """A plan's optimization problem as the optimizers see it: the objective (value and gradient in the bixel
+    weights), the uniform starting weights (mean target dose at the prescription), the working-grid case."""
+
+    objective: FluenceObjective
+    uniform: torch.Tensor
+    work: PlanningCase
+
+
+def plan_problem(case: PlanningCase, desired: np.ndarray, settings: PlanSettings,
+                 influence: DoseInfluence) -> PlanProblem:
+    """The problem :func:`plan_from_dose` hands its optimizer, for learned optimizers and benchmarks that run
+    several optimizers on one influence matrix."""
+    from doseai.optimize.fluence import FluenceObjective, uniform_initial_weights
+
+    work = make_engine(settings).working_case(case)
+    terms, _ = plan_terms(case, validate_dose(np.asarray(desired, np.float32), "desired dose"), settings, work)
+    top = max(case.prescriptions, key=case.prescriptions.get)
+    uniform = uniform_initial_weights(influence, terms, case.prescriptions[top],
+                                      np.flatnonzero(work.structures[top].ravel()))
+    return PlanProblem(FluenceObjective(influence, terms, settings.smoothness, weight_scale=float(uniform[0])),
+                       uniform, work)
 
 
 def case_dose(working_dose: np.ndarray, work: PlanningCase, case: PlanningCase) -> np.ndarray:

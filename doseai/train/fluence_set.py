@@ -47,8 +47,51 @@ def settings_from_record(record: dict) -> PlanSettings:
     return PlanSettings(**values)
 
 
-def mimicking_plan_record(case, settings: PlanSettings) -> dict[str, np.ndarray]:
-    """Plan ``case`` to mimic its clinical dose; the arrays of one patient's record."""
+def save_influence(path: Path, influence) -> None:
+    """An influence matrix (float32 CSR) and its bixel layout in one ``.npz``, written atomically: the learned
+    planner trains on many patients' matrices, which take ~20 s each to recompute."""
+    import scipy.sparse
+
+    matrix = influence.matrix.cpu()
+    csr = scipy.sparse.csr_matrix((matrix.values().numpy(), matrix.col_indices().numpy(),
+                                   matrix.crow_indices().numpy()), shape=tuple(matrix.shape))
+    partial = Path(path).with_suffix(".tmp.npz")
+    np.savez(partial, data=csr.data, indices=csr.indices, indptr=csr.indptr, shape=np.array(csr.shape),
+             bixel_beam=influence.bixel_beam, bixel_position_mm=influence.bixel_position_mm)
+    partial.rename(path)
+
+
+def load_influence(path: Path, case, record: dict, settings: PlanSettings):
+    """The influence matrix :func:`save_influence` wrote for ``record``'s plan of ``case`` (checked against the
+    record's bixel layout and the engine's working grid)."""
+    import scipy.sparse
+
+    from doseai.engine.influence import DoseInfluence, torch_csr_from_scipy
+    from doseai.optimize.plan import make_engine
+
+    with np.load(path) as saved:
+        csr = scipy.sparse.csr_matrix((saved["data"], saved["indices"], saved["indptr"]), shape=tuple(saved["shape"]))
+        bixel_beam, position = saved["bixel_beam"], saved["bixel_position_mm"]
+    if not (np.array_equal(bixel_beam, record["bixel_beam"]) and np.allclose(position, record["bixel_position_mm"])):
+        raise DoseAIError(f"{path} holds another plan's bixels than its record; delete it to recompute it")
+    engine = make_engine(settings)
+    return DoseInfluence(torch_csr_from_scipy(csr), engine.working_case(case).geometry, record_beams(record),
+                         bixel_beam, position, settings.engine)
+
+
+def record_beams(record: dict):
+    """The beam set of a record."""
+    from doseai.engine.influence import BeamSet
+
+    return BeamSet(tuple(float(a) for a in record["gantry_angles_deg"]),
+                   tuple(float(v) for v in record["isocenter_lps_mm"]),
+                   tuple(float(a) for a in record["couch_angles_deg"]), float(record["energy_mv"]),
+                   float(record["bixel_width_mm"]))
+
+
+def mimicking_plan_record(case, settings: PlanSettings, influence_path: Path | None = None) -> dict[str, np.ndarray]:
+    """Plan ``case`` to mimic its clinical dose; the arrays of one patient's record (and its influence matrix
+    in ``influence_path`` when given)."""
     from doseai.engine.beams import default_beams
     from doseai.optimize.plan import make_engine, plan_from_dose
     from doseai.scoring import score_patient
@@ -57,6 +100,8 @@ def mimicking_plan_record(case, settings: PlanSettings) -> dict[str, np.ndarray]
     beams = default_beams(case, n_beams=settings.n_beams, bixel_width_mm=settings.bixel_width_mm)
     influence = make_engine(settings).compute(case, beams, progress=False)
     engine_s = time.perf_counter() - start
+    if influence_path is not None:
+        save_influence(influence_path, influence)
     plan = plan_from_dose(case, case.dose, settings, beams=beams, influence=influence, progress=False)
     score = score_patient(case, plan.dose)
     fluence = plan.fluence
@@ -73,7 +118,7 @@ def mimicking_plan_record(case, settings: PlanSettings) -> dict[str, np.ndarray]
         "dose_score_gy": np.float32(score.dose_score),
         "dvh_score_gy": np.float32(np.mean(list(score.dvh_errors.values())) if score.dvh_errors else np.nan),
         "engine_s": np.float32(engine_s), "optimize_s": np.float32(plan.timings_s["optimize_s"]),
-        "working_shape": np.array(influence.geometry.shape, np.int32),
+        "working_shape": np.array(influence.geometry.shape, np.int32), "on_water": np.bool_(case.ct is None),
     }
 
 
@@ -91,10 +136,15 @@ def _check_settings(folder: Path, settings: PlanSettings) -> None:
 
 
 def generate_fluence_set(run_name: str, split: str = "train", settings: PlanSettings | None = None,
-                         limit: int | None = None, shard: tuple[int, int] = (0, 1), folder: Path | None = None) -> Path:
+                         limit: int | None = None, shard: tuple[int, int] = (0, 1), folder: Path | None = None,
+                         influence_folder: Path | None = None, with_ct_less: bool = False) -> Path:
     """The mimicking plans of an OpenKBP split's patients with a CT, one record per patient under ``folder``
-    (default :func:`fluence_set_folder`; e.g. ``data/fluence_set/...`` to keep it in the repository); returns it. Resumable; a patient whose plan fails (the engine's error) is
-    skipped with the reason in ``<id>.failed.txt``. ``shard`` (k, n): every n-th patient from the k-th."""
+    (default :func:`fluence_set_folder`; e.g. ``data/fluence_set/...`` to keep it in the repository); returns
+    it. Resumable; a patient whose plan fails (the engine's error) is skipped with the reason in
+    ``<id>.failed.txt``. ``shard`` (k, n): every n-th patient from the k-th. ``influence_folder``: keep each
+    patient's influence matrix there too (tens of MB each: a cache folder, never the repository).
+    ``with_ct_less``: plan the patients without a CT too, on water inside the body (as the engine does for
+    them; their records say ``on_water``); otherwise they are left out."""
     from tqdm import tqdm
 
     from doseai.io import openkbp
@@ -106,17 +156,24 @@ def generate_fluence_set(run_name: str, split: str = "train", settings: PlanSett
     folder = Path(folder) if folder is not None else fluence_set_folder(run_name, split)
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, settings)
+    if influence_folder is not None:
+        Path(influence_folder).mkdir(parents=True, exist_ok=True)
     index, count = shard
     patients = list(openkbp.list_patients(openkbp_root() / split).items())[:limit][index::count]
     for pid, path in tqdm(patients, desc="mimicking plans", unit="patient"):
         target, failure = folder / f"{pid}.npz", folder / f"{pid}.failed.txt"
-        if target.exists() or failure.exists():
+        kept = Path(influence_folder) / f"{pid}.npz" if influence_folder is not None else None
+        if failure.exists() or (target.exists() and (kept is None or kept.exists())):
             continue
         case = openkbp.load_npz(path)
-        if case.ct is None or case.dose is None:
-            continue  # the engine needs densities, the plan a clinical dose to mimic
+        if case.dose is None or (case.ct is None and not with_ct_less):
+            continue  # the plan needs a clinical dose to mimic, the engine densities (or water, when asked)
+        if target.exists():  # the record is there, its matrix was not kept: recompute only that
+            with np.load(target) as data:
+                save_influence(kept, rebuild_influence(case, {k: data[k] for k in data.files}, settings))
+            continue
         try:
-            record = mimicking_plan_record(case, settings)
+            record = mimicking_plan_record(case, settings, kept)
         except Exception as error:  # noqa: BLE001 - one patient's engine failure must not end a run of hours
             failure.write_text(f"{type(error).__name__}: {error}\n")
             tqdm.write(f"{pid}: skipped ({type(error).__name__}: {error})")
@@ -144,14 +201,9 @@ def load_fluence_set(folder: Path) -> tuple[PlanSettings, dict[str, dict[str, np
 def rebuild_influence(case, record: dict, settings: PlanSettings):
     """The influence matrix of a record's plan, recomputed from the case's CT with the record's beams (its bixel
     layout is checked against the record's, so the weights index the same bixels)."""
-    from doseai.engine.influence import BeamSet
     from doseai.optimize.plan import make_engine
 
-    beams = BeamSet(tuple(float(a) for a in record["gantry_angles_deg"]),
-                    tuple(float(v) for v in record["isocenter_lps_mm"]),
-                    tuple(float(a) for a in record["couch_angles_deg"]), float(record["energy_mv"]),
-                    float(record["bixel_width_mm"]))
-    influence = make_engine(settings).compute(case, beams, progress=False)
+    influence = make_engine(settings).compute(case, record_beams(record), progress=False)
     if (influence.n_bixels != len(record["weights"]) or not np.array_equal(influence.bixel_beam, record["bixel_beam"])
             or not np.allclose(influence.bixel_position_mm, record["bixel_position_mm"], atol=1e-3)):
         raise DoseAIError(f"the rebuilt influence matrix has {influence.n_bixels} bixels, the record "

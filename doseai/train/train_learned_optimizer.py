@@ -1,0 +1,177 @@
+"""Training the learned fluence optimizer (:mod:`doseai.models.learned_optimizer`) by unrolling it on training
+patients' mimicking problems (issue 29).
+
+Each training patient of a fluence set (``doseai train fluence-set ... --keep-influence DIR``) gives a problem:
+its kept influence matrix and the objective that mimics its clinical dose (:func:`doseai.optimize.plan.plan_problem`),
+with the L-BFGS-B objective of its record as the reference f*. An unroll runs ``steps`` updates from a start and
+the loss is the mean over steps of log(f_t / f*) plus log(f_T / f*) once more (the last step is what the user gets):
+scale-free, so large and small patients weigh alike. Starts: half from the uniform weights, half from the
+record's weights multiplied by log-normal noise (what a fluence generator hands over: near, not at, the optimum).
+The first-order meta-gradient (:func:`doseai.optimize.learned.unroll`) needs no second derivatives of the objective.
+Patients held out of the fitting (``monitor``, from the training split) report progress; validation is never read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from doseai.errors import DoseAIError
+from doseai.train.loop import TrainingConfig, open_run, start_run
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedOptimizerConfig(TrainingConfig):
+    """Settings of the learned optimizer's training; ``patients``: at most this many training patients
+    (their problems stay in memory, ~0.3 GB each); ``monitor``: of them, held out to report on."""
+
+    run_name: str = "learned_optimizer"
+    epochs: int = 30
+    learning_rate: float = 3e-3
+    steps: int = 30
+    hidden: int = 20
+    layers: int = 2
+    patients: int = 40
+    monitor: int = 4
+    start_noise: float = 0.5  # sigma of the log-normal noise on the record's weights
+
+
+@dataclass
+class TrainingProblem:
+    """One patient's problem: the objective, the uniform start, the record's weights and f*."""
+
+    patient_id: str
+    objective: object
+    uniform: torch.Tensor
+    reference_weights: torch.Tensor
+    reference_value: float
+    curvature: torch.Tensor
+
+
+def load_problems(fluence_set: Path, influence_folder: Path, split: str = "train",
+                  limit: int | None = None) -> list[TrainingProblem]:
+    """The problems of a fluence set's patients whose influence matrix was kept (the record's own objective
+    is recomputed as a check that matrix, objective and record belong together)."""
+    from doseai.io import openkbp
+    from doseai.optimize.plan import plan_problem
+    from doseai.paths import openkbp_root
+    from doseai.train.fluence_set import load_fluence_set, load_influence
+
+    settings, records = load_fluence_set(fluence_set)
+    paths = openkbp.list_patients(openkbp_root() / split)
+    problems = []
+    kept = [pid for pid in records if (Path(influence_folder) / f"{pid}.npz").is_file()][:limit]
+    if not kept:
+        raise DoseAIError(f"no kept influence matrix in {influence_folder} for the records of {fluence_set}")
+    for pid in tqdm(kept, desc="loading problems", unit="patient"):
+        record, case = records[pid], openkbp.load_npz(paths[pid])
+        influence = load_influence(Path(influence_folder) / f"{pid}.npz", case, record, settings)
+        problem = plan_problem(case, case.dose, settings, influence)
+        weights = torch.from_numpy(record["weights"])
+        value = problem.objective.value(weights)
+        if not np.isclose(value, record["objective_history"][-1], rtol=1e-3):
+            raise DoseAIError(f"{pid}: the rebuilt objective gives {value:.6g} for the record's weights, the record "
+                              f"says {record['objective_history'][-1]:.6g}: the set and the code disagree")
+        problems.append(TrainingProblem(pid, problem.objective, problem.uniform, weights, float(value),
+                                        problem.objective.gauss_newton_diagonal().float()))
+    return problems
+
+
+def _start(problem: TrainingProblem, rng: np.random.Generator, noise: float) -> torch.Tensor:
+    if rng.random() < 0.5:
+        return problem.uniform.clone()
+    factor = torch.from_numpy(np.exp(noise * rng.standard_normal(problem.uniform.numel())).astype(np.float32))
+    return problem.reference_weights * factor
+
+
+def unroll_loss(network, problem: TrainingProblem, start: torch.Tensor, steps: int):
+    """The unroll's loss (see the module docstring) and its objective history."""
+    from doseai.optimize.learned import unroll
+
+    _, history, surrogates = unroll(problem.objective, start, network, steps, float(problem.uniform[0]),
+                                    problem.curvature)
+    logs = torch.stack([torch.log(s.clamp(min=1e-30) / problem.reference_value) for s in surrogates])
+    return logs.mean() + logs[-1], history
+
+
+def monitor_ratios(network, problems: list[TrainingProblem], steps: int) -> dict[str, float]:
+    """Median f_T / f* from the uniform start over ``problems``."""
+    from doseai.optimize.learned import unroll
+
+    with torch.no_grad():
+        ratios = [unroll(p.objective, p.uniform, network, steps, float(p.uniform[0]), p.curvature)[1][-1]
+                  / p.reference_value for p in problems]
+    return {"median_final_ratio": float(np.median(ratios)), "max_final_ratio": float(np.max(ratios))}
+
+
+def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
+                            config: LearnedOptimizerConfig | None = None) -> Path:
+    """Train (or resume) the learned optimizer; the path of the run's last checkpoint."""
+    from doseai.models.learned_optimizer import LearnedFluenceOptimizer
+
+    config = config or LearnedOptimizerConfig()
+    rng, _ = start_run(config)
+    problems = load_problems(fluence_set, influence_folder, limit=config.patients)
+    if len(problems) <= config.monitor:
+        raise DoseAIError(f"{len(problems)} problems: need more than the {config.monitor} held out to monitor")
+    monitor, fitting = problems[:config.monitor], problems[config.monitor:]
+    network = LearnedFluenceOptimizer(hidden=config.hidden, layers=config.layers)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    checkpoints, log = open_run(config.run_name)
+    start_epoch = checkpoints.resume(network, optimizer)
+    print(f"{len(fitting)} patients to fit, {len(monitor)} held out (training split) to monitor; "
+          f"{config.steps} steps per unroll")
+    for epoch in range(start_epoch, config.epochs):
+        started, losses = time.perf_counter(), []
+        for index in tqdm(rng.permutation(len(fitting)), desc=f"learned optimizer epoch {epoch + 1}/{config.epochs}",
+                          unit="patient", leave=False):
+            problem = fitting[index]
+            loss, _ = unroll_loss(network, problem, _start(problem, rng, config.start_noise), config.steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started,
+                  **monitor_ratios(network, monitor, config.steps)}
+        log.write(**record)
+        print(record)
+        checkpoints.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "network": network.config(), "steps": config.steps, "monitor": record,
+                          "train_ids": [p.patient_id for p in fitting],
+                          "monitor_ids": [p.patient_id for p in monitor]})
+    return checkpoints.path
+
+
+def export_learned_optimizer(checkpoint: Path, out: Path, validation: dict | None = None) -> Path:
+    """The weights of a run's checkpoint as ``out`` and its model card beside it (``validation``: the numbers
+    of ``Testing/benchmarks/bench_learned_plan.py`` to record in the card)."""
+    import json
+
+    from doseai.safe_load import load_checkpoint
+
+    state = load_checkpoint(checkpoint, ("model", "network", "steps", "epoch"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value.float() for key, value in state["model"].items()}, out)
+    card = {
+        "name": out.stem, "kind": "learned fluence optimizer (coordinate-wise LSTM, after L2Plan)",
+        "network": state["network"], "steps": state["steps"],
+        "inputs": {"per_bixel": ["asinh(damped Jacobi step / weight scale)", "asinh(weight / weight scale)",
+                                 "weight at zero", "asinh(previous update / weight scale)",
+                                 "asinh(gradient / its RMS)", "log(f / f_start) / 10", "log(f / f_previous)"],
+                   "problem": "any FluenceObjective: value, gradient, Gauss-Newton diagonal"},
+        "training": {"data": "OpenKBP training split: mimicking problems of the fluence set (9 beams, 10 mm bixels)",
+                     "epochs": state["epoch"] + 1, "patients": len(state.get("train_ids", [])),
+                     "monitor_ids": state.get("monitor_ids", []), "monitor": state.get("monitor"),
+                     "command": "doseai train learned-optimizer --fluence-set data/fluence_set/mimic_10mm/train "
+                                "--influence <kept matrices>"},
+        "validation": validation or {},
+    }
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
