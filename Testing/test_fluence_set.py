@@ -77,3 +77,18 @@ def test_kept_matrices_give_the_records_objective_back_and_feed_the_learned_opti
     for problem, record in zip(problems, records.values()):
         assert problem.reference_value == pytest.approx(float(record["objective_history"][-1]), rel=1e-3)
         assert problem.reference_value < float(problem.objective.value(problem.uniform))
+    from doseai.optimize.learned import load_learned_optimizer
+    from doseai.train.train_learned_optimizer import (
+        LearnedOptimizerConfig, export_learned_optimizer, train_learned_optimizer,
+    )
+
+    config = LearnedOptimizerConfig(run_name="lo", epochs=2, steps=4, hidden=6, layers=1, patients=2, monitor=1,
+                                    threads=1)
+    last = train_learned_optimizer(folder, kept, config)
+    log = (last.parent / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and (last.parent / "best.pt").is_file()
+    from dataclasses import replace
+    train_learned_optimizer(folder, kept, replace(config, epochs=3))  # resumes: one epoch more
+    assert len((last.parent / "log.jsonl").read_text().splitlines()) == 3
+    network, card = load_learned_optimizer(export_learned_optimizer(last.parent / "best.pt", tmp_path / "lo.pt"))
+    assert card["steps"] == 4 and card["training"]["monitor_ids"] == ["pt_1"] and network.hidden == 6

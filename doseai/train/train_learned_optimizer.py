@@ -8,7 +8,9 @@ the loss is the mean over steps of log(f_t / f*) plus log(f_T / f*) once more (t
 scale-free, so large and small patients weigh alike. Starts: half from the uniform weights, half from the
 record's weights multiplied by log-normal noise (what a fluence generator hands over: near, not at, the optimum).
 The first-order meta-gradient (:func:`doseai.optimize.learned.unroll`) needs no second derivatives of the objective.
-Patients held out of the fitting (``monitor``, from the training split) report progress; validation is never read.
+Patients held out of the fitting (``monitor``, from the training split) report progress, and the epoch where
+their median f_T / f* is lowest is kept as ``best.pt`` beside ``last.pt`` (the one to export); validation is never
+read. The learning rate follows a cosine over the epochs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doseai.errors import DoseAIError
+from doseai.safe_load import plain
 from doseai.train.loop import TrainingConfig, open_run, start_run
 
 
@@ -124,6 +127,9 @@ def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     checkpoints, log = open_run(config.run_name)
     start_epoch = checkpoints.resume(network, optimizer)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, last_epoch=start_epoch - 1)
+    best_path = checkpoints.folder / "best.pt"  # the lowest monitored ratio (training-split patients)
+    best = torch.load(best_path, weights_only=True)["monitor"]["median_final_ratio"] if best_path.is_file() else None
     print(f"{len(fitting)} patients to fit, {len(monitor)} held out (training split) to monitor; "
           f"{config.steps} steps per unroll")
     for epoch in range(start_epoch, config.epochs):
@@ -136,15 +142,19 @@ def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
+        scheduler.step()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started,
                   **monitor_ratios(network, monitor, config.steps)}
         log.write(**record)
         print(record)
-        checkpoints.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "network": network.config(), "steps": config.steps, "monitor": record,
-                          "train_ids": [p.patient_id for p in fitting],
-                          "monitor_ids": [p.patient_id for p in monitor]})
+        state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "network": network.config(), "steps": config.steps, "monitor": record,
+                 "train_ids": [p.patient_id for p in fitting], "monitor_ids": [p.patient_id for p in monitor]}
+        checkpoints.save(state)
+        if best is None or record["median_final_ratio"] < best:
+            best = record["median_final_ratio"]
+            torch.save(plain(state), best_path)
     return checkpoints.path
 
 
