@@ -57,18 +57,17 @@ def _network(path: str | None):
     return network.eval(), int(state["steps"]), f"{path} (epoch {state['epoch'] + 1})"
 
 
-def plan_one(case, desired, settings, influence, solver: str, iterations: int, network) -> dict:
+def plan_one(case, work, terms, settings, influence, solver: str, iterations: int, network) -> dict:
+    """One optimizer's plan toward ``terms`` (of ``plan_terms`` on the working case ``work``), scored."""
     from doseai.optimize.fluence import optimize_fluence
-    from doseai.optimize.plan import case_dose, make_engine, plan_terms
+    from doseai.optimize.plan import case_dose, top_target
     from doseai.scoring import score_patient
 
-    work = make_engine(settings).working_case(case)
-    terms, _ = plan_terms(case, desired, settings, work)
-    top = max(case.prescriptions, key=case.prescriptions.get)
+    prescription_gy, target_voxels = top_target(case, work)
     fluence = optimize_fluence(influence, terms, max_iterations=iterations, tolerance=0.0 if solver != "lbfgsb"
                                else settings.tolerance, solver=solver, progress=False,
-                               prescription_gy=case.prescriptions[top],
-                               target_voxels=np.flatnonzero(work.structures[top].ravel()), learned_network=network)
+                               prescription_gy=prescription_gy, target_voxels=target_voxels,
+                               learned_network=network)
     score = score_patient(case, case_dose(fluence.dose_image, work, case))
     return {"objective_history": fluence.objective_history, "history_seconds": fluence.history_seconds,
             "objective": fluence.objective, "optimize_s": fluence.timings_s["solve"],
@@ -87,6 +86,7 @@ def run(args) -> dict:
     import torch
 
     from doseai.io import openkbp
+    from doseai.optimize.plan import make_engine, plan_terms
     from doseai.paths import openkbp_root
     from doseai.predict import DosePredictor
     from doseai.train.fluence_set import load_fluence_set, load_influence
@@ -109,10 +109,12 @@ def run(args) -> dict:
         predict_s = time.perf_counter() - start
         entry = {"on_water": bool(record.get("on_water", False)), "engine_s": float(record["engine_s"]),
                  "predict_s": predict_s}
+        work = make_engine(settings).working_case(case)  # once per patient: the optimizers share it
         for source, desired in (("clinical", case.dose), ("predicted", predicted)):
-            runs = {"lbfgsb": plan_one(case, desired, settings, influence, "lbfgsb", args.iterations, None),
-                    "adam": plan_one(case, desired, settings, influence, "adam", args.iterations, None),
-                    "learned": plan_one(case, desired, settings, influence, "learned", steps, network)}
+            terms, _ = plan_terms(case, desired, settings, work)
+            runs = {name: plan_one(case, work, terms, settings, influence, name, count, model)
+                    for name, count, model in (("lbfgsb", args.iterations, None), ("adam", args.iterations, None),
+                                               ("learned", steps, network))}
             goal = runs["lbfgsb"]["objective"] * 1.01
             for name, outcome in runs.items():
                 outcome["ratio_to_lbfgsb"] = outcome["objective"] / runs["lbfgsb"]["objective"]

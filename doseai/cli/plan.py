@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     optimize.add_argument("--optimizer", default="lbfgsb", choices=["lbfgsb", "adam", "learned"],
                           help="L-BFGS-B (the default), projected Adam, or the learned LSTM optimizer (its trained "
                                "number of steps from the uniform start; it does not yet reach L-BFGS-B's objective, "
-                               "see Docs/LearnedPlanning.md)")
+                               "see Docs/DoseToPlan.md)")
     optimize.add_argument("--max-iterations", type=int,
                           help="iterations (default: 300; for --optimizer learned the steps it was trained for)")
     add_force(optimize)

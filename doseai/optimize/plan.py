@@ -118,17 +118,24 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
     timings["objectives_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    top = max(case.prescriptions, key=case.prescriptions.get)
+    prescription_gy, target_voxels = top_target(case, work)
     fluence = optimize_fluence(influence, terms, smoothness=settings.smoothness,
                                max_iterations=settings.max_iterations, tolerance=settings.tolerance,
-                               solver=settings.solver, progress=progress, prescription_gy=case.prescriptions[top],
-                               target_voxels=np.flatnonzero(work.structures[top].ravel()))
+                               solver=settings.solver, progress=progress, prescription_gy=prescription_gy,
+                               target_voxels=target_voxels)
     timings["optimize_s"] = time.perf_counter() - start
 
     return PlanResult(dose=case_dose(fluence.dose_image, work, case), fluence=fluence,
                       fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
                       objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings,
                       jaws_mm=influence.jaws_mm(fluence.weights))
+
+
+def top_target(case: PlanningCase, work: PlanningCase) -> tuple[float, np.ndarray]:
+    """The highest prescription (Gy) and its target's voxels on the working grid: where the uniform starting
+    weights put the prescription."""
+    top = max(case.prescriptions, key=case.prescriptions.get)
+    return case.prescriptions[top], np.flatnonzero(work.structures[top].ravel())
 
 
 def plan_terms(case: PlanningCase, desired: np.ndarray, settings: PlanSettings,
@@ -165,9 +172,7 @@ def plan_problem(case: PlanningCase, desired: np.ndarray, settings: PlanSettings
 
     work = make_engine(settings).working_case(case)
     terms, _ = plan_terms(case, validate_dose(np.asarray(desired, np.float32), "desired dose"), settings, work)
-    top = max(case.prescriptions, key=case.prescriptions.get)
-    uniform = uniform_initial_weights(influence, terms, case.prescriptions[top],
-                                      np.flatnonzero(work.structures[top].ravel()))
+    uniform = uniform_initial_weights(influence, terms, *top_target(case, work))
     return PlanProblem(FluenceObjective(influence, terms, settings.smoothness, weight_scale=float(uniform[0])),
                        uniform, work)
 

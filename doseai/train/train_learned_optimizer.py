@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from doseai.errors import DoseAIError
-from doseai.safe_load import plain
+from doseai.safe_load import load_checkpoint, plain
 from doseai.train.loop import TrainingConfig, open_run, start_run
 
 
@@ -129,7 +129,7 @@ def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
     start_epoch = checkpoints.resume(network, optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, last_epoch=start_epoch - 1)
     best_path = checkpoints.folder / "best.pt"  # the lowest monitored ratio (training-split patients)
-    best = torch.load(best_path, weights_only=True)["monitor"]["median_final_ratio"] if best_path.is_file() else None
+    best = load_checkpoint(best_path, ("monitor",))["monitor"]["median_final_ratio"] if best_path.is_file() else None
     print(f"{len(fitting)} patients to fit, {len(monitor)} held out (training split) to monitor; "
           f"{config.steps} steps per unroll")
     for epoch in range(start_epoch, config.epochs):
@@ -162,8 +162,6 @@ def export_learned_optimizer(checkpoint: Path, out: Path, validation: dict | Non
     """The weights of a run's checkpoint as ``out`` and its model card beside it (``validation``: the numbers
     of ``Testing/benchmarks/bench_learned_plan.py`` to record in the card)."""
     import json
-
-    from doseai.safe_load import load_checkpoint
 
     state = load_checkpoint(checkpoint, ("model", "network", "steps", "epoch"))
     out = Path(out)
