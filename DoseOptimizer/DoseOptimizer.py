@@ -136,6 +136,8 @@ class DoseOptimizerParameterNode:
     desiredDose: the dose the plan should come close to (e.g. the predicted dose).
     mode: "mimic" (voxel-wise dose mimicking) or "objectives" (DVH objectives derived from the desired dose).
     numberOfBeams, bixelWidthMm: the beams (equispaced, coplanar) and their fluence resolution.
+    optimizer: "lbfgsb", "adam" or "learned" (the LSTM learned optimizer, its trained number of steps).
+    start: where the optimizer starts, "uniform" weights or the fluence "generator"'s (mode mimic).
     planDose: the plan's dose volume (created by the first Optimize when empty).
     dvhChart, metricsTable: the DVH chart (plan solid, desired dashed) and the plan's metrics table.
     exportFolder: where the export buttons write.
@@ -147,6 +149,8 @@ class DoseOptimizerParameterNode:
     mode: Annotated[str, Choice(list(DoseOptimizerLib.MODES))] = "mimic"
     numberOfBeams: Annotated[int, WithinRange(1, 36)] = 9
     bixelWidthMm: Annotated[float, WithinRange(2.5, 20.0)] = 5.0
+    optimizer: Annotated[str, Choice(list(DoseOptimizerLib.OPTIMIZERS))] = "lbfgsb"
+    start: Annotated[str, Choice(list(DoseOptimizerLib.STARTS))] = "uniform"
     planDose: vtkMRMLScalarVolumeNode
     dvhChart: vtkMRMLPlotChartNode
     metricsTable: vtkMRMLTableNode
@@ -251,12 +255,15 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if not parameters:
             return
+        choices = DoseOptimizerLib.OptimizationRequest(None, None, None, mode=parameters.mode,
+                                                       optimizer=parameters.optimizer, start=parameters.start)
         reason = (self.logic.missingInputs(parameters.ctVolume, parameters.segmentation, parameters.desiredDose)
-                  or self.logic.targetProblem(parameters.segmentation)
+                  or choices.modeProblem() or self.logic.targetProblem(parameters.segmentation)
                   or self.logic.outputProblem(parameters.planDose, parameters.desiredDose))
         self.ui.optimizeButton.enabled = not reason
         self.ui.optimizeButton.toolTip = reason or (
-            f"Optimize {parameters.numberOfBeams} beams ({parameters.mode}) toward the desired dose")
+            f"Optimize {parameters.numberOfBeams} beams ({parameters.mode}, {parameters.optimizer} from the "
+            f"{parameters.start} start) toward the desired dose")
         hasPlan = self.logic.lastPlan is not None
         self.ui.exportPlanButton.enabled = hasPlan
         self.ui.exportPlanButton.toolTip = ("Write the plan dose, fluence maps, objectives, DVH plot and metrics"
@@ -280,7 +287,7 @@ class DoseOptimizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     result = self.logic.optimize(
                         parameters.ctVolume, parameters.segmentation, parameters.desiredDose, mode=parameters.mode,
                         numberOfBeams=parameters.numberOfBeams, bixelWidthMm=parameters.bixelWidthMm,
-                        planDoseNode=parameters.planDose, chartNode=parameters.dvhChart,
+                        optimizer=parameters.optimizer, start=parameters.start, planDoseNode=parameters.planDose, chartNode=parameters.dvhChart,
                         metricsTableNode=parameters.metricsTable, progress=progress)
             except CancelledError:
                 self.ui.statusLabel.text = "Optimization cancelled."

@@ -13,13 +13,15 @@ from .logic import (
     missing_packages_for,
     require_packages,
 )
-from .optimization import MODES, DisplayTargets, OptimizationRequest, OptimizationResult
+from .optimization import MODES, OPTIMIZERS, STARTS, DisplayTargets, OptimizationRequest, OptimizationResult
 
 __all__ = [
     "MODES",
     "OBJECTIVE_FILES",
+    "OPTIMIZERS",
     "PLAN_ENGINE",
     "PLAN_MODE_ATTRIBUTE",
+    "STARTS",
     "TASK_PACKAGES",
     "DisplayTargets",
     "DoseOptimizerLogic",

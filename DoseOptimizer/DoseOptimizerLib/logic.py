@@ -242,7 +242,9 @@ class DoseOptimizerLogic:
         overrides: Mapping[str, str | None] | None = None,
         prescriptions: Mapping[str, float] | None = None,
         progress: Progress | None = None,
-        maxIterations: int = 300,
+        maxIterations: int | None = None,
+        optimizer: str = "lbfgsb",
+        start: str = "uniform",
     ) -> OptimizationResult:
         """Optimize the fluences of ``numberOfBeams`` equispaced coplanar 6 MV beams so that the plan's dose
         comes as close as the beams allow to the dose of ``desiredDoseNode`` (resampled onto the CT grid
@@ -255,11 +257,13 @@ class DoseOptimizerLogic:
         beams again (e.g. in the other mode) skips the dose engine. ``progress(text, percent)`` is told
         what is being done. Segments are matched to structure names (``overrides``: segment name ->
         canonical name or None); target prescriptions come from the names or ``prescriptions``.
+        ``optimizer`` "lbfgsb", "adam" or "learned" (the LSTM) for ``maxIterations`` (None: its default),
+        from the ``start`` "uniform" weights or the fluence "generator"'s.
 
         The keyword form of :meth:`run` (which takes an :class:`OptimizationRequest` and :class:`DisplayTargets`).
         """
         request = OptimizationRequest(ctNode, segNode, desiredDoseNode, mode, numberOfBeams, bixelWidthMm,
-                                      maxIterations, overrides, prescriptions)
+                                      maxIterations, overrides, prescriptions, optimizer, start)
         return self.run(request, DisplayTargets(planDoseNode, chartNode, metricsTableNode), progress)
 
     def run(self, request: OptimizationRequest, targets: DisplayTargets | None = None,
@@ -311,12 +315,13 @@ class DoseOptimizerLogic:
         case = self._case(request.ctNode, request.segNode, request.overrides, request.prescriptions)
         desired = dose_on_grid(request.desiredDoseNode, case.geometry, "desired dose")
         require_packages("optimize")
-        from doseai.optimize.plan import PlanSettings
+        from doseai.optimize.plan import PlanSettings, default_iterations
 
+        iterations = request.maxIterations or default_iterations(request.optimizer)
         settings = PlanSettings(mode=request.mode, engine=PLAN_ENGINE.key, n_beams=request.numberOfBeams,
                                 bixel_width_mm=request.bixelWidthMm, lateral_cutoff_mm=self.lateralCutoffMm,
-                                working_spacing_mm=self.workingSpacingMm, max_iterations=request.maxIterations,
-                                solver=request.optimizer)
+                                working_spacing_mm=self.workingSpacingMm, max_iterations=iterations,
+                                solver=request.optimizer, start=request.start)
         return case, desired, settings
 
     def _show(self, request: OptimizationRequest, targets: DisplayTargets, case, desired, plan):

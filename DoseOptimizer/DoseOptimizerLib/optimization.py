@@ -14,6 +14,7 @@ from doseai.mrml.plots import DVHResult
 
 MODES = ("mimic", "objectives")  # doseai.optimize.plan.MODES (not imported here: it needs torch)
 OPTIMIZERS = ("lbfgsb", "adam", "learned")  # doseai.optimize.fluence_solvers.SOLVERS (same reason)
+STARTS = ("uniform", "generator")  # doseai.optimize.plan.STARTS (same reason)
 
 Progress = Callable[[str, int], None]  # (what is being done, percent done)
 
@@ -24,7 +25,8 @@ class OptimizationRequest:
     ("mimic" or "objectives"), the beams (number, bixel width in mm), the iteration limit, and how segments
     map to structures (``overrides``: segment name -> canonical name or None; ``prescriptions``: target
     name -> Gy, for targets whose names hold none). ``optimizer``: "lbfgsb", "adam" or "learned" (the LSTM
-    learned optimizer; with it ``maxIterations`` is its number of steps, 30 as trained)."""
+    learned optimizer); ``maxIterations`` None: 300, or the learned optimizer's trained steps. ``start``:
+    "uniform" weights or the fluence "generator"'s (mode mimic)."""
 
     ctNode: object
     segNode: object
@@ -32,21 +34,27 @@ class OptimizationRequest:
     mode: str = "mimic"
     numberOfBeams: int = 9
     bixelWidthMm: float = 5.0
-    maxIterations: int = 300
+    maxIterations: int | None = None
     overrides: Mapping[str, str | None] | None = None
     prescriptions: Mapping[str, float] | None = None
     optimizer: str = "lbfgsb"
+    start: str = "uniform"
 
     def __post_init__(self) -> None:
         self.numberOfBeams, self.bixelWidthMm = int(self.numberOfBeams), float(self.bixelWidthMm)
-        self.maxIterations = int(self.maxIterations)
+        self.maxIterations = int(self.maxIterations) if self.maxIterations is not None else None
 
     def modeProblem(self) -> str:
-        """Why :attr:`mode` or :attr:`optimizer` is not one the optimizer knows (a sentence), or ""."""
+        """Why :attr:`mode`, :attr:`optimizer` or :attr:`start` is not one the optimizer knows (a sentence),
+        or ""."""
         if self.mode not in MODES:
             return f"Unknown optimization mode '{self.mode}': choose one of {', '.join(MODES)}"
         if self.optimizer not in OPTIMIZERS:
             return f"Unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
+        if self.start not in STARTS:
+            return f"Unknown start '{self.start}': choose one of {', '.join(STARTS)}"
+        if self.start == "generator" and self.mode != "mimic":
+            return "The fluence generator plans toward the desired dose: its start needs mode mimic"
         return ""
 
 

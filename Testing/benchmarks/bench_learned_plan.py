@@ -3,14 +3,16 @@ influence matrices: the 9-beam, 10 mm plans of the fluence set (``doseai train f
 --with-ct-less --keep-influence DIR``; the 7 patients without a CT on water).
 
 For each patient and each desired dose (the clinical reference, and the shipped preference model's predicted
-dose at neutral sliders), every optimizer plans toward it from the uniform start: L-BFGS-B and Adam with their
-300 iterations, the learned optimizer with its trained number of steps. Printed and written as JSON: the
-objective against iterations and seconds, the final objective over L-BFGS-B's (300 iterations), the first
-iteration at which each is within 1 % of it, the plan's dose score / DVH score against the clinical dose, the
-fluence's total variation per beam (mean |difference| of neighbouring bixels over the mean weight), and the time
-split (engine from the set's generation; optimizer measured here). The fluence generator is not built yet: every
-optimizer starts from the uniform weights. Run:
-    python Testing/benchmarks/bench_learned_plan.py --influence DIR [--network CKPT] [--limit N] [--json PATH]
+dose at neutral sliders), every optimizer plans toward it: L-BFGS-B and Adam with their 300 iterations and the
+learned optimizer with its trained number of steps from the uniform start; the fluence generator alone (one step,
+and its undistilled teacher by DDIM); and the generator's weights refined by the learned optimizer and by
+L-BFGS-B (their optimizer time includes the generator's). Printed and written as JSON: the objective against
+iterations and seconds, the final objective over L-BFGS-B's (300 iterations, uniform start), the first iteration
+at which each is within 1 % of it, the plan's dose score / DVH score against the clinical dose, the fluence's
+total variation per beam (mean |difference| of neighbouring bixels over the mean weight), and the time split
+(engine from the set's generation; generator, refinement and optimizer measured here). Run:
+    python Testing/benchmarks/bench_learned_plan.py --influence DIR [--network CKPT] [--generator PT|none] [--limit N]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -57,24 +59,51 @@ def _network(path: str | None):
     return network.eval(), int(state["steps"]), f"{path} (epoch {state['epoch'] + 1})"
 
 
-def plan_one(case, work, terms, settings, influence, solver: str, iterations: int, network) -> dict:
-    """One optimizer's plan toward ``terms`` (of ``plan_terms`` on the working case ``work``), scored."""
-    from doseai.optimize.fluence import optimize_fluence
-    from doseai.optimize.plan import case_dose, top_target
+def _scores(case, work, influence, weights) -> dict:
+    from doseai.optimize.plan import case_dose
     from doseai.scoring import score_patient
+
+    score = score_patient(case, case_dose(influence.dose_image(weights), work, case))
+    return {"dose_score_gy": score.dose_score,
+            "dvh_score_gy": float(np.mean(list(score.dvh_errors.values()))) if score.dvh_errors else None,
+            "total_variation": total_variation(influence, np.asarray(weights))}
+
+
+def plan_one(case, work, terms, settings, influence, solver: str, iterations: int, network,
+             initial=None) -> dict:
+    """One optimizer's plan toward ``terms`` (of ``plan_terms`` on the working case ``work``) from ``initial``
+    (default: uniform), scored."""
+    from doseai.optimize.fluence import optimize_fluence
+    from doseai.optimize.plan import top_target
 
     prescription_gy, target_voxels = top_target(case, work)
     fluence = optimize_fluence(influence, terms, max_iterations=iterations, tolerance=0.0 if solver != "lbfgsb"
                                else settings.tolerance, solver=solver, progress=False,
                                prescription_gy=prescription_gy, target_voxels=target_voxels,
-                               learned_network=network)
-    score = score_patient(case, case_dose(fluence.dose_image, work, case))
+                               learned_network=network, initial_weights=initial)
     return {"objective_history": fluence.objective_history, "history_seconds": fluence.history_seconds,
             "objective": fluence.objective, "optimize_s": fluence.timings_s["solve"],
             "setup_s": fluence.timings_s["setup"], "iterations": fluence.iterations,
-            "dose_score_gy": score.dose_score,
-            "dvh_score_gy": float(np.mean(list(score.dvh_errors.values()))) if score.dvh_errors else None,
-            "total_variation": total_variation(influence, fluence.weights)}
+            **_scores(case, work, influence, fluence.weights)}
+
+
+def generated(case, work, terms, influence, generator, sampler: str) -> tuple[dict, object]:
+    """The generator's weights alone (no optimization), scored, and the weights (for the refinement)."""
+    from doseai.optimize.fluence import FluenceObjective
+    from doseai.optimize.fluence_setup import uniform_initial_weights
+    from doseai.optimize.generator import generate_weights
+    from doseai.optimize.plan import top_target
+
+    uniform = float(uniform_initial_weights(influence, terms, *top_target(case, work))[0])
+    start = time.perf_counter()
+    weights = generate_weights(influence, terms, case.prescriptions, uniform, generator, sampler=sampler)
+    seconds = time.perf_counter() - start
+    value = float(FluenceObjective(influence, terms, weight_scale=uniform).value(weights))
+    return {"objective_history": [value], "history_seconds": [seconds], "objective": value, "optimize_s": seconds,
+            "generate_s": seconds, "iterations": 0, **_scores(case, work, influence, weights.numpy())}, weights
+
+
+OPTIMIZERS = ("lbfgsb", "adam", "learned", "generator", "generator_ddim", "generator+learned", "generator+lbfgsb")
 
 
 def _within(history: list[float], goal: float) -> int | None:
@@ -94,12 +123,17 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     settings, records = load_fluence_set(Path(args.fluence_set))
     network, steps, network_name = _network(args.network)
+    generator = None
+    if args.generator != "none":
+        from doseai.optimize.generator import load_fluence_generator
+
+        generator = load_fluence_generator(Path(args.generator) if args.generator else None)
     predictor = DosePredictor(threads=args.threads)
     paths = openkbp.list_patients(openkbp_root() / "validation")
     results = {"settings": {"bixel_width_mm": settings.bixel_width_mm, "beams": settings.n_beams,
                             "iterations": args.iterations, "learned_steps": steps, "network": network_name,
                             "threads": args.threads, "machine": platform.processor() or platform.machine(),
-                            "start": "uniform (no fluence generator yet)"}, "patients": {}}
+                            "generator": args.generator or "shipped"}, "patients": {}}
     for pid in list(records)[:args.limit]:
         record, case = records[pid], openkbp.load_npz(paths[pid])
         influence = load_influence(Path(args.influence) / f"{pid}.npz", case, record, settings)
@@ -115,6 +149,18 @@ def run(args) -> dict:
             runs = {name: plan_one(case, work, terms, settings, influence, name, count, model)
                     for name, count, model in (("lbfgsb", args.iterations, None), ("adam", args.iterations, None),
                                                ("learned", steps, network))}
+            if generator is not None:
+                runs["generator"], start = generated(case, work, terms, influence, generator, "one-step")
+                runs["generator_ddim"], _ = generated(case, work, terms, influence, generator, "ddim")
+                for name, solver, count in (("generator+learned", "learned", steps),
+                                            ("generator+lbfgsb", "lbfgsb", args.iterations)):
+                    outcome = plan_one(case, work, terms, settings, influence, solver, count, network, start)
+                    # the whole optimizer time: the generator's evaluation, then the refinement from it
+                    outcome["refine_s"] = outcome["optimize_s"]
+                    outcome["generate_s"] = runs["generator"]["generate_s"]
+                    outcome["optimize_s"] += outcome["generate_s"]
+                    outcome["history_seconds"] = [t + outcome["generate_s"] for t in outcome["history_seconds"]]
+                    runs[name] = outcome
             goal = runs["lbfgsb"]["objective"] * 1.01
             for name, outcome in runs.items():
                 outcome["ratio_to_lbfgsb"] = outcome["objective"] / runs["lbfgsb"]["objective"]
@@ -132,7 +178,9 @@ def run(args) -> dict:
 def summarise(patients: dict) -> dict:
     summary = {}
     for source in ("clinical", "predicted"):
-        for name in ("lbfgsb", "adam", "learned"):
+        for name in OPTIMIZERS:
+            if not all(name in p[source] for p in patients.values()):
+                continue
             runs = [p[source][name] for p in patients.values()]
             lbfgsb = [p[source]["lbfgsb"] for p in patients.values()]
             summary[f"{source}/{name}"] = {
@@ -157,12 +205,12 @@ def summarise(patients: dict) -> dict:
 def print_table(results: dict) -> None:
     s = results["summary"]
     print(f"\n{len(results['patients'])} validation patients, {results['settings']}")
-    print(f"{'desired / optimizer':<22}{'f/f_LBFGSB':>11}{'f@30/f_LB':>10}{'<=1%':>7}{'opt s':>8}{'speedup':>8}"
+    print(f"{'desired / optimizer':<28}{'f/f_LBFGSB':>11}{'f@30/f_LB':>10}{'<=1%':>7}{'opt s':>8}{'speedup':>8}"
           f"{'dose Gy':>9}{'DVH Gy':>8}{'TV':>7}")
     for key, row in s.items():
         if not isinstance(row, dict):
             continue
-        print(f"{key:<22}{row['median_ratio_to_lbfgsb']:>11.3f}{row['median_ratio_after_30_iterations']:>10.3f}"
+        print(f"{key:<28}{row['median_ratio_to_lbfgsb']:>11.3f}{row['median_ratio_after_30_iterations']:>10.3f}"
               f"{row['within_1pct_fraction']:>7.0%}{row['median_optimize_s']:>8.2f}"
               f"{row['median_speedup_vs_lbfgsb']:>8.1f}{row['dose_score_gy']:>9.3f}{row['dvh_score_gy']:>8.3f}"
               f"{row['median_total_variation']:>7.3f}")
@@ -176,6 +224,7 @@ def main() -> None:
     parser.add_argument("--influence", required=True, help="the kept influence matrices of the validation set")
     parser.add_argument("--network", help="a learned-optimizer checkpoint (last.pt), weights (default: shipped), or 'untrained' "
                              "(the ablation: the network as it starts, heavy-ball on the damped Jacobi step)")
+    parser.add_argument("--generator", help="fluence generator weights (default: the shipped one), or 'none'")
     parser.add_argument("--iterations", type=int, default=300, help="L-BFGS-B and Adam (default: %(default)s)")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--threads", type=int, default=2)

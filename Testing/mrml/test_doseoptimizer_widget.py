@@ -37,7 +37,7 @@ def test_optimize_gating(gui, scene, mrml_case):
     # the obvious inputs are picked, nothing is computed yet
     assert (parameters.ctVolume, parameters.segmentation, parameters.desiredDose) == (ct_node, seg_node, desired_node)
     assert parameters.exportFolder == Path(slicer.app.defaultScenePath) / "DoseAI" / "plan"
-    assert ui.optimizeButton.enabled and ui.optimizeButton.toolTip == "Optimize 9 beams (mimic) toward the desired dose"
+    assert ui.optimizeButton.enabled and ui.optimizeButton.toolTip == "Optimize 9 beams (mimic, lbfgsb from the uniform start) toward the desired dose"
     assert not ui.exportPlanButton.enabled and not ui.exportObjectivesButton.enabled
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 0
 
@@ -75,7 +75,7 @@ def test_optimize_both_modes_export_and_scene_close(gui, scene, mrml_case, plan_
 
     # the other mode: the same plan dose, chart and table; the dose engine is not run again
     parameters.mode = "objectives"
-    assert ui.optimizeButton.toolTip == "Optimize 3 beams (objectives) toward the desired dose"
+    assert ui.optimizeButton.toolTip == "Optimize 3 beams (objectives, lbfgsb from the uniform start) toward the desired dose"
     ui.optimizeButton.click()
     assert (parameters.planDose, parameters.dvhChart, parameters.metricsTable) == (plan_node, chart, table)
     assert plan_node.GetAttribute(PLAN_MODE_ATTRIBUTE) == "objectives"
@@ -138,3 +138,19 @@ def test_packages_are_installed_on_first_optimize(gui, scene, mrml_case, monkeyp
     assert [call for call in gui.calls if call[0] == "pip"] == [("pip", "scipy>=1.13"),
                                                                 ("pip", "--no-deps pyradplan==0.5.0")]
     assert optimized.value.args[0]["numberOfBeams"] == 9 and optimized.value.args[0]["mode"] == "mimic"
+    assert optimized.value.args[0]["optimizer"] == "lbfgsb" and optimized.value.args[0]["start"] == "uniform"
+
+
+def test_the_optimizer_and_start_choices_reach_the_plan(gui, scene, mrml_case, plan_engine):
+    nodes_from_case(scene, mrml_case)
+    widget = gui.make_widget()
+    parameters, ui = widget._parameterNode, widget.ui
+    parameters.numberOfBeams, parameters.bixelWidthMm = 3, 10.0
+    parameters.mode, parameters.start = "objectives", "generator"  # the generator needs a dose to mimic
+    assert not ui.optimizeButton.enabled and "needs mode mimic" in ui.optimizeButton.toolTip
+    parameters.mode, parameters.start, parameters.optimizer = "mimic", "uniform", "learned"
+    assert ui.optimizeButton.toolTip == "Optimize 3 beams (mimic, learned from the uniform start) toward the desired dose"
+    ui.optimizeButton.click()
+    plan = widget.logic.lastPlan
+    assert plan.settings.solver == "learned" and plan.start == "uniform"
+    assert plan.fluence.iterations <= plan.settings.max_iterations == 30  # the learned optimizer's trained steps

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from doseai.cli.common import add_case, add_force, case_and_desired_dose, report
 from doseai.engine.registry import DEFAULT_ENGINE, engine_names
+from doseai.errors import DoseAIError
 from doseai.output_paths import check_output_folder
 
 
@@ -30,6 +31,10 @@ def add_parsers(sub) -> None:
                           help="L-BFGS-B (the default), projected Adam, or the learned LSTM optimizer (its trained "
                                "number of steps from the uniform start; it does not yet reach L-BFGS-B's objective, "
                                "see Docs/DoseToPlan.md)")
+    optimize.add_argument("--start", default="uniform", choices=["uniform", "generator"],
+                          help="where the optimizer starts: the uniform weights (the default) or the fluence "
+                               "generator's (one network evaluation; --mode mimic; it does not yet beat the uniform "
+                               "start, see Docs/DoseToPlan.md)")
     optimize.add_argument("--max-iterations", type=int,
                           help="iterations (default: 300; for --optimizer learned the steps it was trained for)")
     add_force(optimize)
@@ -43,22 +48,19 @@ def add_parsers(sub) -> None:
 
 def run_optimize(args) -> int:
     from doseai.optimize.outputs import PLAN_FILES, write_plan
-    from doseai.optimize.plan import PlanSettings, plan_from_dose
+    from doseai.optimize.plan import PlanSettings, default_iterations, plan_from_dose
 
     out = check_output_folder(args.out, PLAN_FILES, args.force, "--out")  # before the minutes of work
     case, desired = case_and_desired_dose(args)
-    iterations = args.max_iterations
-    if iterations is None:
-        iterations = 300
-        if args.optimizer == "learned":
-            from doseai.optimize.learned import load_learned_optimizer
-
-            iterations = int(load_learned_optimizer()[1]["steps"])
-    settings = PlanSettings(mode=args.mode, engine=args.engine, n_beams=args.beams, bixel_width_mm=args.bixel_mm,
-                            lateral_cutoff_mm=args.lateral_cutoff_mm, smoothness=args.smoothness,
-                            max_iterations=iterations, solver=args.optimizer)
+    iterations = args.max_iterations if args.max_iterations is not None else default_iterations(args.optimizer)
+    try:
+        settings = PlanSettings(mode=args.mode, engine=args.engine, n_beams=args.beams, bixel_width_mm=args.bixel_mm,
+                                lateral_cutoff_mm=args.lateral_cutoff_mm, smoothness=args.smoothness,
+                                max_iterations=iterations, solver=args.optimizer, start=args.start)
+    except ValueError as error:  # a combination of options the planner refuses
+        raise DoseAIError(str(error)) from None
     print(f"{case.patient_id}: {args.beams} beams, {args.bixel_mm:g} mm bixels, engine {args.engine}, "
-          f"mode {args.mode}, optimizer {args.optimizer}", file=sys.stderr)
+          f"mode {args.mode}, optimizer {args.optimizer}, start {args.start}", file=sys.stderr)
     plan = plan_from_dose(case, desired, settings)
     write_plan(plan, case, desired, out, force=args.force)
     print(plan.summary())

@@ -116,6 +116,22 @@ def add_parser(sub) -> None:
                          help="at most this many training patients, ~0.3 GB of memory each (default: %(default)s)")
     learned.add_argument("--threads", type=int)
     learned.add_argument("--export", metavar="PT", help="after training, write the weights and card here")
+    generator = train_sub.add_parser("fluence-generator", help="the fluence generator: a diffusion model of beam "
+                                     "fluence maps, distilled to one step (resumable)")
+    generator.add_argument("--run", required=True, help="run name (checkpoints in <cache>/runs/<run>/teacher, /student)")
+    generator.add_argument("--fluence-set", required=True, help="a training fluence set (doseai train fluence-set)")
+    generator.add_argument("--influence", required=True, help="its kept influence matrices (--keep-influence)")
+    generator.add_argument("--epochs", type=int, default=40, help="the teacher's epochs of --steps-per-epoch steps")
+    generator.add_argument("--student-epochs", type=int, default=15, help="the one-step distillation's epochs")
+    generator.add_argument("--steps-per-epoch", type=int, default=100)
+    generator.add_argument("--lr", type=float, default=1e-3)
+    generator.add_argument("--tune-epochs", type=int, default=10,
+                           help="epochs tuning the one-step generator on the objective itself (0: distilled only)")
+    generator.add_argument("--tune-patients", type=int, default=32,
+                           help="training patients whose objectives the tuning holds, ~0.3 GB of memory each")
+    generator.add_argument("--patients", type=int, help="at most this many training patients (default: all kept)")
+    generator.add_argument("--threads", type=int)
+    generator.add_argument("--export", metavar="PT", help="after training, write both networks and the card here")
     dvh = train_sub.add_parser("dvh", help="the DVH-conditioned network on generated Pareto plans (resumable)")
     dvh.add_argument("--run", "--run-name", dest="run", required=True, help=RUN_HELP)
     dvh.add_argument("--pareto-run", required=True, help="the `doseai train pareto --run` whose plans to learn from")
@@ -350,6 +366,17 @@ def run(args) -> int:
             threads=args.threads))
         if args.export:
             path = export_learned_optimizer(path, Path(args.export))
+    elif args.stage == "fluence-generator":
+        from doseai.train.train_fluence_generator import (
+            FluenceGeneratorConfig, export_fluence_generator, train_fluence_generator,
+        )
+
+        path = train_fluence_generator(Path(args.fluence_set), Path(args.influence), FluenceGeneratorConfig(
+            run_name=args.run, epochs=args.epochs, student_epochs=args.student_epochs,
+            steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr, patients=args.patients, threads=args.threads,
+            tune_epochs=args.tune_epochs, tune_patients=args.tune_patients))
+        if args.export:
+            path = export_fluence_generator(path, Path(args.export))
     else:
         from doseai.train.export import export_model
 

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from doseai.optimize.fluence_objective import FluenceObjective
 
 MODES = ("mimic", "objectives")
+# where the optimizer starts: the uniform weights, or the fluence generator's (mode mimic; not the default while
+# it loses to the uniform start, see Docs/DoseToPlan.md)
+STARTS = ("uniform", "generator")
 
 
 @dataclass
@@ -54,11 +57,16 @@ class PlanSettings:
     max_iterations: int = 300
     tolerance: float = 1e-4
     solver: str = "lbfgsb"
+    start: str = "uniform"
     rules: FromDoseRules = field(default_factory=FromDoseRules)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        if self.start == "generator" and self.mode != "mimic":
+            raise ValueError("the fluence generator plans toward a desired dose: start 'generator' needs mode 'mimic'")
 
 
 @dataclass
@@ -75,13 +83,24 @@ class PlanResult:
     engine_card: dict
     timings_s: dict[str, float]
     jaws_mm: list[tuple[float, float, float, float]] = field(default_factory=list)  # per beam, X1 X2 Y1 Y2
+    start: str = "uniform"  # where the optimizer started: "uniform" or "generator"
 
     def summary(self) -> str:
-        """One line: beams, bixels, engine and optimization times, iterations and why it stopped."""
+        """One line: beams, bixels, engine, generator and optimization times, iterations and why it stopped."""
         t = self.timings_s
+        generated = f", fluence generator {t['generate_s']:.1f} s" if "generate_s" in t else ""
         return (f"{len(self.beams.gantry_angles_deg)} beams, {self.fluence.weights.size} bixels; dose engine "
-                f"{t.get('engine_s', 0):.1f} s, optimization {t.get('optimize_s', 0):.1f} s "
-                f"({self.fluence.iterations} iterations, {self.fluence.stop_reason})")
+                f"{t.get('engine_s', 0):.1f} s{generated}, optimization {t.get('optimize_s', 0):.1f} s "
+                f"({self.fluence.iterations} iterations from the {self.start} start, {self.fluence.stop_reason})")
+
+
+def default_iterations(solver: str) -> int:
+    """The iterations a solver runs unless told: 300, or the steps the learned optimizer was trained for."""
+    if solver != "learned":
+        return 300
+    from doseai.optimize.learned import load_learned_optimizer
+
+    return int(load_learned_optimizer()[1]["steps"])
 
 
 def make_engine(settings: PlanSettings) -> DoseEngine:
@@ -117,18 +136,34 @@ def plan_from_dose(case: PlanningCase, desired_dose: np.ndarray, settings: PlanS
     terms, objectives = plan_terms(case, desired, settings, work)
     timings["objectives_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
     prescription_gy, target_voxels = top_target(case, work)
+    initial = None
+    if settings.start == "generator":
+        start = time.perf_counter()
+        initial = generated_start(influence, terms, case, prescription_gy, target_voxels)
+        timings["generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
     fluence = optimize_fluence(influence, terms, smoothness=settings.smoothness,
                                max_iterations=settings.max_iterations, tolerance=settings.tolerance,
                                solver=settings.solver, progress=progress, prescription_gy=prescription_gy,
-                               target_voxels=target_voxels)
+                               target_voxels=target_voxels, initial_weights=initial)
     timings["optimize_s"] = time.perf_counter() - start
 
     return PlanResult(dose=case_dose(fluence.dose_image, work, case), fluence=fluence,
                       fluence_maps=influence.fluence_maps(fluence.weights), beams=influence.beams,
                       objectives=objectives, settings=settings, engine_card=engine.card(), timings_s=timings,
-                      jaws_mm=influence.jaws_mm(fluence.weights))
+                      jaws_mm=influence.jaws_mm(fluence.weights),
+                      start="generator" if initial is not None else "uniform")
+
+
+def generated_start(influence: DoseInfluence, terms: list, case: PlanningCase, prescription_gy: float,
+                    target_voxels: np.ndarray, generator=None) -> torch.Tensor:
+    """The fluence generator's weights for a mimicking problem (the shipped generator unless one is given)."""
+    from doseai.optimize.fluence_setup import uniform_initial_weights
+    from doseai.optimize.generator import generate_weights
+
+    uniform = float(uniform_initial_weights(influence, terms, prescription_gy, target_voxels)[0])
+    return generate_weights(influence, terms, case.prescriptions, uniform, generator)
 
 
 def top_target(case: PlanningCase, work: PlanningCase) -> tuple[float, np.ndarray]:

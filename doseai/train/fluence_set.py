@@ -43,6 +43,7 @@ def settings_from_record(record: dict) -> PlanSettings:
     from doseai.optimize.from_dose import FromDoseRules
 
     values = dict(record["plan_settings"])
+    values.setdefault("start", "uniform")  # records from before the fluence generator: all started uniform
     values["rules"] = FromDoseRules(**{k: _tuples(v) for k, v in values["rules"].items()})
     return PlanSettings(**values)
 
@@ -128,8 +129,7 @@ def _check_settings(folder: Path, settings: PlanSettings) -> None:
     path = folder / "settings.json"
     record = settings_record(settings)
     if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing != json.loads(json.dumps(record)):
+        if settings_from_record(json.loads(path.read_text())) != settings:
             raise DoseAIError(f"{folder} holds plans made with other settings ({path}); choose another --run")
         return
     path.write_text(json.dumps(record, indent=2))
