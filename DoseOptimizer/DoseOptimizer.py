@@ -81,7 +81,10 @@ prescription in its name (e.g. <i>PTV_70</i>, <i>PTV7000</i>).</li>
 of the body, one-sided in organs at risk); <i>objectives</i> optimizes the DVH point and mean-dose objectives
 derived from the desired dose with rule-based margins (what a planner would enter in a TPS).
 <i>Beams</i>: number of equispaced coplanar beams (gantry angles from 0&deg;, isocentre at the target
-centroid); <i>Bixel width</i>: the fluence resolution (coarser is faster).</li>
+centroid); <i>Bixel width</i>: the fluence resolution (coarser is faster). <i>Optimizer</i>: L-BFGS-B (300
+iterations, the reference), projected Adam, or the LSTM <i>learned</i> optimizer (30 steps, about ten times less
+optimizer time than L-BFGS-B and about twice its objective). <i>Start</i>: the uniform weights, or the fluence
+generator's maps (one network evaluation; mode mimic); Docs/DoseToPlan.md has how each fares.</li>
 <li><b>Optimize</b>: the first click installs missing or too old Python packages after one question that
 lists them (PyTorch through the PyTorch extension when it is installed; pyRadPlan 0.5.0 without its dependency
 list, then the packages its dose engine imports). The progress dialog's <i>Cancel</i> stops it between steps. Then the dose engine computes the dose-influence matrix on a 5&nbsp;mm grid
@@ -107,7 +110,7 @@ around each bixel's ray, and dose outside the body (set to 0). Its dose per bixe
 monitor units: the plan's absolute dose comes from the optimization toward the desired dose.</p>
 <p>Python console: <code>logic = slicer.util.getModuleLogic("DoseOptimizer")</code> (or
 <code>DoseOptimizer.DoseOptimizerLogic()</code>), then <code>result = logic.optimize(ctNode, segNode,
-desiredDoseNode, mode="mimic", numberOfBeams=9, bixelWidthMm=5.0)</code>; <code>result.planDoseNode</code>,
+desiredDoseNode, mode="mimic", numberOfBeams=9, bixelWidthMm=5.0, optimizer="lbfgsb", start="uniform")</code>; <code>result.planDoseNode</code>,
 <code>result.objectives</code>, <code>result.summary()</code>; <code>logic.objectives(ctNode, segNode,
 doseNode)</code> gives the objectives of any dose; <code>logic.exportPlan(folder)</code>,
 <code>logic.exportObjectives(folder)</code>.</p>

@@ -197,6 +197,7 @@ def test_tuning_on_the_objective_lowers_it_and_resumes(monkeypatch, tmp_path):
     assert np.mean(np.log(after)) < np.mean(np.log(before)) - 0.1
     log = tmp_path / "cache" / "runs" / "tune" / "tuned" / "log.jsonl"
     assert len(log.read_text().splitlines()) == 2
+    assert (log.parent / "best.pt").is_file()  # the epoch with the lowest monitored ratio, the one to export
     tune_on_objective(student, examples, problems, dataclasses.replace(config, tune_epochs=3),
                       np.random.default_rng(0))
     assert len(log.read_text().splitlines()) == 3
@@ -221,3 +222,14 @@ def test_the_cli_passes_the_start_and_refuses_a_generator_without_mimicking(monk
     rc = main(["optimize", "--case", str(case), "--out", str(tmp_path / "p"), "--start", "generator",
                "--mode", "objectives"])
     assert rc == 2 and "needs mode 'mimic'" in capsys.readouterr().err
+
+
+def test_the_shipped_generator_loads_and_plans_any_bixel_count():
+    from doseai.optimize.generator import DEFAULT_FLUENCE_GENERATOR, generate_weights, load_fluence_generator
+
+    generator = load_fluence_generator()
+    assert generator.card["training"]["tuned_epochs"] > 0 and generator.card["validation"]["patients"] == 40
+    assert load_fluence_generator(DEFAULT_FLUENCE_GENERATOR) is generator  # loaded once while unchanged
+    influence, terms, uniform = _problem(seed=3, beams=3)
+    weights = generate_weights(influence, terms, {"PTV_60": 60.0}, uniform)
+    assert weights.shape == (influence.n_bixels,) and bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())

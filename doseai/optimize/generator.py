@@ -4,6 +4,7 @@ teacher by DDIM in a few tens). The learned optimizer starts from them."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +29,23 @@ class FluenceGenerator:
 
 
 def load_fluence_generator(path: Path | None = None) -> FluenceGenerator:
-    """The generator's networks from ``path`` (default: the shipped one) and its card."""
+    """The generator's networks from ``path`` (default: the shipped one) and its card; kept after the first
+    load while the file is unchanged (the DoseOptimizer module loads it once a session, not once a plan)."""
+    path = Path(path) if path is not None else DEFAULT_FLUENCE_GENERATOR
+    if not path.is_file():
+        raise UnreadableInputError(f"{path}: no fluence generator there (train one with `doseai train "
+                                   "fluence-generator`)")
+    return _load(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, modified_ns: int) -> FluenceGenerator:
     from doseai.models.fluence_generator import FluenceMapNet
     from doseai.optimize.beam_maps import FEATURES
     from doseai.predict import load_card
     from doseai.safe_load import load_state_dict_file
 
-    path = Path(path) if path is not None else DEFAULT_FLUENCE_GENERATOR
-    if not path.is_file():
-        raise UnreadableInputError(f"{path}: no fluence generator there (train one with `doseai train "
-                                   "fluence-generator`)")
-    card = load_card(path)
+    card = load_card(Path(path))
     features = card["inputs"].get("features")
     if list(features or []) != list(FEATURES):
         raise UnreadableInputError(f"{path}: its card lists other features than this version computes: "

@@ -12,7 +12,8 @@ clinical dose) and of its L-BFGS-B weights.
    them (:func:`doseai.optimize.generator.scale_to_objective`), are scored by the mimicking objective itself,
    log f(s w) / f*, through each patient's influence matrix (the gradient in the weights is the objective's; the
    factor needs none, being optimal). Map errors alone do not make good plans: the objective is steep along some
-   directions a small map error moves.
+   directions a small map error moves. The canvas is mirrored at random (rows, columns) on the way in and back on
+   the way out: a few tens of patients, and the fit to them runs ahead of held-out patients.
 
 The stages resume from their ``last.pt`` (``<cache>/runs/<run>/teacher``, ``.../student``, ``.../tuned``). ``monitor``
 patients (training split) are held out of both to report the masked error against their L-BFGS-B maps; the
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from doseai.errors import DoseAIError
 from doseai.paths import cache_root
-from doseai.safe_load import load_checkpoint
+from doseai.safe_load import load_checkpoint, plain
 from doseai.train.loop import TrainingConfig, open_run, start_run
 
 
@@ -54,6 +55,7 @@ class FluenceGeneratorConfig(TrainingConfig):
     tune_learning_rate: float = 1e-4
     tune_patients: int = 32  # their objectives stay in memory, ~0.3 GB each
     tune_batch: int = 4  # patients per step
+    tune_flips: bool = True  # mirror the canvas at random while tuning (few patients: an augmentation)
 
 
 @dataclass
@@ -259,21 +261,28 @@ def train_student(teacher, examples: list[GeneratorExample], config: FluenceGene
     return student.eval()
 
 
-def _generated(student, example: GeneratorExample, layout, noise: torch.Tensor) -> torch.Tensor:
-    """The one-step generator's weights for ``example`` (differentiable)."""
+def _generated(student, example: GeneratorExample, layout, noise: torch.Tensor, flips: tuple[int, ...] = ()):
+    """The one-step generator's weights for ``example`` (differentiable); ``flips``: canvas axes (2: rows, 3:
+    columns) mirrored on the way in and back on the way out (an augmentation: the same bixels, a mirrored view)."""
     from doseai.models.fluence_generator import one_step
     from doseai.optimize.beam_maps import target_to_weights
 
-    maps = one_step(student, torch.from_numpy(example.features), noise)
+    features = torch.from_numpy(example.features)
+    if flips:
+        features, noise = features.flip(flips), noise.flip(flips)
+    maps = one_step(student, features, noise)
+    if flips:
+        maps = maps.flip(flips)
     return target_to_weights(layout.from_maps(maps)[:, 0], example.uniform_weight)
 
 
-def objective_ratio(student, example: GeneratorExample, problem, layout, noise: torch.Tensor):
+def objective_ratio(student, example: GeneratorExample, problem, layout, noise: torch.Tensor,
+                    flips: tuple[int, ...] = ()):
     """(surrogate of log f(s w) / f*, its value): the surrogate's gradient in the network is the objective's."""
     from doseai.optimize.generator import best_scale
 
     objective = problem.objective
-    weights = _generated(student, example, layout, noise)
+    weights = _generated(student, example, layout, noise, flips)
     with torch.no_grad():
         dose = objective.dose_rows(weights)
         scale = best_scale([(t, p, dose[local]) for t, local, p in
@@ -294,6 +303,8 @@ def tune_on_objective(student, examples: list[GeneratorExample], problems: dict,
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.tune_learning_rate)
     checkpoints, log = open_run(f"{config.run_name}/tuned")
     start_epoch = checkpoints.resume(student, optimizer)
+    best_path = checkpoints.folder / "best.pt"  # the lowest monitored median ratio (training-split patients)
+    best = load_checkpoint(best_path, ("monitor",))["monitor"]["monitor_median_ratio"] if best_path.is_file() else None
 
     def noise_for(example, seed=None):
         generator = torch.Generator().manual_seed(int(seed if seed is not None else rng.integers(2**31)))
@@ -312,8 +323,9 @@ def tune_on_objective(student, examples: list[GeneratorExample], problems: dict,
             optimizer.zero_grad(set_to_none=True)
             for index in rng.integers(0, len(fitting), config.tune_batch):
                 e = fitting[index]
+                flips = tuple(axis for axis in (2, 3) if config.tune_flips and rng.random() < 0.5)
                 surrogate, ratio = objective_ratio(student, e, problems[e.patient_id], layouts[e.patient_id],
-                                                   noise_for(e))
+                                                   noise_for(e), flips)
                 (surrogate / config.tune_batch).backward()
                 ratios.append(ratio)
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -323,8 +335,13 @@ def tune_on_objective(student, examples: list[GeneratorExample], problems: dict,
                   "monitor_median_ratio": float(np.median(watched)), "monitor_max_ratio": float(np.max(watched))}
         log.write(**record)
         print(record, flush=True)
-        checkpoints.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "network": student.config, "monitor": record})
+        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "network": student.config, "monitor": record,
+                 "train_ids": [e.patient_id for e in fitting], "monitor_ids": [e.patient_id for e in monitor]}
+        checkpoints.save(state)
+        if best is None or record["monitor_median_ratio"] < best:
+            best = record["monitor_median_ratio"]
+            torch.save(plain(state), best_path)
     return student.eval()
 
 
@@ -353,9 +370,10 @@ def export_fluence_generator(run_folder: Path, out: Path, validation: dict | Non
     from doseai.optimize.beam_maps import FEATURES
 
     teacher = load_checkpoint(Path(run_folder) / "teacher" / "last.pt", ("model", "network", "epoch"))
-    tuned = Path(run_folder) / "tuned" / "last.pt"
-    student = load_checkpoint(tuned if tuned.is_file() else Path(run_folder) / "student" / "last.pt",
-                              ("model", "network", "epoch"))
+    tuned = next((path for path in (Path(run_folder) / "tuned" / name for name in ("best.pt", "last.pt"))
+                  if path.is_file()), None)
+    distilled = load_checkpoint(Path(run_folder) / "student" / "last.pt", ("model", "network", "epoch"))
+    student = load_checkpoint(tuned, ("model", "network", "epoch")) if tuned else distilled
     weights = {f"{role}.{key}": value.half() for role, state in (("teacher", teacher), ("student", student))
                for key, value in state["model"].items()}
     out = Path(out)
@@ -369,9 +387,12 @@ def export_fluence_generator(run_folder: Path, out: Path, validation: dict | Non
                    "layout": "each beam's bixels on one beam's-eye-view canvas (doseai.optimize.beam_maps)"},
         "output": "asinh(bixel weight / uniform starting weight), per beam",
         "training": {"data": "OpenKBP training split: the fluence set's mimicking plans (9 beams, 10 mm bixels)",
-                     "teacher_epochs": teacher["epoch"] + 1, "one_step_epochs": student["epoch"] + 1,
-                     "one_step_stage": "tuned on the objective" if tuned.is_file() else "distilled",
-                     "teacher_monitor": teacher.get("monitor"), "student_monitor": student.get("monitor"),
+                     "teacher_epochs": teacher["epoch"] + 1, "distilled_epochs": distilled["epoch"] + 1,
+                     "tuned_epochs": student["epoch"] + 1 if tuned else 0,
+                     "one_step_stage": f"tuned on the objective ({tuned.name})" if tuned else "distilled",
+                     "teacher_monitor": teacher.get("monitor"), "distilled_monitor": distilled.get("monitor"),
+                     "tuned_monitor": student.get("monitor") if tuned else None,
+                     "tuned_ids": student.get("train_ids"), "monitor_ids": student.get("monitor_ids"),
                      "command": "doseai train fluence-generator --fluence-set data/fluence_set/mimic_10mm/train "
                                 "--influence <kept matrices>"},
         "validation": validation or {},
