@@ -37,12 +37,15 @@ def test_ui_matches_module_file():
         "ctVolume": "vtkMRMLScalarVolumeNode", "segmentation": "vtkMRMLSegmentationNode",
         "desiredDose": "vtkMRMLScalarVolumeNode", "mode": "Annotated[str, Choice(list(DoseOptimizerLib.MODES))]",
         "numberOfBeams": "Annotated[int, WithinRange(1, 36)]",
-        "bixelWidthMm": "Annotated[float, WithinRange(2.5, 20.0)]", "planDose": "vtkMRMLScalarVolumeNode",
+        "bixelWidthMm": "Annotated[float, WithinRange(2.5, 20.0)]",
+        "optimizer": "Annotated[str, Choice(list(DoseOptimizerLib.OPTIMIZERS))]",
+        "start": "Annotated[str, Choice(list(DoseOptimizerLib.STARTS))]", "planDose": "vtkMRMLScalarVolumeNode",
         "dvhChart": "vtkMRMLPlotChartNode", "metricsTable": "vtkMRMLTableNode", "exportFolder": "pathlib.Path"}
     bound = {name: w.get("class") for w in widgets.values() for name in parameter_names(w)}
     assert bound == {"ctVolume": "qMRMLNodeComboBox", "segmentation": "qMRMLNodeComboBox",
                      "desiredDose": "qMRMLNodeComboBox", "mode": "QComboBox", "numberOfBeams": "QSpinBox",
-                     "bixelWidthMm": "QDoubleSpinBox", "planDose": "qMRMLNodeComboBox",
+                     "bixelWidthMm": "QDoubleSpinBox", "optimizer": "QComboBox", "start": "QComboBox",
+                     "planDose": "qMRMLNodeComboBox",
                      "exportFolder": "ctkDirectoryButton"}
 
     def properties(name):
