@@ -204,18 +204,9 @@ def test_tuning_on_the_objective_lowers_it_and_resumes(monkeypatch, tmp_path):
 
 
 def test_the_cli_passes_the_start_and_refuses_a_generator_without_mimicking(monkeypatch, tmp_path, capsys):
-    from doseai.cli import main
-    from doseai.io import save_case
-    from doseai.sample import make_sample_case
+    from Testing.test_learned_optimizer import cli_plan_settings
 
-    case = save_case(make_sample_case(seed=1), tmp_path / "case", "nrrd")
-    seen = []
-
-    def fake_plan(case, desired, settings, **kwargs):
-        seen.append(settings)
-        raise SystemExit(0)
-
-    monkeypatch.setattr("doseai.optimize.plan.plan_from_dose", fake_plan)
+    case, main, seen = cli_plan_settings(monkeypatch, tmp_path)
     with pytest.raises(SystemExit):
         main(["optimize", "--case", str(case), "--out", str(tmp_path / "o"), "--start", "generator"])
     assert seen[-1].start == "generator" and seen[-1].solver == "lbfgsb"

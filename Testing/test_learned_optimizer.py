@@ -100,7 +100,9 @@ def test_the_learned_solver_runs_its_steps_and_exports_round_trip(tmp_path):
         load_learned_optimizer(tmp_path / "absent.pt")
 
 
-def test_the_cli_passes_the_optimizer_choice(monkeypatch, tmp_path):
+def cli_plan_settings(monkeypatch, tmp_path):
+    """(the sample case's path, run(args) -> the CLI's return code, the PlanSettings each run planned with):
+    ``doseai optimize`` with the planning itself stood in for."""
     from doseai.cli import main
     from doseai.io import save_case
     from doseai.sample import make_sample_case
@@ -113,6 +115,11 @@ def test_the_cli_passes_the_optimizer_choice(monkeypatch, tmp_path):
         raise SystemExit(0)
 
     monkeypatch.setattr("doseai.optimize.plan.plan_from_dose", fake_plan)
+    return case, main, seen
+
+
+def test_the_cli_passes_the_optimizer_choice(monkeypatch, tmp_path):
+    case, main, seen = cli_plan_settings(monkeypatch, tmp_path)
     with pytest.raises(SystemExit):
         main(["optimize", "--case", str(case), "--out", str(tmp_path / "o"), "--optimizer", "adam"])
     assert seen[-1].solver == "adam" and seen[-1].max_iterations == 300

@@ -145,9 +145,14 @@ class ResidualDiffusionNet(nn.Module):
 
 def schedulers(config: dict | None = None):
     """(training scheduler DDPM, sampling scheduler DDIM) of MONAI with the card's noise schedule."""
+    return noise_schedulers(config_with_defaults(config))
+
+
+def noise_schedulers(config: dict):
+    """(DDPM, DDIM) of MONAI for a complete network config (``train_timesteps``, ``schedule``, ``beta_start``,
+    ``beta_end``, ``prediction_type``); the dose and the fluence diffusion models share it."""
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-    config = config_with_defaults(config)
     common = {"num_train_timesteps": config["train_timesteps"], "schedule": config["schedule"],
               "beta_start": config["beta_start"], "beta_end": config["beta_end"],
               "prediction_type": config["prediction_type"]}

@@ -53,19 +53,14 @@ class FluenceMapNet(nn.Module):
 
 def schedulers(config: dict | None = None):
     """(training scheduler DDPM, sampling scheduler DDIM) of MONAI with the card's noise schedule."""
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+    from doseai.models.diffusion import noise_schedulers
 
-    config = config_with_defaults(config)
-    common = {"num_train_timesteps": config["train_timesteps"], "schedule": config["schedule"],
-              "beta_start": config["beta_start"], "beta_end": config["beta_end"],
-              "prediction_type": config["prediction_type"]}
-    return DDPMScheduler(**common), DDIMScheduler(**common, clip_sample=False)
+    return noise_schedulers(config_with_defaults(config))
 
 
-def clean_from_v(scheduler, v: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The clean map a v-prediction implies at ``timesteps``."""
-    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
-    return alphas.sqrt() * noisy - (1 - alphas).sqrt() * v
+def map_noise(features: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise (beams, 1, H, W) for ``features`` (beams, F, H, W), drawn with ``seed``."""
+    return torch.randn((features.shape[0], 1, *features.shape[2:]), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

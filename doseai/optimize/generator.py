@@ -107,14 +107,14 @@ def generate_weights(influence: DoseInfluence, terms: Sequence, prescriptions: d
     """Bixel weights (n_bixels,) for a mimicking problem, from the generator's noise drawn with ``seed``:
     ``sampler`` "one-step" (the distilled generator) or "ddim" (the teacher in ``steps`` steps); ``rescale``:
     times the factor that minimises the objective along them (:func:`scale_to_objective`), as in training."""
-    from doseai.models.fluence_generator import ddim_sample, one_step
+    from doseai.models.fluence_generator import ddim_sample, map_noise, one_step
     from doseai.optimize.beam_maps import target_to_weights
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     generator = generator or load_fluence_generator()
     layout, features = problem_maps(influence, terms, prescriptions, uniform_weight)
-    noise = torch.randn((features.shape[0], 1, *features.shape[2:]), generator=torch.Generator().manual_seed(seed))
+    noise = map_noise(features, seed)
     maps = (one_step(generator.student, features, noise) if sampler == "one-step"
             else ddim_sample(generator.teacher, features, noise, steps))
     weights = target_to_weights(layout.from_maps(maps)[:, 0], uniform_weight).float()

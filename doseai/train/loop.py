@@ -133,6 +133,15 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def gradient_step(optimizer: torch.optim.Optimizer, parameters, loss: torch.Tensor, max_norm: float = 1.0) -> float:
+    """One optimizer step on ``loss`` with the gradient's norm clipped to ``max_norm``; the loss's value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+
 class Checkpointer:
     """Saves model/optimizer/step state atomically to ``folder/last.pt`` and resumes from it (writes on rank 0
     only; every process resumes from the same file)."""

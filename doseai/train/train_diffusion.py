@@ -34,7 +34,7 @@ from doseai.models.diffusion import (BODY, CHANNELS, OAR_CHANNELS, SITES, TARGET
                                      predicted_sample, schedulers)
 from doseai.models.features import GridSpec, mirror_order
 from doseai.paths import cache_root
-from doseai.train.loop import TrainingConfig, open_run, start_run
+from doseai.train.loop import TrainingConfig, gradient_step, open_run, start_run
 from doseai.train.preference_loss import dvh_metric_loss
 
 def residual_set_folder(base_weights: Path, split: str = "train") -> Path:
@@ -200,10 +200,7 @@ def train_diffusion(spec: GridSpec, config: DiffusionTrainingConfig, folder: Pat
                                  device)
             if not torch.isfinite(loss):
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
+            gradient_step(optimizer, net.parameters(), loss)
             _ema_update(ema, net, config.ema_decay)
             for key, value in record.items():
                 sums.setdefault(key, []).append(value)

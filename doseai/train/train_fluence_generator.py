@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from doseai.errors import DoseAIError
 from doseai.paths import cache_root
 from doseai.safe_load import load_checkpoint, plain
-from doseai.train.loop import TrainingConfig, open_run, start_run
+from doseai.train.loop import TrainingConfig, gradient_step, open_run, start_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,11 +170,7 @@ def train_teacher(examples: list[GeneratorExample], config: FluenceGeneratorConf
             t = torch.randint(0, ddpm.num_train_timesteps, (len(clean),))
             noisy = ddpm.add_noise(clean, noise, t)
             loss = masked_mse(network(noisy, t, f), ddpm.get_velocity(clean, noise, t), m)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(gradient_step(optimizer, network.parameters(), loss))
         scheduler.step()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         if (epoch + 1) % 5 == 0 or epoch + 1 == config.epochs:
@@ -187,10 +183,10 @@ def train_teacher(examples: list[GeneratorExample], config: FluenceGeneratorConf
 
 
 def _generate(network, example: GeneratorExample, sampler: str, seed: int = 0) -> torch.Tensor:
-    from doseai.models.fluence_generator import ddim_sample, one_step
+    from doseai.models.fluence_generator import ddim_sample, map_noise, one_step
 
     features = torch.from_numpy(example.features)
-    noise = torch.randn((features.shape[0], 1, *features.shape[2:]), generator=torch.Generator().manual_seed(seed))
+    noise = map_noise(features, seed)
     with torch.no_grad():
         return one_step(network, features, noise) if sampler == "one-step" else ddim_sample(network, features, noise)
 
@@ -246,11 +242,7 @@ def train_student(teacher, examples: list[GeneratorExample], config: FluenceGene
                       leave=False):
             f, z, sample, m = batch_of(rng, config.batch, sizes, features, noises, samples, mask)
             loss = masked_mse(one_step(student, f, z), sample, m)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(gradient_step(optimizer, student.parameters(), loss))
         scheduler.step()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started,
                   "monitor_mse": monitor_error(student, monitor, "one-step")}
@@ -296,6 +288,7 @@ def objective_ratio(student, example: GeneratorExample, problem, layout, noise: 
 def tune_on_objective(student, examples: list[GeneratorExample], problems: dict, config: FluenceGeneratorConfig,
                       rng: np.random.Generator):
     """Stage 4 (resumable): the one-step generator tuned on the objective; the network."""
+    from doseai.models.fluence_generator import map_noise
     from doseai.optimize.beam_maps import BeamLayout
 
     monitor, fitting = _split(config, [e for e in examples if e.patient_id in problems])
@@ -307,8 +300,7 @@ def tune_on_objective(student, examples: list[GeneratorExample], problems: dict,
     best = load_checkpoint(best_path, ("monitor",))["monitor"]["monitor_median_ratio"] if best_path.is_file() else None
 
     def noise_for(example, seed=None):
-        generator = torch.Generator().manual_seed(int(seed if seed is not None else rng.integers(2**31)))
-        return torch.randn((len(example.features), 1, *example.features.shape[2:]), generator=generator)
+        return map_noise(torch.from_numpy(example.features), int(seed if seed is not None else rng.integers(2**31)))
 
     def monitor_ratios() -> list[float]:
         with torch.no_grad():

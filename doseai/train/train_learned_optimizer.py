@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from doseai.errors import DoseAIError
 from doseai.safe_load import load_checkpoint, plain
-from doseai.train.loop import TrainingConfig, open_run, start_run
+from doseai.train.loop import TrainingConfig, gradient_step, open_run, start_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,11 +138,7 @@ def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
                           unit="patient", leave=False):
             problem = fitting[index]
             loss, _ = unroll_loss(network, problem, _start(problem, rng, config.start_noise), config.steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(gradient_step(optimizer, network.parameters(), loss))
         scheduler.step()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started,
                   **monitor_ratios(network, monitor, config.steps)}
