@@ -60,7 +60,8 @@ def test_a_set_holds_one_record_per_patient_with_a_ct_and_resumes(sample_split, 
     assert dose.shape == tuple(record["working_shape"]) and float(dose.max()) > 0
 
 
-def test_kept_matrices_give_the_records_objective_back_and_feed_the_learned_optimizer(sample_split, tmp_path):
+def test_kept_matrices_give_the_records_objective_back_and_feed_the_learned_optimizer(sample_split, tmp_path,
+                                                                                      monkeypatch):
     from doseai.train.fluence_set import generate_fluence_set, load_fluence_set
     from doseai.train.train_learned_optimizer import load_problems
 
@@ -92,3 +93,24 @@ def test_kept_matrices_give_the_records_objective_back_and_feed_the_learned_opti
     assert len((last.parent / "log.jsonl").read_text().splitlines()) == 3
     network, card = load_learned_optimizer(export_learned_optimizer(last.parent / "best.pt", tmp_path / "lo.pt"))
     assert card["steps"] == 4 and card["training"]["monitor_ids"] == ["pt_1"] and network.hidden == 6
+
+    # from the fluence generator's starts: its fitted patients left out, its starts in the monitor, weights from --init
+    import torch
+
+    from doseai.optimize import generator as generator_module
+
+    shipped = generator_module.load_fluence_generator()
+    fitted_on = lambda ids: replace(shipped, card={"training": {"tuned_ids": ids}})  # noqa: E731
+    problems = load_problems(folder, kept, generator=fitted_on(["pt_1"]), seeds=2)
+    assert [p.patient_id for p in problems] == ["pt_2"] and len(problems[0].generated) == 2
+    assert all(bool(torch.isfinite(w).all()) and float(w.min()) >= 0 and float(w.max()) > 0
+               for w in problems[0].generated)
+    assert not torch.equal(*problems[0].generated)  # another noise seed, other weights
+    monkeypatch.setattr(generator_module, "load_fluence_generator", lambda path=None: fitted_on([]))
+    from_generator = replace(config, run_name="lo_gen", epochs=1, generator="any.pt", generator_seeds=2,
+                             init=str(tmp_path / "lo.pt"))
+    last = train_learned_optimizer(folder, kept, from_generator)
+    record = json.loads((last.parent / "log.jsonl").read_text().splitlines()[-1])
+    assert record["selection"] == record["median_generator_ratio"] > 0
+    network, card = load_learned_optimizer(export_learned_optimizer(last, tmp_path / "lo_gen.pt"))
+    assert card["training"]["starts"]["generator"] == "any.pt" and card["training"]["starts"]["init"].endswith("lo.pt")

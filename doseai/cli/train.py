@@ -93,7 +93,8 @@ def add_parser(sub) -> None:
                                                        "planner's training data; resumable")
     fluence.add_argument("--run", required=True, help="run name (records in <cache>/fluence_set/<run>)")
     fluence.add_argument("--split", default="train", choices=["train", "validation", "test"])
-    fluence.add_argument("--limit", type=int, help="only the first N patients")
+    fluence.add_argument("--limit", type=int, help="only the first N patients (after those skipped)")
+    fluence.add_argument("--skip", type=int, default=0, help="leave out the split's first N patients")
     fluence.add_argument("--bixel-mm", type=float, default=10.0)
     fluence.add_argument("--beams", type=int, default=9)
     fluence.add_argument("--iterations", type=int, default=300, help="L-BFGS-B iterations (default: %(default)s)")
@@ -114,6 +115,12 @@ def add_parser(sub) -> None:
     learned.add_argument("--steps", type=int, default=30, help="updates per unroll (default: %(default)s)")
     learned.add_argument("--patients", type=int, default=40,
                          help="at most this many training patients, ~0.3 GB of memory each (default: %(default)s)")
+    learned.add_argument("--generator", metavar="PT",
+                         help="fluence generator weights: a share of the unrolls refines its starts, and the patients "
+                              "it was fitted on are left out")
+    learned.add_argument("--generator-share", type=float, default=0.75,
+                         help="share of the unrolls from the generator's starts (default: %(default)s)")
+    learned.add_argument("--init", metavar="PT", help="start from these learned-optimizer weights")
     learned.add_argument("--threads", type=int)
     learned.add_argument("--export", metavar="PT", help="after training, write the weights and card here")
     generator = train_sub.add_parser("fluence-generator", help="the fluence generator: a diffusion model of beam "
@@ -355,7 +362,8 @@ def run(args) -> int:
                                 max_iterations=args.iterations)
         path = generate_fluence_set(args.run, args.split, settings, args.limit,
                                     tuple(int(part) for part in args.shard.split("/")), args.out,
-                                    Path(args.keep_influence) if args.keep_influence else None, args.with_ct_less)
+                                    Path(args.keep_influence) if args.keep_influence else None, args.with_ct_less,
+                                    args.skip)
     elif args.stage == "learned-optimizer":
         from doseai.train.train_learned_optimizer import (
             LearnedOptimizerConfig, export_learned_optimizer, train_learned_optimizer,
@@ -363,7 +371,7 @@ def run(args) -> int:
 
         path = train_learned_optimizer(Path(args.fluence_set), Path(args.influence), LearnedOptimizerConfig(
             run_name=args.run, epochs=args.epochs, learning_rate=args.lr, steps=args.steps, patients=args.patients,
-            threads=args.threads))
+            threads=args.threads, generator=args.generator, generator_share=args.generator_share, init=args.init))
         if args.export:
             path = export_learned_optimizer(path, Path(args.export))
     elif args.stage == "fluence-generator":

@@ -8,7 +8,9 @@ over (z, y, x) -- our order -- which Testing/test_engine.py checks against ``cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 import warnings
@@ -30,11 +32,20 @@ if TYPE_CHECKING:  # torch loads with DoseInfluence: not before an engine comput
 logger = logging.getLogger(__name__)
 
 
+def _short_array_text():
+    """pyRadPlan's pydantic models turn every ray's arrays into text while they validate them (about 14 reprs
+    per ray, a tenth of the engine's time for a head-and-neck plan, none of it ever shown): a fixed short text
+    instead while pyRadPlan runs (numpy's ``override_repr``, numpy >= 2.1; older numpy: as it is)."""
+    if "override_repr" not in inspect.signature(np.set_printoptions).parameters:
+        return contextlib.nullcontext()
+    return np.printoptions(override_repr=lambda array: f"<array {array.shape}>")
+
+
 @contextmanager
 def _quiet():
     """pyRadPlan warns that no GPU is there and numpy warns on its ray-tracer's 1/0 for axis-parallel
     rays (it relies on the resulting inf); neither is news to our users."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"), _short_array_text():
         warnings.filterwarnings("ignore", message="Requested GPU device is not available")
         yield
 

@@ -137,14 +137,15 @@ def _check_settings(folder: Path, settings: PlanSettings) -> None:
 
 def generate_fluence_set(run_name: str, split: str = "train", settings: PlanSettings | None = None,
                          limit: int | None = None, shard: tuple[int, int] = (0, 1), folder: Path | None = None,
-                         influence_folder: Path | None = None, with_ct_less: bool = False) -> Path:
+                         influence_folder: Path | None = None, with_ct_less: bool = False, skip: int = 0) -> Path:
     """The mimicking plans of an OpenKBP split's patients with a CT, one record per patient under ``folder``
     (default :func:`fluence_set_folder`; e.g. ``data/fluence_set/...`` to keep it in the repository); returns
     it. Resumable; a patient whose plan fails (the engine's error) is skipped with the reason in
     ``<id>.failed.txt``. ``shard`` (k, n): every n-th patient from the k-th. ``influence_folder``: keep each
     patient's influence matrix there too (tens of MB each: a cache folder, never the repository).
     ``with_ct_less``: plan the patients without a CT too, on water inside the body (as the engine does for
-    them; their records say ``on_water``); otherwise they are left out."""
+    them; their records say ``on_water``); otherwise they are left out. ``skip``: leave out the split's first
+    ``skip`` patients (``limit`` counts from there)."""
     from tqdm import tqdm
 
     from doseai.io import openkbp
@@ -159,7 +160,7 @@ def generate_fluence_set(run_name: str, split: str = "train", settings: PlanSett
     if influence_folder is not None:
         Path(influence_folder).mkdir(parents=True, exist_ok=True)
     index, count = shard
-    patients = list(openkbp.list_patients(openkbp_root() / split).items())[:limit][index::count]
+    patients = list(openkbp.list_patients(openkbp_root() / split).items())[skip:][:limit][index::count]
     for pid, path in tqdm(patients, desc="mimicking plans", unit="patient"):
         target, failure = folder / f"{pid}.npz", folder / f"{pid}.failed.txt"
         kept = Path(influence_folder) / f"{pid}.npz" if influence_folder is not None else None
