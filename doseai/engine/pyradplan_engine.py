@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def _short_array_text():
     """pyRadPlan's pydantic models turn every ray's arrays into text while they validate them (about 14 reprs
-    per ray, a tenth of the engine's time for a head-and-neck plan, none of it ever shown): a fixed short text
+    per ray, none of it ever shown; about a fifth of the matrix's time: Testing/benchmarks/bench_engine_time.py): a fixed short text
     instead while pyRadPlan runs (numpy's ``override_repr``, numpy >= 2.1; older numpy: as it is)."""
     if "override_repr" not in inspect.signature(np.set_printoptions).parameters:
         return contextlib.nullcontext()

@@ -159,6 +159,8 @@ def generate_fluence_set(run_name: str, split: str = "train", settings: PlanSett
     _check_settings(folder, settings)
     if influence_folder is not None:
         Path(influence_folder).mkdir(parents=True, exist_ok=True)
+    if skip < 0:
+        raise DoseAIError(f"skip must be 0 or more patients, got {skip}")
     index, count = shard
     patients = list(openkbp.list_patients(openkbp_root() / split).items())[skip:][:limit][index::count]
     for pid, path in tqdm(patients, desc="mimicking plans", unit="patient"):

@@ -171,7 +171,10 @@ def train_learned_optimizer(fluence_set: Path, influence_folder: Path,
     start_epoch = checkpoints.resume(network, optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, last_epoch=start_epoch - 1)
     best_path = checkpoints.folder / "best.pt"  # the lowest monitored ratio (training-split patients)
-    best = load_checkpoint(best_path, ("monitor",))["monitor"]["selection"] if best_path.is_file() else None
+    best = None
+    if best_path.is_file():  # runs from before the generator starts recorded no "selection": their uniform median
+        monitored = load_checkpoint(best_path, ("monitor",))["monitor"]
+        best = monitored.get("selection", monitored["median_final_ratio"])
     print(f"{len(fitting)} patients to fit, {len(monitor)} held out (training split) to monitor; "
           f"{config.steps} steps per unroll")
     for epoch in range(start_epoch, config.epochs):
